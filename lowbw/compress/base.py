@@ -1,0 +1,139 @@
+"""Codec base class and registry: what crosses a stage boundary.
+
+A codec turns a tensor into a payload -- one flat ``uint8`` tensor whose length is exactly the
+number of bytes charged on the link, metadata included -- and back. Forward activations and backward
+activation-gradients each get their own codec instance per stage boundary, on both ends: the
+sender's instance encodes, the receiver's decodes. Stateful codecs (error feedback, warm starts,
+per-sample caches) keep their state in those instances, so state is naturally per boundary and
+per direction.
+
+Adding a codec: subclass :class:`Codec`, give it a ``name``, decorate it with
+:func:`register_codec`; ``compress/fwd=<name>`` then selects it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import torch
+
+from lowbw.errors import ConfigError
+
+
+class Codec(ABC):
+    """Encode a tensor into bytes on the wire, decode it back.
+
+    ``sample_ids`` (the dataset indices of the microbatch's rows, shape ``[batch]``) is passed to
+    both sides so that per-sample codecs (activation deltas) can key their caches.
+    """
+
+    name: ClassVar[str] = ""
+    #: True when encode/decode depend on earlier messages (residuals, caches, warm starts).
+    stateful: ClassVar[bool] = False
+
+    def __init__(self, **params: Any):
+        if params:
+            known = [
+                p for p in inspect.signature(type(self).__init__).parameters
+                if p not in ("self", "params")
+            ]
+            raise ConfigError(
+                f"codec {self.name!r} has no parameter {', '.join(map(repr, sorted(params)))}; "
+                f"remove it or use one of: {', '.join(known) if known else '(none)'}"
+            )
+
+    @abstractmethod
+    def encode(self, x: torch.Tensor, sample_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Return the payload: a 1-D contiguous uint8 tensor holding everything decode needs."""
+
+    @abstractmethod
+    def decode(self, payload: torch.Tensor, sample_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Invert :meth:`encode` (exactly for lossless codecs)."""
+
+    def estimate_ratio(self, shape: tuple[int, ...], dtype: torch.dtype) -> float:
+        """Raw bytes / payload bytes for a tensor of this shape, without encoding one (for the simulator)."""
+        x = torch.zeros(shape, dtype=dtype)
+        return x.numel() * x.element_size() / self.encode(x).numel()
+
+    def error_bound(self, x: torch.Tensor, sample_ids: torch.Tensor | None = None) -> float:
+        """Guaranteed upper bound on ``‖x̂ − x‖ / ‖x‖`` if ``x`` were encoded now (``math.inf``: none known).
+
+        ``x̂`` is what the receiver's :meth:`decode` returns. The bound depends on ``x`` and, for
+        stateful codecs, on the current state (carried residual, cache); it does not change the state.
+        Each codec documents its formula (``docs/compression.md``); the tests check it holds.
+        """
+        return math.inf
+
+    def reconstruction(self, payload: torch.Tensor, sample_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Sender side: the ``x̂`` the receiver's :meth:`decode` returns for ``payload``, state untouched.
+
+        For measuring ``‖x̂ − x‖ / ‖x‖`` where ``x`` lives (the sender). The default decodes, which is
+        right for every codec whose receiver keeps no state; codecs with receiver-side state override it.
+        """
+        return self.decode(payload, sample_ids)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            raise ValueError(f"codec {self.name!r} keeps no state, got keys {sorted(state)}")
+
+    def reset(self) -> None:
+        """Forget all state (between runs)."""
+
+
+CODECS: dict[str, type[Codec]] = {}
+
+
+def register_codec(cls: type[Codec]) -> type[Codec]:
+    if not cls.name:
+        raise TypeError(f"{cls.__name__} needs a non-empty `name` to be registered")
+    if cls.name in CODECS and CODECS[cls.name] is not cls:
+        raise TypeError(f"codec name {cls.name!r} is taken by {CODECS[cls.name].__name__}")
+    CODECS[cls.name] = cls
+    return cls
+
+
+def build_codec(spec: dict[str, Any] | str) -> Codec:
+    """Build a codec from its config node (``{"name": ..., **params}``) or a bare name."""
+    import lowbw.compress  # noqa: F401  (registers the built-in codecs)
+
+    params = {"name": spec} if isinstance(spec, str) else dict(spec)
+    name = params.pop("name", None)
+    if name not in CODECS:
+        raise ConfigError(f"unknown codec {name!r}; known codecs: {', '.join(sorted(CODECS))}")
+    params = {k: v for k, v in params.items() if not k.startswith("_")}
+    return CODECS[name](**params)
+
+
+@register_codec
+class NoCodec(Codec):
+    """The tensor's own bytes, sent as they are (lossless, ratio 1)."""
+
+    name = "none"
+
+    def __init__(self, **params: Any):
+        super().__init__(**params)
+        self._shape: tuple[int, ...] | None = None
+        self._dtype: torch.dtype | None = None
+
+    def encode(self, x: torch.Tensor, sample_ids: torch.Tensor | None = None) -> torch.Tensor:
+        from lowbw.compress.payload import pack
+
+        return pack([x])
+
+    def decode(self, payload: torch.Tensor, sample_ids: torch.Tensor | None = None) -> torch.Tensor:
+        from lowbw.compress.payload import unpack
+
+        (x,) = unpack(payload)
+        return x
+
+    def estimate_ratio(self, shape: tuple[int, ...], dtype: torch.dtype) -> float:
+        return 1.0
+
+    def error_bound(self, x: torch.Tensor, sample_ids: torch.Tensor | None = None) -> float:
+        return 0.0

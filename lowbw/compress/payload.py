@@ -1,0 +1,90 @@
+"""Pack a few tensors into one flat uint8 payload and back.
+
+Layout: ``u32 count`` then per tensor ``u8 dtype, u8 ndim, i64 shape[ndim]``, padded to 8 bytes;
+then each tensor's bytes, each padded to 8 bytes so the receiver can view them without copying.
+Every byte here -- header and padding too -- is charged on the link.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import torch
+
+_DTYPES = [
+    torch.float32, torch.float16, torch.bfloat16, torch.float64,
+    torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.bool,
+]
+_CODE = {dt: i for i, dt in enumerate(_DTYPES)}
+_ALIGN = 8
+
+
+def _pad(n: int) -> int:
+    return (-n) % _ALIGN
+
+
+def pack(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate tensors (any device) into one uint8 tensor on the device of the first."""
+    header = bytearray(struct.pack("<I", len(tensors)))
+    for t in tensors:
+        if t.dtype not in _CODE:
+            raise TypeError(f"cannot pack dtype {t.dtype}")
+        header += struct.pack("<BB", _CODE[t.dtype], t.dim())
+        header += struct.pack(f"<{t.dim()}q", *t.shape)
+    header += b"\0" * _pad(len(header))
+    device = tensors[0].device if tensors else torch.device("cpu")
+    parts = [torch.frombuffer(header, dtype=torch.uint8).to(device)]
+    for t in tensors:
+        raw = t.detach().contiguous().reshape(-1).view(torch.uint8)
+        parts.append(raw)
+        if _pad(raw.numel()):
+            parts.append(torch.zeros(_pad(raw.numel()), dtype=torch.uint8, device=device))
+    return torch.cat(parts)
+
+
+def unpack(payload: torch.Tensor) -> list[torch.Tensor]:
+    """Invert :func:`pack`; the tensors are views into ``payload`` (on its device)."""
+    head = payload[: min(payload.numel(), 4096)].cpu().numpy().tobytes()
+    (count,) = struct.unpack_from("<I", head, 0)
+    pos = 4
+    specs = []
+    for _ in range(count):
+        code, ndim = struct.unpack_from("<BB", head, pos)
+        pos += 2
+        shape = struct.unpack_from(f"<{ndim}q", head, pos)
+        pos += 8 * ndim
+        specs.append((_DTYPES[code], shape))
+    pos += _pad(pos)
+    out = []
+    for dtype, shape in specs:
+        numel = 1
+        for d in shape:
+            numel *= d
+        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        out.append(payload[pos : pos + nbytes].view(dtype).reshape(shape))
+        pos += nbytes + _pad(nbytes)
+    if pos != payload.numel():
+        raise ValueError(f"payload has {payload.numel()} bytes, its header describes {pos}")
+    return out
+
+
+def packed_size(specs: list[tuple[torch.dtype, tuple[int, ...]]]) -> int:
+    """Bytes :func:`pack` produces for tensors of these ``(dtype, shape)`` -- computed, nothing allocated.
+
+    Codecs use it for :meth:`~lowbw.compress.base.Codec.estimate_ratio` on shapes too large to
+    encode, and the tests use it to prove a payload holds exactly what its formula says.
+    """
+    header = 4
+    for _, shape in specs:
+        header += 2 + 8 * len(shape)
+    total = header + _pad(header)
+    for dtype, shape in specs:
+        numel = 1
+        for d in shape:
+            numel *= int(d)
+        nbytes = numel * _ITEMSIZE[dtype]
+        total += nbytes + _pad(nbytes)
+    return total
+
+
+_ITEMSIZE = {dt: torch.empty((), dtype=dt).element_size() for dt in _DTYPES}

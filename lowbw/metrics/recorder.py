@@ -1,0 +1,179 @@
+"""Rank 0's record of a run: metrics.jsonl, TensorBoard, the progress bar and summary.json.
+
+Every rank sends rank 0 a small report per step (its busy time, when it finished on the run
+clock, the bytes it sent, the loss if it holds the last stage). Rank 0 turns them into one line
+of ``metrics.jsonl`` (flushed at once, so a crash loses no completed step), TensorBoard scalars,
+and at the end ``summary.json`` (written to a temporary file and renamed: never half-written).
+
+Step time on the run clock: every rank's clock starts at 0 together, and step k ends when the last
+rank finishes it, ``T_k = max_r end_r``; step time is ``T_k - T_{k-1}``. Bubble fraction is the
+share of rank-seconds in that span not spent computing: ``1 - sum_r busy_r / (R * step time)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=False)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class Recorder:
+    def __init__(self, run_dir: Path, clock: str, world: int, tokens_per_step: int, steps: int,
+                 warmup_steps: int, progress: bool, meta: dict):
+        self.run_dir, self.clock, self.world = run_dir, clock, world
+        self.tokens_per_step, self.steps, self.warmup = tokens_per_step, steps, warmup_steps
+        self.meta = meta
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = run_dir / "metrics.jsonl"
+        self._metrics = open(self.metrics_path, "a")
+        self._timeline = open(run_dir / "timeline.jsonl", "a")
+        self.tb_dir = run_dir / "tb"
+        from torch.utils.tensorboard import SummaryWriter
+
+        self._tb = SummaryWriter(str(self.tb_dir))
+        self._bar = None
+        if progress:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=steps, desc="train", unit="step", dynamic_ncols=True)
+        self.rows: list[dict] = []
+        self._t_prev = 0.0
+        self._wall_prev = time.perf_counter()
+        self._wall_start = self._wall_prev
+        self.val_loss: Optional[float] = None
+        self.link_bytes: dict[str, int] = {}
+
+    def log_step(self, step: int, reports: list[dict], excluded_wall_s: float = 0.0) -> dict:
+        t_end = max(r["end"] for r in reports)
+        span = t_end - self._t_prev
+        self._t_prev = t_end
+        now = time.perf_counter()
+        wall = now - self._wall_prev - excluded_wall_s
+        self._wall_prev = now
+        busy = [r["busy"] for r in sorted(reports, key=lambda r: r["rank"])]
+        per_link: dict[str, int] = {}
+        for r in reports:
+            for dst, n in r["bytes_sent"].items():
+                per_link[f"{r['rank']}->{dst}"] = per_link.get(f"{r['rank']}->{dst}", 0) + n
+        for k, n in per_link.items():
+            self.link_bytes[k] = self.link_bytes.get(k, 0) + n
+        sent = sum(per_link.values())
+        loss_rep = [r for r in reports if r.get("n_loss")]
+        loss = sum(r["loss_sum"] for r in loss_rep) / max(1, sum(r["n_loss"] for r in loss_rep))
+        row = {
+            "step": step,
+            "loss": loss,
+            "tokens": self.tokens_per_step,
+            "clock": self.clock,
+            "step_time_s": span,
+            "step_time_wall_s": wall,
+            "tokens_per_s": self.tokens_per_step / span if span > 0 else None,
+            "bubble_fraction": 1.0 - sum(busy) / (self.world * span) if span > 0 else 0.0,
+            "bytes_sent": sent,
+            "bytes_per_token": sent / self.tokens_per_step,
+            "bytes_per_link": per_link,
+            "busy_s": busy,
+            "idle_s": [max(0.0, span - b) for b in busy],
+        }
+        vals = [r["val_loss"] for r in reports if r.get("val_loss") is not None]
+        if vals:
+            row["val_loss"] = self.val_loss = vals[0]
+        self.rows.append(row)
+        self._metrics.write(json.dumps(row) + "\n")
+        self._metrics.flush()
+        for r in reports:
+            for e in r.get("events", []):
+                self._timeline.write(json.dumps(e) + "\n")
+        self._timeline.flush()
+        tb = self._tb
+        tb.add_scalar("train/loss", loss, step)
+        if vals:
+            tb.add_scalar("val/loss", vals[0], step)
+        tb.add_scalar(f"perf/step_time_s_{self.clock}", span, step)
+        tb.add_scalar("perf/step_time_s_wall", wall, step)
+        if span > 0:
+            tb.add_scalar(f"perf/tokens_per_s_{self.clock}", self.tokens_per_step / span, step)
+        tb.add_scalar("perf/bubble_fraction", row["bubble_fraction"], step)
+        tb.add_scalar("net/bytes_per_token", row["bytes_per_token"], step)
+        for rank, (b, i) in enumerate(zip(busy, row["idle_s"])):
+            tb.add_scalar(f"rank{rank}/busy_s", b, step)
+            tb.add_scalar(f"rank{rank}/idle_s", i, step)
+        if self._bar is not None:
+            self._bar.update(1)
+            self._bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{row['tokens_per_s'] or 0:.0f}", refresh=False)
+        return row
+
+    def summary(self, status: str, error: Optional[str] = None) -> dict:
+        rows = self.rows
+        measured = rows[self.warmup:] if len(rows) > self.warmup else rows
+        t = sum(r["step_time_s"] for r in measured)
+        tw = sum(r["step_time_wall_s"] for r in measured)
+        tokens = self.tokens_per_step * len(rows)
+        sent = sum(r["bytes_sent"] for r in rows)
+        return {
+            "status": status,
+            "error": error,
+            "clock": self.clock,
+            "steps_completed": len(rows),
+            "steps": self.steps,
+            "tokens": tokens,
+            "tokens_per_s": self.tokens_per_step * len(measured) / t if t > 0 else None,
+            "tokens_per_s_wall": self.tokens_per_step * len(measured) / tw if tw > 0 else None,
+            "step_time_s": t / len(measured) if measured else None,
+            "step_time_wall_s": tw / len(measured) if measured else None,
+            "measured_steps": len(measured),
+            "bubble_fraction": sum(r["bubble_fraction"] for r in measured) / len(measured) if measured else None,
+            "bytes_sent": sent,
+            "bytes_per_token": sent / tokens if tokens else None,
+            "bytes_per_link": self.link_bytes,
+            "train_loss": rows[-1]["loss"] if rows else None,
+            "val_loss": self.val_loss,
+            "run_wall_s": time.perf_counter() - self._wall_start,
+            "run_dir": str(self.run_dir),
+            "metrics": str(self.metrics_path),
+            "tensorboard": str(self.tb_dir),
+            **self.meta,
+        }
+
+    def finish(self, status: str, error: Optional[str] = None) -> dict:
+        summary = self.summary(status, error)
+        atomic_write_json(self.run_dir / "summary.json", summary)
+        for f in (self._metrics, self._timeline):
+            f.close()
+        self._tb.flush()
+        self._tb.close()
+        if self._bar is not None:
+            self._bar.close()
+        return summary
+
+
+def format_summary(s: dict) -> str:
+    """The console summary a user reads at the end of a run."""
+    def num(v: Any, fmt: str) -> str:
+        return "n/a" if v is None else format(v, fmt)
+
+    c = s["clock"]
+    lines = [
+        f"lowbw run {s['status']}: {s['steps_completed']}/{s['steps']} steps, {s['tokens']} tokens, "
+        f"{s.get('world_size', '?')} stages, schedule {s.get('schedule', '?')}, net {s.get('net', '?')}",
+        f"  throughput   {num(s['tokens_per_s'], ',.1f')} tokens/s ({c} clock)   "
+        f"[wall clock: {num(s['tokens_per_s_wall'], ',.1f')} tokens/s]",
+        f"  step time    {num(s['step_time_s'], '.4f')} s ({c} clock)   bubble fraction {num(s['bubble_fraction'], '.3f')}",
+        f"  traffic      {num(s['bytes_per_token'], ',.1f')} bytes sent per token   ({s['bytes_sent']:,} bytes in all)",
+        f"  loss         train {num(s['train_loss'], '.4f')}   validation {num(s['val_loss'], '.4f')}",
+        f"  outputs      {s['run_dir']}  (summary.json, metrics.jsonl, timeline.jsonl, tb/)",
+    ]
+    if s.get("error"):
+        lines.append(f"  error        {s['error']}")
+    return "\n".join(lines)

@@ -1,0 +1,59 @@
+"""What each rank did and when: the record energy accounting, bubble fractions and pictures read.
+
+Times are in seconds on the run's clock (``clock`` says which: "virtual" event time or "wall"
+time since the run's start on that rank). An event is either compute (busy: forward, backward,
+codec work, optimizer) or communication as seen by the rank (a send handed to the link, a receive
+waited on). Idle time is what is left of the span: it is derived, never recorded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+#: Event kinds. Compute kinds count as busy time; the others do not.
+COMPUTE = frozenset({"forward", "backward", "backward_input", "backward_weight", "encode", "decode", "optimizer"})
+COMM = frozenset({"send", "recv_wait"})
+
+
+@dataclass(frozen=True)
+class Event:
+    rank: int
+    kind: str  # one of COMPUTE | COMM
+    start: float  # s, run clock
+    end: float  # s, run clock
+    step: int
+    label: str = ""  # e.g. the action, "1F3"
+    nbytes: int = 0  # bytes on the wire, for sends
+    peer: int = -1  # the other rank, for sends and receives
+
+    @property
+    def duration(self) -> float:
+        return self.end - self.start
+
+
+@dataclass
+class Timeline:
+    clock: str  # "virtual" | "wall"
+    n_ranks: int
+    events: list[Event] = field(default_factory=list)
+
+    def add(self, event: Event) -> None:
+        self.events.append(event)
+
+    def busy(self, rank: int, start: float = float("-inf"), end: float = float("inf")) -> float:
+        """Seconds of compute on ``rank`` inside [start, end]."""
+        total = 0.0
+        for e in self.events:
+            if e.rank == rank and e.kind in COMPUTE:
+                total += max(0.0, min(e.end, end) - max(e.start, start))
+        return total
+
+    def bytes_sent(self, rank: int | None = None) -> int:
+        return sum(e.nbytes for e in self.events if e.kind == "send" and (rank is None or e.rank == rank))
+
+    def to_dicts(self) -> list[dict]:
+        return [asdict(e) for e in self.events]
+
+    @staticmethod
+    def from_dicts(clock: str, n_ranks: int, rows: list[dict]) -> "Timeline":
+        return Timeline(clock, n_ranks, [Event(**r) for r in rows])

@@ -1,0 +1,133 @@
+"""A small decoder-only transformer (nanoGPT-shaped) that can be cut into pipeline stages.
+
+Read top to bottom: attention, MLP, block, then :class:`GPTStage` -- a contiguous slice of the
+model: the first stage owns the token and position embeddings, the last owns the final norm, the
+head and the loss. Stacking all stages of a partition gives the whole model (:class:`GPT`), which
+is what single-process training runs; parameters are initialised per block from the seed, so a
+stage built alone on its rank has exactly the weights it has inside the whole model.
+
+The head is not tied to the embedding (nanoGPT ties them): tying would make the first and last
+stage share a parameter across ranks, which needs its own gradient all-reduce.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lowbw.config import ModelConfig
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(y.transpose(1, 2).contiguous().view(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd)
+        self.proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(F.gelu(self.fc(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(cfg.n_embd)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln2 = nn.LayerNorm(cfg.n_embd)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+def _init_weights(module: nn.Module, n_layer: int) -> None:
+    # GPT-2 initialisation (as nanoGPT): N(0, 0.02), residual projections scaled by 1/sqrt(2 n_layer).
+    for name, m in module.named_modules():
+        if isinstance(m, nn.Linear):
+            std = 0.02 / math.sqrt(2 * n_layer) if name.endswith("proj") else 0.02
+            nn.init.normal_(m.weight, 0.0, std)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+
+
+def _seeded(seed: int, part: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + part)
+
+
+class GPTStage(nn.Module):
+    """Blocks [first, last) of the model, plus embeddings if first stage, plus head if last."""
+
+    def __init__(self, cfg: ModelConfig, first: int, last: int, is_first: bool, is_last: bool, seed: int):
+        super().__init__()
+        self.cfg, self.is_first, self.is_last = cfg, is_first, is_last
+        self.block_range = (first, last)
+        with torch.random.fork_rng(devices=[]):
+            if is_first:
+                torch.manual_seed(_seeded(seed, 0).initial_seed())
+                self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+                self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+                _init_weights(self, cfg.n_layer)
+            blocks = []
+            for i in range(first, last):
+                torch.manual_seed(_seeded(seed, 1 + i).initial_seed())
+                block = Block(cfg)
+                _init_weights(block, cfg.n_layer)
+                blocks.append(block)
+            self.blocks = nn.ModuleList(blocks)
+            if is_last:
+                torch.manual_seed(_seeded(seed, 1 + cfg.n_layer).initial_seed())
+                self.ln_f = nn.LayerNorm(cfg.n_embd)
+                self.head = nn.Linear(cfg.n_embd, cfg.vocab_size)
+                _init_weights(self.head, cfg.n_layer)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """First stage: x is token ids [B, T]; others: activations [B, T, C]. Last stage returns logits."""
+        if self.is_first:
+            pos = torch.arange(x.shape[1], device=x.device)
+            x = self.wte(x) + self.wpe(pos)
+        for block in self.blocks:
+            x = block(x)
+        if self.is_last:
+            x = self.head(self.ln_f(x))
+        return x
+
+    @staticmethod
+    def loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+class GPT(nn.Module):
+    """The whole model as the sequence of its stages (single-process reference)."""
+
+    def __init__(self, cfg: ModelConfig, ranges: list[tuple[int, int]], seed: int):
+        super().__init__()
+        n = len(ranges)
+        self.stages = nn.ModuleList(
+            GPTStage(cfg, a, b, is_first=(i == 0), is_last=(i == n - 1), seed=seed) for i, (a, b) in enumerate(ranges)
+        )
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = idx
+        for stage in self.stages:
+            x = stage(x)
+        return x

@@ -1,0 +1,124 @@
+"""The two clocks of a run: wall time (really wait) and virtual event time (never sleep).
+
+Both answer ``now()`` in seconds since the rank's start and time compute with :meth:`Clock.compute`.
+The wall clock sleeps in :meth:`wait_until`; the virtual clock jumps forward. Virtual compute
+durations are the thread CPU time the op really took (``durations=measured``: robust to other
+processes sharing the cores), or a planned duration the caller passes (``durations=flops`` or
+``fixed``: deterministic, independent of the machine).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from abc import ABC, abstractmethod
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+
+
+class Clock(ABC):
+    name: str
+
+    def __init__(self, device: torch.device):
+        self._sync = device.type == "cuda"  # GPU work is asynchronous: time it to completion
+
+    @abstractmethod
+    def now(self) -> float: ...
+
+    @abstractmethod
+    def wait_until(self, t: float) -> None: ...
+
+    @abstractmethod
+    def compute(self, fn: Callable[[], Any], planned: Optional[float] = None) -> tuple[Any, float, float]:
+        """Run ``fn``; return (result, start, end) on this clock."""
+
+    @abstractmethod
+    def paused(self) -> contextlib.AbstractContextManager:
+        """Time spent inside does not count (evaluation, bookkeeping)."""
+
+    def start(self) -> None:
+        """Set time zero (after the ranks' start-up barrier)."""
+
+
+class WallClock(Clock):
+    name = "wall"
+
+    def __init__(self, device: torch.device):
+        super().__init__(device)
+        self._epoch = time.perf_counter()
+
+    def start(self) -> None:
+        self._epoch = time.perf_counter()
+
+    def now(self) -> float:
+        return time.perf_counter() - self._epoch
+
+    def wait_until(self, t: float) -> None:
+        delay = t - self.now()
+        if delay > 0:
+            time.sleep(delay)
+
+    def compute(self, fn, planned=None):
+        t0 = self.now()
+        out = fn()
+        if self._sync:
+            torch.cuda.synchronize()
+        return out, t0, self.now()
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._epoch += time.perf_counter() - t0
+
+
+class VirtualClock(Clock):
+    name = "virtual"
+
+    def __init__(self, device: torch.device):
+        super().__init__(device)
+        self._now = 0.0
+        self._paused = 0
+
+    def start(self) -> None:
+        self._now = 0.0
+
+    def now(self) -> float:
+        return self._now
+
+    def wait_until(self, t: float) -> None:
+        if not self._paused:
+            self._now = max(self._now, t)
+
+    def compute(self, fn, planned=None):
+        t0 = self._now
+        if planned is not None:
+            out = fn()
+            spent = planned
+        elif self._sync:  # thread CPU time does not see the GPU: time the kernels to completion
+            w0 = time.perf_counter()
+            out = fn()
+            torch.cuda.synchronize()
+            spent = time.perf_counter() - w0
+        else:
+            c0 = time.thread_time()
+            out = fn()
+            spent = time.thread_time() - c0
+        if not self._paused:
+            self._now += spent
+        return out, t0, self._now
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        self._paused += 1
+        try:
+            yield
+        finally:
+            self._paused -= 1
+
+
+def make_clock(name: str, device: torch.device) -> Clock:
+    return {"wall": WallClock, "virtual": VirtualClock}[name](device)

@@ -1,0 +1,97 @@
+"""The link model: when does a message of b bytes, handed to the link at time t, arrive?
+
+Sender side (one queue per sender uplink, shared by all its destinations)::
+
+    start       = max(t, uplink_free)
+    tx          = 8 b / B_ij                         (B_ij = min(uplink_i, downlink_j, pair cap))
+    pipelined:  uplink_free = start + tx;            arrival = uplink_free + latency_ij + jitter
+    serialized: uplink_free = start + tx + latency;  arrival = uplink_free + jitter
+
+FIFO per pair: arrival = max(arrival, previous arrival on the pair) -- jitter never reorders, as TCP.
+
+Receiver side, in the order the receiver consumes messages (deterministic)::
+
+    delivery      = max(arrival, downlink_free + 8 b / downlink_j)
+    downlink_free = delivery
+
+With one incoming flow no faster than the downlink, delivery == arrival (the formula of DESIGN.md).
+Times are seconds on whichever clock drives the model (virtual or wall): the model only does
+arithmetic, the clocks decide whether to sleep.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+from lowbw.net.topology import Topology
+
+
+@dataclass(frozen=True)
+class SendTiming:
+    start: float  # s: the message starts onto the sender's uplink
+    tx_done: float  # s: last bit has left the sender
+    arrival: float  # s: last bit has arrived at the receiver (before downlink contention)
+
+
+class LinkModel:
+    """One rank's view of the links: its uplink queue, its downlink, and jitter streams.
+
+    Jitter for pair (i, j) is drawn from a stream seeded by (seed, i, j), so a run is reproducible
+    whichever side draws it.
+    """
+
+    def __init__(self, topo: Topology, rank: int, seed: int = 0):
+        self.topo = topo
+        self.rank = rank
+        self.seed = seed
+        self.uplink_free = 0.0
+        self.downlink_free = 0.0
+        self._last_arrival: dict[tuple[int, int], float] = {}
+        self._jitter_rng: dict[tuple[int, int], random.Random] = {}
+
+    def _jitter(self, src: int, dst: int) -> float:
+        mean = self.topo.link(src, dst).jitter_s
+        if mean <= 0:
+            return 0.0
+        rng = self._jitter_rng.get((src, dst))
+        if rng is None:
+            rng = self._jitter_rng[(src, dst)] = random.Random(f"{self.seed}/{src}/{dst}")
+        return rng.expovariate(1.0 / mean)
+
+    def _fifo(self, src: int, dst: int, arrival: float) -> float:
+        arrival = max(arrival, self._last_arrival.get((src, dst), -math.inf))
+        self._last_arrival[(src, dst)] = arrival
+        return arrival
+
+    def transmit_seconds(self, src: int, dst: int, nbytes: int) -> float:
+        bw = self.topo.link(src, dst).bandwidth_bps
+        return 0.0 if math.isinf(bw) else 8.0 * nbytes / bw
+
+    def send(self, dst: int, nbytes: int, t: float) -> SendTiming:
+        """Charge a message from this rank to ``dst`` entering the uplink at ``t``."""
+        link = self.topo.link(self.rank, dst)
+        start = max(t, self.uplink_free)
+        tx_done = start + self.transmit_seconds(self.rank, dst, nbytes)
+        if self.topo.semantics == "serialized":
+            self.uplink_free = tx_done + link.latency_s
+            arrival = self.uplink_free
+        else:
+            self.uplink_free = tx_done
+            arrival = tx_done + link.latency_s
+        arrival = self._fifo(self.rank, dst, arrival + self._jitter(self.rank, dst))
+        return SendTiming(start, tx_done, arrival)
+
+    def arrival_after_receipt(self, src: int, received_at: float) -> float:
+        """Wall clock: the sender already waited out the transmission; add latency and jitter here."""
+        link = self.topo.link(src, self.rank)
+        return self._fifo(src, self.rank, received_at + link.latency_s + self._jitter(src, self.rank))
+
+    def deliver(self, src: int, nbytes: int, arrival: float) -> float:
+        """Charge the receiver's downlink; called in consumption order. Returns the delivery time."""
+        down = self.topo.downlink_bps[self.rank]
+        rx = 0.0 if math.isinf(down) else 8.0 * nbytes / down
+        delivery = max(arrival, self.downlink_free + rx)
+        self.downlink_free = delivery
+        return delivery

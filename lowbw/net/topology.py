@@ -1,0 +1,111 @@
+"""Who is linked to whom, how fast: a network preset resolved for a given number of ranks.
+
+Each directed pair (i, j) gets a one-way latency, a mean jitter and a bandwidth; each node an
+uplink and a downlink. The bandwidth of pair (i, j) is min(uplink_i, downlink_j, pair cap),
+the bottleneck of a single flow. See docs/networks.md for the presets and their sources.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from typing import Any
+
+from lowbw.errors import ConfigError
+
+MBIT = 1e6  # bits per Mbit/s unit (network convention, SI)
+
+
+@dataclass(frozen=True)
+class PairLink:
+    latency_s: float  # one-way
+    jitter_s: float  # mean of the exponential extra delay
+    bandwidth_bps: float  # bits per second of a single flow on this pair (may be inf)
+
+
+@dataclass(frozen=True)
+class Topology:
+    n: int
+    semantics: str  # "pipelined" | "serialized"
+    uplink_bps: tuple[float, ...]
+    downlink_bps: tuple[float, ...]
+    pairs: dict[tuple[int, int], PairLink]
+    emulate: bool = True
+
+    def link(self, src: int, dst: int) -> PairLink:
+        return self.pairs[(src, dst)]
+
+    @staticmethod
+    def from_config(net: Any, n: int, seed: int = 0) -> "Topology":
+        """Resolve a `net` config node (NetConfig or DictConfig) for n ranks; raise ConfigError on bad values."""
+        name = getattr(net, "name", "?")
+
+        def check_latency(v: float, what: str) -> float:
+            if v is None or math.isnan(v) or v < 0 or math.isinf(v):
+                raise ConfigError(f"net.{what}={v} (preset {name!r}): latency must be a finite number >= 0 ms")
+            return v / 1e3
+
+        def check_bw(v: float, what: str) -> float:
+            if v is None or math.isnan(v) or v <= 0:
+                raise ConfigError(f"net.{what}={v} (preset {name!r}): bandwidth must be > 0 Mbit/s (.inf allowed)")
+            return v * MBIT
+
+        if net.semantics not in ("pipelined", "serialized"):
+            raise ConfigError(f"net.semantics={net.semantics!r}: use pipelined or serialized")
+        latency = check_latency(net.latency_ms, "latency_ms")
+        jitter = check_latency(net.jitter_ms, "jitter_ms")
+        up = check_bw(net.uplink_mbps, "uplink_mbps")
+        down = check_bw(net.downlink_mbps, "downlink_mbps")
+        regions = list(net.regions or [])
+        pair_cfg = dict(net.pairs or {})
+        overrides: dict[tuple[str, str], Any] = {}
+        for key, spec in pair_cfg.items():
+            if "->" in key:
+                a, b = key.split("->", 1)
+                keys = [(a.strip(), b.strip())]
+            elif "-" in key:
+                a, b = key.split("-", 1)
+                keys = [(a.strip(), b.strip()), (b.strip(), a.strip())]
+            else:
+                raise ConfigError(f"net.pairs key {key!r}: write 'a-b' (both directions) or 'a->b' (one)")
+            for k in keys:
+                for r in k:
+                    if r not in regions:
+                        raise ConfigError(f"net.pairs key {key!r} names region {r!r}, not in net.regions={regions}")
+                overrides[k] = spec
+        pairs: dict[tuple[int, int], PairLink] = {}
+        rnd = getattr(net, "random", None)
+        if rnd is not None:
+            lo_l, hi_l = [check_latency(v, "random.latency_ms") for v in rnd.latency_ms]
+            lo_b, hi_b = [check_bw(v, "random.bandwidth_mbps") for v in rnd.bandwidth_mbps]
+            if lo_l > hi_l or lo_b > hi_b or math.isinf(hi_b):
+                raise ConfigError(f"net.random ranges must be finite [lo, hi] with lo <= hi (preset {name!r})")
+            rng = random.Random(int(rnd.seed))
+        for i in range(n):
+            for j in range(n):
+                if i == j:
+                    continue
+                lat, bw = latency, min(up, down)
+                if regions:
+                    ri, rj = regions[i % len(regions)], regions[j % len(regions)]
+                    spec = overrides.get((ri, rj))
+                    if spec is not None:
+                        if spec.get("latency_ms") is not None:
+                            lat = check_latency(spec["latency_ms"], f"pairs.{ri}-{rj}.latency_ms")
+                        if spec.get("bandwidth_mbps") is not None:
+                            bw = min(bw, check_bw(spec["bandwidth_mbps"], f"pairs.{ri}-{rj}.bandwidth_mbps"))
+                if rnd is not None:
+                    lat = rng.uniform(lo_l, hi_l)
+                    bw = math.exp(rng.uniform(math.log(lo_b), math.log(hi_b)))
+                pairs[(i, j)] = PairLink(lat, jitter, bw)
+        if rnd is not None:  # per-pair draws replace the node caps
+            up = down = math.inf
+        return Topology(n, net.semantics, (up,) * n, (down,) * n, pairs, bool(getattr(net, "emulate", True)))
+
+    def describe(self) -> str:
+        lat = sorted({round(p.latency_s * 1e3, 3) for p in self.pairs.values()})
+        bw = sorted({round(p.bandwidth_bps / MBIT, 3) for p in self.pairs.values()})
+        lat_s = f"{lat[0]} ms" if len(lat) == 1 else f"{lat[0]}-{lat[-1]} ms"
+        bw_s = f"{bw[0]} Mbit/s" if len(bw) == 1 else f"{bw[0]}-{bw[-1]} Mbit/s"
+        return f"one-way latency {lat_s}, pair bandwidth {bw_s}, {self.semantics}"

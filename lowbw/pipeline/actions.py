@@ -1,0 +1,116 @@
+"""Schedules as data: per-rank ordered lists of actions.
+
+The notation is that of ``torch.distributed.pipelining`` (``_Action`` / ``_ComputationType``):
+an action prints as ``<stage><TYPE><microbatch>``, e.g. ``0F3`` (stage 0, forward of microbatch 3),
+``2SEND_F3`` (stage 2 sends its forward output of microbatch 3 to stage 3), ``3RECV_F3`` (stage 3
+receives that input), ``3SEND_B3`` (stage 3 sends the gradient of its input back to stage 2),
+``2RECV_B3``. A schedule is a ``dict[rank, list[Action]]``; one CSV row per rank, one cell per
+action, reads and writes the same files as torch's ``_dump_csv`` / ``_load_csv`` (torchtitan's
+``pipeline_parallel_schedule_csv``).
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import NamedTuple
+
+
+class Kind(str, Enum):
+    FORWARD = "F"
+    FULL_BACKWARD = "B"  # input gradient and weight gradient together
+    BACKWARD_INPUT = "I"  # input gradient only (zero-bubble schedules)
+    BACKWARD_WEIGHT = "W"  # weight gradient only, may be deferred
+    SEND_F = "SEND_F"
+    RECV_F = "RECV_F"
+    SEND_B = "SEND_B"
+    RECV_B = "RECV_B"
+
+
+COMPUTE_KINDS = frozenset({Kind.FORWARD, Kind.FULL_BACKWARD, Kind.BACKWARD_INPUT, Kind.BACKWARD_WEIGHT})
+COMM_KINDS = frozenset({Kind.SEND_F, Kind.RECV_F, Kind.SEND_B, Kind.RECV_B})
+
+_ACTION_RE = re.compile(r"^(\d+)(SEND_F|RECV_F|SEND_B|RECV_B|F|B|I|W)(\d+)$")
+
+
+class Action(NamedTuple):
+    stage: int
+    kind: Kind
+    microbatch: int
+
+    def __str__(self) -> str:
+        return f"{self.stage}{self.kind.value}{self.microbatch}"
+
+    __repr__ = __str__
+
+    @property
+    def is_compute(self) -> bool:
+        return self.kind in COMPUTE_KINDS
+
+    @staticmethod
+    def parse(text: str) -> "Action":
+        match = _ACTION_RE.match(text.strip())
+        if not match:
+            raise ValueError(
+                f"cannot read action {text!r}: expected <stage><F|B|I|W|SEND_F|RECV_F|SEND_B|RECV_B><microbatch>, e.g. 2F0"
+            )
+        stage, kind, mb = match.groups()
+        return Action(int(stage), Kind(kind), int(mb))
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A complete pipeline schedule for one optimizer step.
+
+    ``actions[r]`` is rank r's ordered action list; ``stage_to_rank[s]`` is the rank that holds
+    stage s (several stages per rank for interleaved schedules).
+    """
+
+    name: str
+    n_stages: int
+    n_microbatches: int
+    stage_to_rank: tuple[int, ...]
+    actions: dict[int, list[Action]]
+
+    @property
+    def n_ranks(self) -> int:
+        return len(self.actions)
+
+    def stages_of(self, rank: int) -> list[int]:
+        return [s for s, r in enumerate(self.stage_to_rank) if r == rank]
+
+    def to_csv(self, path: str | Path) -> None:
+        """Write one row per rank, one action per cell (torch.distributed.pipelining's format)."""
+        with open(path, "w", newline="") as f:
+            writer = csv.writer(f)
+            for rank in range(self.n_ranks):
+                writer.writerow([str(a) for a in self.actions[rank]])
+
+    @staticmethod
+    def from_csv(path: str | Path, name: str | None = None) -> "Schedule":
+        """Read a schedule written by :meth:`to_csv` or by torch's ``_dump_csv``.
+
+        Rows with compute actions only ("compute_only" format) get their send/receive actions
+        added by :func:`lowbw.pipeline.schedules.add_communication`.
+        """
+        from lowbw.pipeline.schedules import add_communication, infer_stage_to_rank
+
+        rows: dict[int, list[Action]] = {}
+        with open(path, newline="") as f:
+            for rank, row in enumerate(csv.reader(f)):
+                try:
+                    rows[rank] = [Action.parse(cell) for cell in row if cell.strip()]
+                except ValueError as e:
+                    raise ValueError(f"{path}: rank {rank}: {e}") from None
+        if not rows:
+            raise ValueError(f"{path}: the schedule file has no rows")
+        stage_to_rank = infer_stage_to_rank(rows)
+        n_stages = len(stage_to_rank)
+        n_mb = 1 + max(a.microbatch for acts in rows.values() for a in acts)
+        has_comm = any(not a.is_compute for acts in rows.values() for a in acts)
+        if not has_comm:
+            rows = add_communication(rows, stage_to_rank)
+        return Schedule(name or Path(path).stem, n_stages, n_mb, stage_to_rank, rows)

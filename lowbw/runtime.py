@@ -1,0 +1,258 @@
+"""One rank of a run: build its stages, links and clock, train, report to rank 0.
+
+Called in every process, whoever started it (lowbw's own launcher or torchrun); the process group
+is already set up by :func:`run_rank`'s caller environment (MASTER_ADDR/PORT, RANK, WORLD_SIZE).
+Rank 0 also writes the run's files (lowbw.metrics.recorder). A failure anywhere ends this process
+with an error naming the rank; the launcher (or torchrun) ends the others.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import traceback
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
+
+from lowbw.errors import PeerError
+
+_CTRL_STATS = 2  # phase id of per-step reports on the control channel
+
+
+def pick_device(choice: str, local_rank: int) -> torch.device:
+    if choice == "cpu" or (choice == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("device=cuda but torch sees no CUDA device; use device=cpu or device=auto")
+    return torch.device("cuda", local_rank % torch.cuda.device_count())
+
+
+def count_stage_flops(module: torch.nn.Module, inp: torch.Tensor, targets: Optional[torch.Tensor]) -> tuple[float, float]:
+    """(forward, backward) FLOPs of one microbatch through ``module``, by torch.utils.flop_counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from lowbw.models.gpt import GPTStage
+
+    counter = FlopCounterMode(display=False)
+    inp = inp.detach().requires_grad_(inp.is_floating_point())
+    with counter:
+        out = module(inp)
+        if targets is not None:
+            out = GPTStage.loss(out, targets)
+        fwd = counter.get_total_flops()
+        out.backward(torch.ones_like(out) if targets is None else None)
+        total = counter.get_total_flops()
+    module.zero_grad(set_to_none=True)
+    return float(fwd), float(total - fwd)
+
+
+def make_planner(cfg: Any, flops: dict[int, tuple[float, float]]) -> Callable:
+    """Planned durations for the virtual clock: None (measure), FLOPs / rate, or fixed seconds."""
+    from lowbw.pipeline.actions import Kind
+
+    mode = cfg.clock.durations if cfg.clock.name == "virtual" else "measured"
+    if mode == "measured":
+        return lambda a: None
+    if mode == "fixed":
+        f, b = cfg.clock.forward_s, cfg.clock.backward_s
+        table = {Kind.FORWARD: lambda s: f, Kind.FULL_BACKWARD: lambda s: b,
+                 Kind.BACKWARD_INPUT: lambda s: b / 2, Kind.BACKWARD_WEIGHT: lambda s: b / 2}
+    else:
+        rate = cfg.clock.flops_per_s
+        table = {Kind.FORWARD: lambda s: flops[s][0] / rate, Kind.FULL_BACKWARD: lambda s: flops[s][1] / rate,
+                 Kind.BACKWARD_INPUT: lambda s: flops[s][1] / 2 / rate,
+                 Kind.BACKWARD_WEIGHT: lambda s: flops[s][1] / 2 / rate}
+    # Codec work and the optimizer get 0 s under planned durations (documented in docs/architecture.md).
+    return lambda a: table[a.kind](a.stage) if a.kind in table else 0.0
+
+
+def channels(sched_list: list, rank: int) -> tuple[set, set]:
+    from lowbw.net.transport import CH_BWD, CH_FWD
+    from lowbw.pipeline.actions import Kind
+    from lowbw.pipeline.validate import peer_of
+
+    out, inc = set(), set()
+    for sched in sched_list:
+        for a in sched.actions[rank]:
+            if a.kind == Kind.SEND_F:
+                out.add((peer_of(a, sched), CH_FWD))
+            elif a.kind == Kind.SEND_B:
+                out.add((peer_of(a, sched), CH_BWD))
+            elif a.kind == Kind.RECV_F:
+                inc.add((peer_of(a, sched), CH_FWD))
+            elif a.kind == Kind.RECV_B:
+                inc.add((peer_of(a, sched), CH_BWD))
+    return out, inc
+
+
+def train_rank(cfg: Any, rank: int, world: int, run_dir: Optional[Path], local_rank: int, meta: dict) -> Optional[dict]:
+    from lowbw.compress import build_codec
+    from lowbw.config import _plain
+    from lowbw.data.corpus import Corpus
+    from lowbw.metrics.recorder import Recorder, format_summary
+    from lowbw.metrics.timeline import COMPUTE
+    from lowbw.models.gpt import GPTStage
+    from lowbw.net.clock import make_clock
+    from lowbw.net.link import LinkModel
+    from lowbw.net.topology import Topology
+    from lowbw.net.transport import CH_CTRL, Transport
+    from lowbw.pipeline.executor import PHASE_EVAL, PHASE_TRAIN, Executor, StageRuntime
+    from lowbw.pipeline.partition import partition_layers
+    from lowbw.pipeline.schedules import build_schedule, forward_only
+
+    torch.manual_seed(cfg.seed)
+    device = pick_device(cfg.device, local_rank)
+    p, m, T = cfg.pipeline.stages, cfg.pipeline.microbatches, cfg.model.block_size
+    sched = build_schedule(cfg.schedule, p, m)
+    eval_sched = forward_only(sched.n_stages, m)
+    ranges = partition_layers(cfg.model.n_layer, sched.n_stages, cfg.pipeline.partition)
+    topo = Topology.from_config(cfg.net, world, seed=cfg.seed)
+    clock = make_clock(cfg.clock.name, device)
+    link = LinkModel(topo, rank, seed=cfg.seed) if topo.emulate else None
+    transport = Transport(rank, link, cfg.clock.name == "virtual", cfg.timeout_s, clock.now)
+
+    stages: dict[int, StageRuntime] = {}
+    last = sched.n_stages - 1
+    for s in sched.stages_of(rank):
+        module = GPTStage(cfg.model, *ranges[s], is_first=(s == 0), is_last=(s == last), seed=cfg.seed).to(device)
+        codec = lambda d: build_codec(_plain(cfg.compress[d]))  # noqa: E731 -- one instance per end and direction
+        stages[s] = StageRuntime(s, module, send_fwd=codec("fwd"), recv_fwd=codec("fwd"),
+                                 send_bwd=codec("bwd"), recv_bwd=codec("bwd"))
+    params = [q for st in stages.values() for q in st.module.parameters()]
+    opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    corpus = Corpus(cfg.data.path, T, cfg.data.val_fraction, cfg.seed)
+
+    flops: dict[int, tuple[float, float]] = {}
+    if cfg.clock.name == "virtual" and cfg.clock.durations == "flops":
+        mb = cfg.train.batch_size // m
+        for s, st in stages.items():
+            x = torch.zeros(mb, T, dtype=torch.long, device=device) if s == 0 else torch.zeros(mb, T, cfg.model.n_embd, device=device)
+            y = torch.zeros(mb, T, dtype=torch.long, device=device) if s == last else None
+            flops[s] = count_stage_flops(st.module, x, y)
+    executor = Executor(rank, stages, transport, clock, device, make_planner(cfg, flops))
+
+    out, inc = channels([sched, eval_sched], rank)
+    if rank != 0:
+        out.add((0, CH_CTRL))
+    else:
+        inc |= {(r, CH_CTRL) for r in range(1, world)}
+    transport.open(out, inc)
+
+    recorder = None
+    if rank == 0:
+        recorder = Recorder(run_dir, cfg.clock.name, world, cfg.train.batch_size * T, cfg.train.steps,
+                            cfg.train.warmup_steps, cfg.progress, meta)
+    try:
+        dist.barrier()  # every rank's clock starts at 0 together
+        clock.start()
+        for step in range(cfg.train.steps):
+            if rank == cfg.faults.crash_rank and step == cfg.faults.crash_step:
+                print(f"lowbw: rank {rank} crashing at step {step} (faults.crash_rank)", file=sys.stderr, flush=True)
+                os._exit(3)
+            batch = corpus.train_batch(step, cfg.train.batch_size)
+            opt.zero_grad(set_to_none=True)
+            res = executor.run(sched, PHASE_TRAIN, step, batch.x, batch.y, batch.ids)
+            _, t0, t1 = clock.compute(opt.step, _opt_planned(cfg))
+            res.events.append(_event(rank, "optimizer", t0, t1, step))
+            report = {
+                "rank": rank, "step": step, "end": clock.now(),
+                "busy": sum(e.duration for e in res.events if e.kind in COMPUTE),
+                "bytes_sent": {str(k): v for k, v in res.bytes_sent.items()},
+                "loss_sum": res.loss_sum, "n_loss": res.n_loss,
+                "events": [e.__dict__ for e in res.events],
+            }
+            eval_wall = 0.0
+            if step == cfg.train.steps - 1 or (cfg.train.eval_interval and (step + 1) % cfg.train.eval_interval == 0):
+                w0 = time.perf_counter()
+                with clock.paused():
+                    report["val_loss"] = evaluate(executor, eval_sched, corpus, cfg, step)
+                eval_wall = time.perf_counter() - w0
+            if rank != 0:
+                transport.send_json(0, (_CTRL_STATS, step, rank, 0), report)
+            else:
+                reports = [report] + [transport.recv_json(r, (_CTRL_STATS, step, r, 0)) for r in range(1, world)]
+                recorder.log_step(step, reports, excluded_wall_s=eval_wall)
+        transport.close()
+    except BaseException as e:
+        if recorder is not None:
+            recorder.finish("failed", _describe(e, rank))
+        raise
+    if recorder is not None:
+        summary = recorder.finish("completed")
+        print("\n" + format_summary(summary), flush=True)
+        return summary
+    return None
+
+
+def _opt_planned(cfg: Any) -> Optional[float]:
+    # Under planned durations the optimizer is charged 0 s: AdamW is O(params) per step, a
+    # microbatch's forward alone is O(params x tokens).
+    return None if cfg.clock.name == "wall" or cfg.clock.durations == "measured" else 0.0
+
+
+def _event(rank: int, kind: str, t0: float, t1: float, step: int):
+    from lowbw.metrics.timeline import Event
+
+    return Event(rank, kind, t0, t1, step, kind)
+
+
+def evaluate(executor, eval_sched, corpus, cfg, step: int) -> Optional[float]:
+    from lowbw.pipeline.executor import PHASE_EVAL
+
+    total, n = 0.0, 0
+    for i in range(cfg.train.eval_batches):
+        b = corpus.val_batch(i, cfg.train.batch_size)
+        res = executor.run(eval_sched, PHASE_EVAL, step * cfg.train.eval_batches + i, b.x, b.y, b.ids, emulate=False)
+        total += res.loss_sum
+        n += res.n_loss
+    return total / n if n else None
+
+
+def _describe(e: BaseException, rank: int) -> str:
+    if isinstance(e, PeerError):
+        return str(e)
+    return f"rank {rank}: {type(e).__name__}: {e}"
+
+
+def run_rank(cfg_dict: dict, rank: int, world: int, run_dir: Optional[str], local_rank: int, meta: dict,
+             init: Optional[dict] = None) -> None:
+    """Process entry: set up the group, train, exit. Never returns on failure: exits non-zero."""
+    torch.set_num_threads(1)
+    cfg = OmegaConf.create(cfg_dict)
+    err_dir = Path(run_dir) / "errors" if run_dir else None
+    try:
+        timeout = timedelta(seconds=cfg.timeout_s)
+        if init is not None:  # lowbw's own launcher: rendezvous on the address it chose
+            os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = init["addr"], str(init["port"])
+            dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timeout)
+        else:  # torchrun: the group comes from its environment; rank 0's run folder is everyone's
+            dist.init_process_group("gloo", timeout=timeout)
+            shared = [run_dir if rank == 0 else None]
+            dist.broadcast_object_list(shared, src=0)
+            run_dir = shared[0]
+            err_dir = Path(run_dir) / "errors" if rank == 0 else None
+        train_rank(cfg, rank, world, Path(run_dir) if run_dir else None, local_rank, meta)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    except BaseException as e:  # noqa: BLE001 -- turned into one readable line naming the rank
+        msg = _describe(e, rank)
+        print(f"lowbw: {msg}", file=sys.stderr, flush=True)
+        if os.environ.get("LOWBW_TRACEBACK"):
+            traceback.print_exc()
+        if err_dir is not None:
+            try:
+                import json
+
+                err_dir.mkdir(parents=True, exist_ok=True)
+                (err_dir / f"rank{rank}.json").write_text(
+                    json.dumps({"rank": rank, "error": msg, "peer": getattr(e, "peer", None)}))
+            except OSError:
+                pass
+        sys.stdout.flush()
+        os._exit(1)  # threads blocked in gloo must not keep a failed rank alive

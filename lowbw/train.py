@@ -1,0 +1,113 @@
+"""lowbw-train: train a small GPT pipeline-parallel across emulated internet links.
+
+    lowbw-train                                   # 4 stages, home broadband, bundled corpus
+    lowbw-train net=transatlantic schedule=gpipe model.n_layer=8 train.steps=50 clock=virtual
+    lowbw-train -m net=datacenter,home schedule=gpipe,1f1b      # a sweep: one folder per run
+    torchrun --nproc-per-node 4 -m lowbw.train train.steps=50   # the same under torchrun
+
+Without torchrun this process validates the config, spawns one process per stage and watches
+them; under torchrun every rank runs this app and joins the group torchrun made. Outputs land in
+the Hydra run folder: config.yaml, provenance.json, metrics.jsonl, timeline.jsonl, tb/, summary.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+import lowbw
+from lowbw.config import register_configs, validate
+from lowbw.errors import ConfigError, ScheduleError
+
+
+def under_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ or ("LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ)
+
+
+def _run_dir_resolver(default: str) -> str:
+    """Hydra run folder: under torchrun only rank 0 keeps one; the other ranks write nothing there."""
+    if under_torchrun() and os.environ.get("RANK", "0") != "0":
+        return tempfile.mkdtemp(prefix=f"lowbw-rank{os.environ['RANK']}-")
+    return default
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def provenance(world: int, launcher: str) -> dict:
+    import torch
+
+    return {
+        "lowbw_version": lowbw.__version__,
+        "git_commit": _git_commit(),
+        "torch_version": torch.__version__,
+        "python": platform.python_version(),
+        "host": socket.gethostname(),
+        "platform": platform.platform(),
+        "world_size": world,
+        "launcher": launcher,
+        "argv": sys.argv,
+    }
+
+
+OmegaConf.register_new_resolver("lowbw_run_dir", _run_dir_resolver, replace=True)
+register_configs()
+
+
+@hydra.main(config_path="pkg://lowbw_configs", config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> dict | None:
+    from lowbw.launch import RunFailed, mark_failed, spawn_and_supervise
+
+    torchrun = under_torchrun()
+    world = int(os.environ["WORLD_SIZE"]) if torchrun else cfg.pipeline.stages
+    try:
+        validate(cfg, world_size=world if torchrun else None)
+    except (ConfigError, ScheduleError) as e:
+        print(f"lowbw: configuration error: {e}", file=sys.stderr)
+        sys.exit(2)
+    run_dir = Path(cfg.out_dir) if cfg.out_dir else Path(HydraConfig.get().runtime.output_dir)
+    cfg_dict = OmegaConf.to_container(cfg, resolve=True)
+    meta = {"world_size": world, "schedule": cfg.schedule.name, "net": cfg.net.name,
+            "microbatches": cfg.pipeline.microbatches, "compress_fwd": cfg.compress.fwd.name,
+            "compress_bwd": cfg.compress.bwd.name}
+    rank = int(os.environ.get("RANK", 0))
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        (run_dir / "provenance.json").write_text(json.dumps(provenance(world, "torchrun" if torchrun else "lowbw"), indent=2))
+    if torchrun:
+        from lowbw.runtime import run_rank
+
+        run_rank(cfg_dict, rank, world, str(run_dir) if rank == 0 else None,
+                 int(os.environ.get("LOCAL_RANK", 0)), meta)
+        return None
+    summary_path = run_dir / "summary.json"
+    if summary_path.exists():  # a rerun into the same folder starts afresh
+        summary_path.unlink()
+    try:
+        spawn_and_supervise(cfg_dict, world, run_dir, meta)
+    except RunFailed as e:
+        mark_failed(run_dir, e.rank, str(e))
+        print(f"lowbw: run failed: {e}\n  outputs kept in {run_dir}", file=sys.stderr)
+        sys.exit(1)
+    return json.loads(summary_path.read_text())
+
+
+if __name__ == "__main__":
+    main()
