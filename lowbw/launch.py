@@ -49,7 +49,8 @@ def _blame(run_dir: Path, failed: dict[int, int]) -> tuple[int, str]:
     return peer, f"rank {peer} stopped answering: {errors[min(failed)]['error']}"
 
 
-def spawn_and_supervise(cfg_dict: dict, world: int, run_dir: Path, meta: dict, grace_s: float = 5.0) -> None:
+def spawn_and_supervise(cfg_dict: dict, world: int, run_dir: Path, meta: dict, grace_s: float = 5.0,
+                        settle_s: float = 2.0) -> None:
     ctx = mp.get_context("spawn")
     init = {"addr": "127.0.0.1", "port": free_port()}
     procs = [
@@ -60,17 +61,22 @@ def spawn_and_supervise(cfg_dict: dict, world: int, run_dir: Path, meta: dict, g
         p.start()
     failed: dict[int, int] = {}
     try:
+        first_failure = None
         while True:
             codes = [p.exitcode for p in procs]
             failed = {r: c for r, c in enumerate(codes) if c not in (None, 0)}
-            if failed or all(c == 0 for c in codes):
+            if all(c is not None for c in codes):
+                break
+            if failed and first_failure is None:
+                first_failure = time.monotonic()
+            # After a first failure, give the peers a moment to notice and report on their own, so
+            # that ranks we terminate below are not mistaken for the cause.
+            if first_failure is not None and time.monotonic() - first_failure > settle_s:
                 break
             time.sleep(0.05)
     finally:
         _stop(procs, grace_s)
     if failed:
-        time.sleep(0.1)
-        failed.update({r: p.exitcode for r, p in enumerate(procs) if p.exitcode not in (None, 0)})
         rank, message = _blame(run_dir, failed)
         raise RunFailed(rank, message)
 

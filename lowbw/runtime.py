@@ -110,7 +110,7 @@ def train_rank(cfg: Any, rank: int, world: int, run_dir: Optional[Path], local_r
     device = pick_device(cfg.device, local_rank)
     p, m, T = cfg.pipeline.stages, cfg.pipeline.microbatches, cfg.model.block_size
     sched = build_schedule(cfg.schedule, p, m)
-    eval_sched = forward_only(sched.n_stages, m)
+    eval_sched = forward_only(sched.n_stages, m, sched.stage_to_rank)
     ranges = partition_layers(cfg.model.n_layer, sched.n_stages, cfg.pipeline.partition)
     topo = Topology.from_config(cfg.net, world, seed=cfg.seed)
     clock = make_clock(cfg.clock.name, device)
@@ -153,6 +153,7 @@ def train_rank(cfg: Any, rank: int, world: int, run_dir: Optional[Path], local_r
         clock.start()
         for step in range(cfg.train.steps):
             if rank == cfg.faults.crash_rank and step == cfg.faults.crash_step:
+                transport.flush()  # what earlier steps sent is on the wire; this step's work is lost
                 print(f"lowbw: rank {rank} crashing at step {step} (faults.crash_rank)", file=sys.stderr, flush=True)
                 os._exit(3)
             batch = corpus.train_batch(step, cfg.train.batch_size)

@@ -70,43 +70,71 @@ OmegaConf.register_new_resolver("lowbw_run_dir", _run_dir_resolver, replace=True
 register_configs()
 
 
-@hydra.main(config_path="pkg://lowbw_configs", config_name="train", version_base="1.3")
-def main(cfg: DictConfig) -> dict | None:
+def compose(overrides: list[str] | None = None) -> DictConfig:
+    """The config ``lowbw-train <overrides>`` would run, composed without starting Hydra's app."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+
+    with initialize_config_module("lowbw_configs", version_base="1.3"):
+        return hydra_compose("train", overrides=list(overrides or []))
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict:
+    """Validate, spawn one process per stage, wait; return summary.json. Raises ConfigError / RunFailed."""
     from lowbw.launch import RunFailed, mark_failed, spawn_and_supervise
 
-    torchrun = under_torchrun()
-    world = int(os.environ["WORLD_SIZE"]) if torchrun else cfg.pipeline.stages
-    try:
-        validate(cfg, world_size=world if torchrun else None)
-    except (ConfigError, ScheduleError) as e:
-        print(f"lowbw: configuration error: {e}", file=sys.stderr)
-        sys.exit(2)
-    run_dir = Path(cfg.out_dir) if cfg.out_dir else Path(HydraConfig.get().runtime.output_dir)
-    cfg_dict = OmegaConf.to_container(cfg, resolve=True)
-    meta = {"world_size": world, "schedule": cfg.schedule.name, "net": cfg.net.name,
-            "microbatches": cfg.pipeline.microbatches, "compress_fwd": cfg.compress.fwd.name,
-            "compress_bwd": cfg.compress.bwd.name}
-    rank = int(os.environ.get("RANK", 0))
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-        (run_dir / "provenance.json").write_text(json.dumps(provenance(world, "torchrun" if torchrun else "lowbw"), indent=2))
-    if torchrun:
-        from lowbw.runtime import run_rank
-
-        run_rank(cfg_dict, rank, world, str(run_dir) if rank == 0 else None,
-                 int(os.environ.get("LOCAL_RANK", 0)), meta)
-        return None
+    validate(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _write_run_files(cfg, run_dir, cfg.pipeline.stages, "lowbw")
     summary_path = run_dir / "summary.json"
     if summary_path.exists():  # a rerun into the same folder starts afresh
         summary_path.unlink()
     try:
-        spawn_and_supervise(cfg_dict, world, run_dir, meta)
+        spawn_and_supervise(OmegaConf.to_container(cfg, resolve=True), cfg.pipeline.stages, run_dir,
+                            _meta(cfg, cfg.pipeline.stages))
     except RunFailed as e:
         mark_failed(run_dir, e.rank, str(e))
+        raise
+    return json.loads(summary_path.read_text())
+
+
+def _meta(cfg: DictConfig, world: int) -> dict:
+    return {"world_size": world, "schedule": cfg.schedule.name, "net": cfg.net.name,
+            "microbatches": cfg.pipeline.microbatches, "compress_fwd": cfg.compress.fwd.name,
+            "compress_bwd": cfg.compress.bwd.name}
+
+
+def _write_run_files(cfg: DictConfig, run_dir: Path, world: int, launcher: str) -> None:
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    (run_dir / "provenance.json").write_text(json.dumps(provenance(world, launcher), indent=2))
+
+
+@hydra.main(config_path="pkg://lowbw_configs", config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> dict | None:
+    from lowbw.launch import RunFailed
+
+    torchrun = under_torchrun()
+    world = int(os.environ["WORLD_SIZE"]) if torchrun else cfg.pipeline.stages
+    run_dir = Path(cfg.out_dir) if cfg.out_dir else Path(HydraConfig.get().runtime.output_dir)
+    try:
+        if not torchrun:
+            return run(cfg, run_dir)
+        validate(cfg, world_size=world)
+    except (ConfigError, ScheduleError) as e:
+        print(f"lowbw: configuration error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except RunFailed as e:
         print(f"lowbw: run failed: {e}\n  outputs kept in {run_dir}", file=sys.stderr)
         sys.exit(1)
-    return json.loads(summary_path.read_text())
+    from lowbw.runtime import run_rank
+
+    rank = int(os.environ.get("RANK", 0))
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _write_run_files(cfg, run_dir, world, "torchrun")
+    run_rank(OmegaConf.to_container(cfg, resolve=True), rank, world, str(run_dir) if rank == 0 else None,
+             int(os.environ.get("LOCAL_RANK", 0)), _meta(cfg, world))
+    return None
 
 
 if __name__ == "__main__":

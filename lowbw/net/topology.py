@@ -17,6 +17,10 @@ from lowbw.errors import ConfigError
 MBIT = 1e6  # bits per Mbit/s unit (network convention, SI)
 
 
+def _get(spec: Any, key: str) -> Any:
+    return spec.get(key) if hasattr(spec, "get") else getattr(spec, key, None)
+
+
 @dataclass(frozen=True)
 class PairLink:
     latency_s: float  # one-way
@@ -91,10 +95,11 @@ class Topology:
                     ri, rj = regions[i % len(regions)], regions[j % len(regions)]
                     spec = overrides.get((ri, rj))
                     if spec is not None:
-                        if spec.get("latency_ms") is not None:
-                            lat = check_latency(spec["latency_ms"], f"pairs.{ri}-{rj}.latency_ms")
-                        if spec.get("bandwidth_mbps") is not None:
-                            bw = min(bw, check_bw(spec["bandwidth_mbps"], f"pairs.{ri}-{rj}.bandwidth_mbps"))
+                        p_lat, p_bw = _get(spec, "latency_ms"), _get(spec, "bandwidth_mbps")
+                        if p_lat is not None:
+                            lat = check_latency(p_lat, f"pairs.{ri}-{rj}.latency_ms")
+                        if p_bw is not None:
+                            bw = min(bw, check_bw(p_bw, f"pairs.{ri}-{rj}.bandwidth_mbps"))
                 if rnd is not None:
                     lat = rng.uniform(lo_l, hi_l)
                     bw = math.exp(rng.uniform(math.log(lo_b), math.log(hi_b)))

@@ -93,6 +93,13 @@ class Transport:
             t.start()
             self._receivers[(src, ch)] = t
 
+    def flush(self, timeout_s: float = 10.0) -> None:
+        """Wait until every message handed over so far has left this process."""
+        deadline = time.monotonic() + timeout_s
+        for q, _ in self._senders.values():
+            while q.unfinished_tasks and time.monotonic() < deadline:
+                time.sleep(0.005)
+
     def close(self) -> None:
         """Tell every receiver this rank is done, then wait for the peers to say the same."""
         for q, _ in self._senders.values():
@@ -125,6 +132,7 @@ class Transport:
                 dist.send(header, dst, self.group, tag=ch)
                 if body.numel():
                     dist.send(body, dst, self.group, tag=ch)
+                q.task_done()
         except BaseException as e:  # noqa: BLE001 -- reported to the main thread, naming the peer
             with self._cond:
                 self._errors.setdefault(dst, e)

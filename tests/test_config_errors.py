@@ -1,0 +1,61 @@
+"""Bad input becomes one clear sentence naming the setting, before any process is spawned."""
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from lowbw.config import validate
+from lowbw.errors import ConfigError
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (["net.uplink_mbps=0"], "net.uplink_mbps=0.0 .* bandwidth must be > 0"),
+        (["net.downlink_mbps=-3"], "net.downlink_mbps"),
+        (["net.latency_ms=-1"], "net.latency_ms=-1.0 .* latency must be"),
+        (["pipeline.stages=5"], "pipeline.stages=5 is more than model.n_layer=4"),
+        (["train.batch_size=6", "pipeline.microbatches=4"], "train.batch_size=6 is not divisible by pipeline.microbatches=4"),
+        (["schedule.name=zigzag"], "unknown schedule 'zigzag'"),
+        (["pipeline.partition=[1,1,1]"], "pipeline.partition=\\[1, 1, 1\\] must list 4"),
+        (["model.n_head=3"], "model.n_head=3 must divide model.n_embd=64"),
+        (["clock.durations=guess"], "clock.durations='guess'"),
+        (["data.path=/nonexistent/corpus.txt"], "data.path='/nonexistent/corpus.txt' does not exist"),
+        (["net.semantics=telepathy"], "net.semantics='telepathy'"),
+    ],
+)
+def test_bad_config_is_rejected_with_the_setting_named(compose, overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        validate(compose(overrides))
+
+
+def test_empty_binary_and_short_data_files_are_rejected(compose, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    binary = tmp_path / "blob.bin"
+    binary.write_bytes(b"\x00\x01\x02" * 1000)
+    short = tmp_path / "short.txt"
+    short.write_text("to be or not")
+    for path, match in [(empty, "is empty"), (binary, "looks binary"), (short, "fewer than the 130 needed")]:
+        with pytest.raises(ConfigError, match=match):
+            validate(compose([f"data.path={path}"]))
+
+
+def test_cli_rejects_bad_input_before_spawning_with_exit_code_2(tmp_path):
+    t0 = time.monotonic()
+    out = subprocess.run([sys.executable, "-m", "lowbw.train", "net.uplink_mbps=0", f"out_dir={tmp_path}/run"],
+                         capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert out.returncode == 2
+    assert "configuration error: net.uplink_mbps=0.0" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # nothing ran
+    assert time.monotonic() - t0 < 60
+
+
+def test_cli_unknown_preset_names_the_group_and_options(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "lowbw.train", "net=nowhere"], capture_output=True, text=True,
+                         timeout=120, cwd=tmp_path)
+    assert out.returncode != 0
+    assert "net/nowhere" in out.stderr and "home" in out.stderr  # Hydra lists the available presets
