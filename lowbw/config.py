@@ -9,6 +9,7 @@ is spawned.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -45,13 +46,14 @@ class PipelineConfig:
 class ScheduleConfig:
     name: str = "1f1b"  # gpipe | 1f1b  (see lowbw.pipeline.schedules.SCHEDULES)
     csv: Optional[str] = None  # name=csv: path of a per-rank action CSV (torch.distributed.pipelining format)
+    virtual_stages: int = 1  # name=interleaved_1f1b: model chunks per rank (v); the model is cut into stages*v parts
 
 
 @dataclass
 class ClockConfig:
     name: str = "wall"  # wall: really wait for the link; virtual: event time, nothing sleeps
     durations: str = "measured"  # virtual only. measured: thread CPU time | flops: FLOPs / flops_per_s | fixed
-    flops_per_s: float = 2.0e10  # FLOP/s, effective compute rate for durations=flops
+    flops_per_s: Optional[float] = None  # FLOP/s for durations=flops; null = each rank's hardware profile (peak x mfu)
     forward_s: float = 1.0  # s per forward of one microbatch on one stage, durations=fixed
     backward_s: float = 2.0  # s per backward of one microbatch on one stage, durations=fixed (GPipe paper: B = 2F)
 
@@ -92,6 +94,8 @@ class CodecConfig:
 class CompressConfig:
     fwd: Any = field(default_factory=lambda: {"name": "none"})  # codec of forward activations
     bwd: Any = field(default_factory=lambda: {"name": "none"})  # codec of backward activation-gradients
+    error_every: int = 1  # steps between measurements of the reconstruction error (0 = never); not timed
+    baseline_run: Optional[str] = None  # run folder of an uncompressed run, same seed: summary gets the loss gap
 
 
 @dataclass
@@ -123,6 +127,8 @@ class LowbwConfig:
     compress: CompressConfig = field(default_factory=CompressConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
+    hardware: Any = field(default_factory=lambda: {"name": "cpu_local"})  # configs/hardware: per-node profile
+    energy: Any = field(default_factory=lambda: {"network": "intensity", "meter": "auto"})  # configs/energy
     seed: int = 1337  # seeds weights, batches and link jitter
     device: str = "auto"  # auto: cuda:LOCAL_RANK when a GPU is there, else cpu | cpu | cuda
     backend: str = "gloo"  # torch.distributed backend for the stage-to-stage transport
@@ -179,7 +185,7 @@ def validate(cfg: Any, world_size: Optional[int] = None) -> None:
         raise ConfigError(f"clock={cfg.clock.name!r} is not a clock; use clock=wall or clock=virtual")
     if cfg.clock.durations not in ("measured", "flops", "fixed"):
         raise ConfigError(f"clock.durations={cfg.clock.durations!r}: use measured, flops or fixed")
-    if cfg.clock.durations == "flops":
+    if cfg.clock.durations == "flops" and cfg.clock.flops_per_s is not None:
         _positive(cfg.clock.flops_per_s, "clock.flops_per_s")
     if cfg.clock.durations == "fixed":
         _positive(cfg.clock.forward_s, "clock.forward_s")
@@ -188,7 +194,14 @@ def validate(cfg: Any, world_size: Optional[int] = None) -> None:
         raise ConfigError(f"device={cfg.device!r}: use auto, cpu or cuda")
     partition_layers(m.n_layer, p.stages, p.partition)
     Topology.from_config(cfg.net, p.stages, seed=cfg.seed)
-    build_schedule(cfg.schedule, p.stages, p.microbatches)  # generates and validates
+    sched = build_schedule(cfg.schedule, p.stages, p.microbatches)  # generates and validates
+    if sched.n_stages != p.stages:  # several model chunks per rank (interleaved): every chunk needs a block
+        if sched.n_stages > m.n_layer:
+            raise ConfigError(
+                f"schedule={cfg.schedule.name} cuts the model into {sched.n_stages} chunks (pipeline.stages={p.stages} x "
+                f"schedule.virtual_stages) but model.n_layer={m.n_layer}; use more layers or fewer virtual stages"
+            )
+        partition_layers(m.n_layer, sched.n_stages, p.partition)
     from lowbw.compress import build_codec
 
     for direction in ("fwd", "bwd"):
@@ -197,6 +210,15 @@ def validate(cfg: Any, world_size: Optional[int] = None) -> None:
             build_codec(_plain(spec))
         except ConfigError as e:
             raise ConfigError(f"compress.{direction}: {e}") from None
+    from lowbw.energy import make_network_model, profiles_for_ranks
+
+    profiles_for_ranks(cfg.hardware, p.stages)
+    make_network_model(cfg.energy)
+    if cfg.compress.error_every < 0:
+        raise ConfigError(f"compress.error_every={cfg.compress.error_every} must be >= 0 (0 = never)")
+    if cfg.compress.baseline_run is not None and not (Path(cfg.compress.baseline_run) / "summary.json").is_file():
+        raise ConfigError(f"compress.baseline_run={cfg.compress.baseline_run!r} holds no summary.json; "
+                          "give the folder of a finished uncompressed run")
     if cfg.data.path is not None:
         from lowbw.data.corpus import check_text_file
 

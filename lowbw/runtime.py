@@ -23,6 +23,7 @@ from omegaconf import OmegaConf
 from lowbw.errors import PeerError
 
 _CTRL_STATS = 2  # phase id of per-step reports on the control channel
+_CTRL_DONE = 3  # phase id of the end-of-run report (measured energy)
 
 
 def pick_device(choice: str, local_rank: int) -> torch.device:
@@ -52,7 +53,7 @@ def count_stage_flops(module: torch.nn.Module, inp: torch.Tensor, targets: Optio
     return float(fwd), float(total - fwd)
 
 
-def make_planner(cfg: Any, flops: dict[int, tuple[float, float]]) -> Callable:
+def make_planner(cfg: Any, flops: dict[int, tuple[float, float]], rate: Optional[float] = None) -> Callable:
     """Planned durations for the virtual clock: None (measure), FLOPs / rate, or fixed seconds."""
     from lowbw.pipeline.actions import Kind
 
@@ -64,7 +65,7 @@ def make_planner(cfg: Any, flops: dict[int, tuple[float, float]]) -> Callable:
         table = {Kind.FORWARD: lambda s: f, Kind.FULL_BACKWARD: lambda s: b,
                  Kind.BACKWARD_INPUT: lambda s: b / 2, Kind.BACKWARD_WEIGHT: lambda s: b / 2}
     else:
-        rate = cfg.clock.flops_per_s
+        rate = cfg.clock.flops_per_s or rate
         table = {Kind.FORWARD: lambda s: flops[s][0] / rate, Kind.FULL_BACKWARD: lambda s: flops[s][1] / rate,
                  Kind.BACKWARD_INPUT: lambda s: flops[s][1] / 2 / rate,
                  Kind.BACKWARD_WEIGHT: lambda s: flops[s][1] / 2 / rate}
@@ -94,6 +95,7 @@ def channels(sched_list: list, rank: int) -> tuple[set, set]:
 def train_rank(cfg: Any, rank: int, world: int, run_dir: Optional[Path], local_rank: int, meta: dict) -> Optional[dict]:
     from lowbw.compress import build_codec
     from lowbw.config import _plain
+    from lowbw.energy import profiles_for_ranks, select_meter
     from lowbw.data.corpus import Corpus
     from lowbw.metrics.recorder import Recorder, format_summary
     from lowbw.metrics.timeline import COMPUTE
@@ -123,7 +125,8 @@ def train_rank(cfg: Any, rank: int, world: int, run_dir: Optional[Path], local_r
         module = GPTStage(cfg.model, *ranges[s], is_first=(s == 0), is_last=(s == last), seed=cfg.seed).to(device)
         codec = lambda d: build_codec(_plain(cfg.compress[d]))  # noqa: E731 -- one instance per end and direction
         stages[s] = StageRuntime(s, module, send_fwd=codec("fwd"), recv_fwd=codec("fwd"),
-                                 send_bwd=codec("bwd"), recv_bwd=codec("bwd"))
+                                 send_bwd=codec("bwd"), recv_bwd=codec("bwd"),
+                                 eval_send_fwd=codec("fwd"), eval_recv_fwd=codec("fwd"))
     params = [q for st in stages.values() for q in st.module.parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     corpus = Corpus(cfg.data.path, T, cfg.data.val_fraction, cfg.seed)
@@ -135,7 +138,10 @@ def train_rank(cfg: Any, rank: int, world: int, run_dir: Optional[Path], local_r
             x = torch.zeros(mb, T, dtype=torch.long, device=device) if s == 0 else torch.zeros(mb, T, cfg.model.n_embd, device=device)
             y = torch.zeros(mb, T, dtype=torch.long, device=device) if s == last else None
             flops[s] = count_stage_flops(st.module, x, y)
-    executor = Executor(rank, stages, transport, clock, device, make_planner(cfg, flops))
+    profile = profiles_for_ranks(cfg.hardware, world)[rank]
+    executor = Executor(rank, stages, transport, clock, device,
+                        make_planner(cfg, flops, profile.effective_flops))
+    meter = select_meter(str(device), cfg.energy.meter)
 
     out, inc = channels([sched, eval_sched], rank)
     if rank != 0:
@@ -151,6 +157,7 @@ def train_rank(cfg: Any, rank: int, world: int, run_dir: Optional[Path], local_r
     try:
         dist.barrier()  # every rank's clock starts at 0 together
         clock.start()
+        meter.begin()
         for step in range(cfg.train.steps):
             if rank == cfg.faults.crash_rank and step == cfg.faults.crash_step:
                 transport.flush()  # what earlier steps sent is on the wire; this step's work is lost
@@ -158,7 +165,9 @@ def train_rank(cfg: Any, rank: int, world: int, run_dir: Optional[Path], local_r
                 os._exit(3)
             batch = corpus.train_batch(step, cfg.train.batch_size)
             opt.zero_grad(set_to_none=True)
-            res = executor.run(sched, PHASE_TRAIN, step, batch.x, batch.y, batch.ids)
+            every = cfg.compress.error_every
+            res = executor.run(sched, PHASE_TRAIN, step, batch.x, batch.y, batch.ids,
+                               measure_error=bool(every) and step % every == 0)
             _, t0, t1 = clock.compute(opt.step, _opt_planned(cfg))
             res.events.append(_event(rank, "optimizer", t0, t1, step))
             report = {
@@ -167,6 +176,7 @@ def train_rank(cfg: Any, rank: int, world: int, run_dir: Optional[Path], local_r
                 "bytes_sent": {str(k): v for k, v in res.bytes_sent.items()},
                 "loss_sum": res.loss_sum, "n_loss": res.n_loss,
                 "events": [e.__dict__ for e in res.events],
+                "codecs": {k: v.__dict__ for k, v in res.codecs.items()},
             }
             eval_wall = 0.0
             if step == cfg.train.steps - 1 or (cfg.train.eval_interval and (step + 1) % cfg.train.eval_interval == 0):
@@ -179,6 +189,15 @@ def train_rank(cfg: Any, rank: int, world: int, run_dir: Optional[Path], local_r
             else:
                 reports = [report] + [transport.recv_json(r, (_CTRL_STATS, step, r, 0)) for r in range(1, world)]
                 recorder.log_step(step, reports, excluded_wall_s=eval_wall)
+            meter.poll()
+        meter.end()
+        measurement = meter.measurement()
+        mine = measurement.to_dict() if measurement is not None else None
+        if rank != 0:
+            transport.send_json(0, (_CTRL_DONE, 0, rank, 0), {"measurement": mine})
+        else:
+            measured = [mine] + [transport.recv_json(r, (_CTRL_DONE, 0, r, 0))["measurement"] for r in range(1, world)]
+            recorder.set_energy_inputs(cfg.hardware, cfg.energy, measured)
         transport.close()
     except BaseException as e:
         if recorder is not None:

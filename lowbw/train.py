@@ -101,12 +101,72 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
 def _meta(cfg: DictConfig, world: int) -> dict:
     return {"world_size": world, "schedule": cfg.schedule.name, "net": cfg.net.name,
             "microbatches": cfg.pipeline.microbatches, "compress_fwd": cfg.compress.fwd.name,
-            "compress_bwd": cfg.compress.bwd.name}
+            "compress_bwd": cfg.compress.bwd.name, "baseline_run": cfg.compress.baseline_run}
 
 
 def _write_run_files(cfg: DictConfig, run_dir: Path, world: int, launcher: str) -> None:
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     (run_dir / "provenance.json").write_text(json.dumps(provenance(world, launcher), indent=2))
+
+
+def _in_multirun() -> bool:
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _completed_summary(cfg: DictConfig, run_dir: Path) -> dict | None:
+    """summary.json of a completed run of this same config in run_dir, else None."""
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+        if summary.get("status") != "completed":
+            return None
+        saved = run_dir / "config.yaml"  # another config in this folder (another grid, same sweep dir): rerun
+        if saved.is_file() and saved.read_text() != OmegaConf.to_yaml(cfg, resolve=True):
+            return None
+        return summary
+    except Exception:  # noqa: BLE001 - unreadable or half-written: run again
+        return None
+
+
+def _sweep_job(cfg: DictConfig, run_dir: Path) -> dict:
+    """One run of a sweep (lowbw-train -m ...). A folder already holding a completed run of this config is
+    skipped (resume: rerun the sweep with hydra.sweep.dir=<its folder>); a failure of any kind is recorded
+    in the run's summary.json (status failed, error) and returned, so that the other runs go on."""
+    from lowbw.launch import mark_failed
+    from lowbw.metrics.recorder import atomic_write_json
+
+    import multiprocessing
+
+    if multiprocessing.get_start_method(allow_none=True) not in (None, "spawn", "fork", "forkserver"):
+        # a joblib (loky) worker: its start method "loky" is unknown to the stage processes spawned below
+        multiprocessing.set_start_method("spawn", force=True)
+    done = _completed_summary(cfg, run_dir)
+    if done is not None:
+        print(f"lowbw: {run_dir} already holds a completed run of this config; skipped", file=sys.stderr)
+        return done
+    try:
+        return run(cfg, run_dir)
+    except Exception as e:  # noqa: BLE001 - one run's failure must not stop the sweep
+        message = f"{type(e).__name__}: {e}"
+        print(f"lowbw: run failed: {message}\n  outputs kept in {run_dir}; the sweep goes on", file=sys.stderr)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        base = {"status": "failed"}
+        try:
+            base.update(clock=cfg.clock.name, steps=cfg.train.steps, **_meta(cfg, cfg.pipeline.stages))
+            (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        except Exception:  # noqa: BLE001 - a config too broken to describe: the error says why
+            pass
+        path = run_dir / "summary.json"
+        kept = {}
+        if getattr(e, "rank", None) is not None:  # RunFailed: keep what the run's rank 0 wrote
+            try:
+                kept = json.loads(path.read_text())
+            except (OSError, ValueError):
+                kept = {}
+        atomic_write_json(path, {**base, **kept})
+        mark_failed(run_dir, getattr(e, "rank", None), message)
+        return json.loads(path.read_text())
 
 
 @hydra.main(config_path="pkg://lowbw_configs", config_name="train", version_base="1.3")
@@ -116,6 +176,8 @@ def main(cfg: DictConfig) -> dict | None:
     torchrun = under_torchrun()
     world = int(os.environ["WORLD_SIZE"]) if torchrun else cfg.pipeline.stages
     run_dir = Path(cfg.out_dir) if cfg.out_dir else Path(HydraConfig.get().runtime.output_dir)
+    if not torchrun and _in_multirun():
+        return _sweep_job(cfg, run_dir)
     try:
         if not torchrun:
             return run(cfg, run_dir)

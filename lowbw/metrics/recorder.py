@@ -53,6 +53,9 @@ class Recorder:
         self._wall_start = self._wall_prev
         self.val_loss: Optional[float] = None
         self.link_bytes: dict[str, int] = {}
+        self.busy_total = [0.0] * world  # s per rank over the whole run, run clock
+        self.codec_totals: dict[str, dict[str, float]] = {}
+        self._energy_inputs: Optional[tuple] = None
 
     def log_step(self, step: int, reports: list[dict], excluded_wall_s: float = 0.0) -> dict:
         t_end = max(r["end"] for r in reports)
@@ -86,6 +89,11 @@ class Recorder:
             "busy_s": busy,
             "idle_s": [max(0.0, span - b) for b in busy],
         }
+        for rank, b in enumerate(busy):
+            self.busy_total[rank] += b
+        codecs = self._codec_step(reports)
+        if codecs:
+            row["compression"] = codecs
         vals = [r["val_loss"] for r in reports if r.get("val_loss") is not None]
         if vals:
             row["val_loss"] = self.val_loss = vals[0]
@@ -106,6 +114,10 @@ class Recorder:
             tb.add_scalar(f"perf/tokens_per_s_{self.clock}", self.tokens_per_step / span, step)
         tb.add_scalar("perf/bubble_fraction", row["bubble_fraction"], step)
         tb.add_scalar("net/bytes_per_token", row["bytes_per_token"], step)
+        for key, c in codecs.items():
+            for name in ("ratio", "rel_error", "encode_s", "decode_s"):
+                if c.get(name) is not None:
+                    tb.add_scalar(f"compress/{key}/{name}", c[name], step)
         for rank, (b, i) in enumerate(zip(busy, row["idle_s"])):
             tb.add_scalar(f"rank{rank}/busy_s", b, step)
             tb.add_scalar(f"rank{rank}/idle_s", i, step)
@@ -113,6 +125,52 @@ class Recorder:
             self._bar.update(1)
             self._bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{row['tokens_per_s'] or 0:.0f}", refresh=False)
         return row
+
+    def _codec_step(self, reports: list[dict]) -> dict:
+        """Merge the sender's and receiver's view of each boundary/direction for one step."""
+        step: dict[str, dict[str, float]] = {}
+        for r in reports:
+            for key, c in r.get("codecs", {}).items():
+                acc = step.setdefault(key, {})
+                for k, v in c.items():
+                    acc[k] = acc.get(k, 0) + v
+        for key, c in step.items():
+            tot = self.codec_totals.setdefault(key, {})
+            for k, v in c.items():
+                tot[k] = tot.get(k, 0) + v
+        return {key: _codec_view(c) for key, c in step.items()}
+
+    def set_energy_inputs(self, hardware: Any, energy: Any, measured: list) -> None:
+        """Profiles, network model and each rank's measured window (or None), for the energy report."""
+        self._energy_inputs = (hardware, energy, measured)
+
+    def energy(self) -> Optional[dict]:
+        if self._energy_inputs is None or not self.rows:
+            return None
+        from lowbw.energy import Measurement, account
+
+        hardware, energy, measured = self._energy_inputs
+        meas = [None if m is None else Measurement(m["joules"], m["seconds"], m["meter"], m["scope"]) for m in measured]
+        span = sum(r["step_time_s"] for r in self.rows)  # run clock, evaluation excluded
+        links = {tuple(int(x) for x in k.split("->")): n for k, n in self.link_bytes.items()}
+        report = account([min(b, span) for b in self.busy_total], span, hardware, energy,
+                         tokens=self.tokens_per_step * len(self.rows), link_bytes=links, measured=meas,
+                         clock=self.clock)
+        for name, value in report.scalars().items():
+            self._tb.add_scalar(name, value, len(self.rows) - 1)
+        self.energy_text = report.summary()
+        return report.to_dict()
+
+    def _loss_gap(self) -> Optional[float]:
+        """Validation loss minus that of the baseline run named by compress.baseline_run."""
+        base = self.meta.get("baseline_run")
+        if not base or self.val_loss is None:
+            return None
+        try:
+            ref = json.loads((Path(base) / "summary.json").read_text()).get("val_loss")
+        except (OSError, ValueError):
+            return None
+        return None if ref is None else self.val_loss - ref
 
     def summary(self, status: str, error: Optional[str] = None) -> dict:
         rows = self.rows
@@ -139,6 +197,9 @@ class Recorder:
             "bytes_per_link": self.link_bytes,
             "train_loss": rows[-1]["loss"] if rows else None,
             "val_loss": self.val_loss,
+            "compression": {k: _codec_view(c) for k, c in self.codec_totals.items()},
+            "loss_gap": self._loss_gap(),
+            "energy": self.energy(),
             "run_wall_s": time.perf_counter() - self._wall_start,
             "run_dir": str(self.run_dir),
             "metrics": str(self.metrics_path),
@@ -155,7 +216,21 @@ class Recorder:
         self._tb.close()
         if self._bar is not None:
             self._bar.close()
+        from lowbw.metrics.gantt import write_run_pictures  # timeline.png + trace.json; never raises
+
+        write_run_pictures(self.run_dir, self.clock, self.world, self.warmup, self.meta)
         return summary
+
+
+def _codec_view(c: dict) -> dict:
+    n = max(1, c.get("messages", 0))
+    return {
+        "messages": int(c.get("messages", 0)),
+        "ratio": c["raw_bytes"] / c["wire_bytes"] if c.get("wire_bytes") else None,
+        "rel_error": (c["err_sq"] / c["norm_sq"]) ** 0.5 if c.get("measured") and c.get("norm_sq") else None,
+        "encode_s": c.get("encode_s", 0.0) / n,
+        "decode_s": c.get("decode_s", 0.0) / n,
+    }
 
 
 def format_summary(s: dict) -> str:
@@ -174,6 +249,16 @@ def format_summary(s: dict) -> str:
         f"  loss         train {num(s['train_loss'], '.4f')}   validation {num(s['val_loss'], '.4f')}",
         f"  outputs      {s['run_dir']}  (summary.json, metrics.jsonl, timeline.jsonl, tb/)",
     ]
+    for key, c in sorted((s.get("compression") or {}).items()):
+        rel = "n/a" if c["rel_error"] is None else f"{c['rel_error']:.2e}"
+        lines.append(f"  boundary {key:<7} ratio {num(c['ratio'], '.2f')}x, rel. error {rel}, "
+                     f"encode {1e3 * c['encode_s']:.2f} ms, decode {1e3 * c['decode_s']:.2f} ms per message")
+    if s.get("loss_gap") is not None:
+        lines.append(f"  loss gap     {s['loss_gap']:+.4f} validation loss vs baseline {s.get('baseline_run')}")
+    e = s.get("energy")
+    if e:
+        lines.append(f"  energy       {num(e['j_per_token'], '.4g')} J/token ({e['label']}): compute {e['compute_j']:.4g} J, "
+                     f"idle {e['idle_j']:.4g} J, network {e['network_j']:.4g} J")
     if s.get("error"):
         lines.append(f"  error        {s['error']}")
     return "\n".join(lines)

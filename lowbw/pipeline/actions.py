@@ -34,6 +34,8 @@ COMPUTE_KINDS = frozenset({Kind.FORWARD, Kind.FULL_BACKWARD, Kind.BACKWARD_INPUT
 COMM_KINDS = frozenset({Kind.SEND_F, Kind.RECV_F, Kind.SEND_B, Kind.RECV_B})
 
 _ACTION_RE = re.compile(r"^(\d+)(SEND_F|RECV_F|SEND_B|RECV_B|F|B|I|W)(\d+)$")
+# torch's compute_comms CSVs also hold FSDP/DP bookkeeping (0UNSHARD, 0RESHARD, 0REDUCE_GRAD): no-ops here.
+_TORCH_NOOP_RE = re.compile(r"^\d*(UNSHARD|RESHARD|REDUCE_GRAD)(\d*)$")
 
 
 class Action(NamedTuple):
@@ -82,12 +84,15 @@ class Schedule:
     def stages_of(self, rank: int) -> list[int]:
         return [s for s, r in enumerate(self.stage_to_rank) if r == rank]
 
-    def to_csv(self, path: str | Path) -> None:
-        """Write one row per rank, one action per cell (torch.distributed.pipelining's format)."""
+    def to_csv(self, path: str | Path, compute_only: bool = False) -> None:
+        """Write one row per rank, one action per cell (torch.distributed.pipelining's format).
+
+        ``compute_only``: F/B/I/W only (torch's "compute_only" format); else with sends and receives
+        ("compute_comms")."""
         with open(path, "w", newline="") as f:
             writer = csv.writer(f)
             for rank in range(self.n_ranks):
-                writer.writerow([str(a) for a in self.actions[rank]])
+                writer.writerow([str(a) for a in self.actions[rank] if a.is_compute or not compute_only])
 
     @staticmethod
     def from_csv(path: str | Path, name: str | None = None) -> "Schedule":
@@ -102,7 +107,7 @@ class Schedule:
         with open(path, newline="") as f:
             for rank, row in enumerate(csv.reader(f)):
                 try:
-                    rows[rank] = [Action.parse(cell) for cell in row if cell.strip()]
+                    rows[rank] = [Action.parse(c) for c in row if c.strip() and not _TORCH_NOOP_RE.match(c.strip())]
                 except ValueError as e:
                     raise ValueError(f"{path}: rank {rank}: {e}") from None
         if not rows:
@@ -113,4 +118,8 @@ class Schedule:
         has_comm = any(not a.is_compute for acts in rows.values() for a in acts)
         if not has_comm:
             rows = add_communication(rows, stage_to_rank)
+        else:  # torch posts receives early and waits at the compute; here a receive waits where it stands
+            from lowbw.pipeline.schedules import place_receives
+
+            rows = place_receives(rows, stage_to_rank)
         return Schedule(name or Path(path).stem, n_stages, n_mb, stage_to_rank, rows)

@@ -38,6 +38,24 @@ class StageRuntime:
     recv_fwd: Optional[Codec] = None  # decodes this stage's inputs from stage index-1
     send_bwd: Optional[Codec] = None  # encodes gradients of this stage's inputs for stage index-1
     recv_bwd: Optional[Codec] = None  # decodes gradients of this stage's outputs from stage index+1
+    # Evaluation uses codec instances of its own, so that validation batches leave no trace in
+    # training state (error-feedback residuals, per-sample caches, warm starts).
+    eval_send_fwd: Optional[Codec] = None
+    eval_recv_fwd: Optional[Codec] = None
+
+
+@dataclass
+class CodecStats:
+    """What one boundary and direction cost and changed in a step (key "<boundary>.<fwd|bwd>")."""
+
+    messages: int = 0
+    raw_bytes: int = 0  # bytes of the tensors before encoding
+    wire_bytes: int = 0  # bytes of the payloads on the link
+    encode_s: float = 0.0  # on the run clock, sender
+    decode_s: float = 0.0  # on the run clock, receiver
+    err_sq: float = 0.0  # sum of ||x_hat - x||^2 over measured messages
+    norm_sq: float = 0.0  # sum of ||x||^2 over the same messages
+    measured: int = 0  # messages whose error was measured
 
 
 @dataclass
@@ -46,6 +64,7 @@ class StepResult:
     loss_sum: float = 0.0  # sum over microbatches of the (unscaled) loss, last stage only
     n_loss: int = 0
     bytes_sent: dict[int, int] = field(default_factory=dict)  # destination rank -> payload bytes
+    codecs: dict[str, CodecStats] = field(default_factory=dict)
 
 
 class Executor:
@@ -64,10 +83,16 @@ class Executor:
         self.planned = planned or (lambda a: None)
 
     def run(self, sched: Schedule, phase: int, step: int, x: torch.Tensor, y: torch.Tensor,
-            ids: torch.Tensor, emulate: bool = True) -> StepResult:
-        """Run this rank's actions of ``sched`` for one batch split into ``sched.n_microbatches``."""
+            ids: torch.Tensor, emulate: bool = True, measure_error: bool = False) -> StepResult:
+        """Run this rank's actions of ``sched`` for one batch split into ``sched.n_microbatches``.
+
+        ``measure_error``: also decode each payload on the sender (outside the clock) to record the
+        relative reconstruction error per boundary.
+        """
         m, train = sched.n_microbatches, phase == PHASE_TRAIN
-        xs, ys, idss = x.chunk(m), y.chunk(m), ids.chunk(m)
+        xs, ys = x.chunk(m), y.chunk(m)
+        # Per-sample codecs key their caches on training sample ids; evaluation passes none.
+        idss = ids.chunk(m) if train else [None] * m
         res = StepResult()
         inputs: dict[tuple[int, int], torch.Tensor] = {}
         outputs: dict[tuple[int, int], torch.Tensor] = {}
@@ -105,7 +130,9 @@ class Executor:
             elif a.kind in (Kind.FULL_BACKWARD, Kind.BACKWARD_INPUT, Kind.BACKWARD_WEIGHT):
                 self._backward(a, st, inputs, outputs, out_grads, last, record)
             elif a.kind == Kind.SEND_F:
-                payload = self._encode(st.send_fwd, outputs[(s, mb)].detach(), idss[mb], a, record)
+                codec = st.send_fwd if train else st.eval_send_fwd
+                payload = self._encode(codec, outputs[(s, mb)].detach(), idss[mb], a, record,
+                                       res.codecs.setdefault(f"{s}.fwd", CodecStats()), measure_error)
                 dst = peer_of(a, sched)
                 self.transport.send(dst, CH_FWD, (phase, step, s + 1, mb), payload, emulate)
                 res.bytes_sent[dst] = res.bytes_sent.get(dst, 0) + payload.numel()
@@ -114,7 +141,8 @@ class Executor:
                     del outputs[(s, mb)]
             elif a.kind == Kind.SEND_B:
                 grad = inputs.pop((s, mb)).grad
-                payload = self._encode(st.send_bwd, grad, idss[mb], a, record)
+                payload = self._encode(st.send_bwd, grad, idss[mb], a, record,
+                                       res.codecs.setdefault(f"{s - 1}.bwd", CodecStats()), measure_error)
                 dst = peer_of(a, sched)
                 self.transport.send(dst, CH_BWD, (phase, step, s - 1, mb), payload, emulate)
                 res.bytes_sent[dst] = res.bytes_sent.get(dst, 0) + payload.numel()
@@ -126,8 +154,11 @@ class Executor:
                 msg = self.transport.recv(src, ch, (phase, step, s, mb))
                 self.clock.wait_until(self.transport.delivery_time(msg, emulate))
                 record("recv_wait", t0, self.clock.now(), a, msg.nbytes, src)
-                codec = st.recv_fwd if a.kind == Kind.RECV_F else st.recv_bwd
-                tensor = self._decode(codec, msg.payload, idss[mb], a, record)
+                if a.kind == Kind.RECV_F:
+                    codec, key = (st.recv_fwd if train else st.eval_recv_fwd), f"{s - 1}.fwd"
+                else:
+                    codec, key = st.recv_bwd, f"{s}.bwd"
+                tensor = self._decode(codec, msg.payload, idss[mb], a, record, res.codecs.setdefault(key, CodecStats()))
                 if a.kind == Kind.RECV_F:
                     inputs[(s, mb)] = tensor.requires_grad_(train)
                 else:
@@ -167,13 +198,26 @@ class Executor:
             if s == 0 or self.stages.get(s - 1) is not None:
                 inputs.pop((s, mb), None)
 
-    def _encode(self, codec: Optional[Codec], x: torch.Tensor, ids: torch.Tensor, a: Action, record) -> torch.Tensor:
+    def _encode(self, codec: Codec, x: torch.Tensor, ids, a: Action, record, stats: CodecStats,
+                measure_error: bool) -> torch.Tensor:
         payload, t0, t1 = self.clock.compute(lambda: codec.encode(x, ids), self.planned(a))
         record("encode", t0, t1, a)
+        stats.messages += 1
+        stats.raw_bytes += x.numel() * x.element_size()
+        stats.wire_bytes += payload.numel()
+        stats.encode_s += t1 - t0
+        if measure_error:
+            with self.clock.paused(), torch.no_grad():
+                if codec.name != "none":  # lossless: the error is 0 without decoding
+                    x_hat = codec.reconstruction(payload, ids).to(x.dtype)
+                    stats.err_sq += float((x_hat - x).float().pow(2).sum())
+                stats.norm_sq += float(x.float().pow(2).sum())
+                stats.measured += 1
         return payload
 
-    def _decode(self, codec: Optional[Codec], payload: torch.Tensor, ids: torch.Tensor, a: Action, record) -> torch.Tensor:
+    def _decode(self, codec: Codec, payload: torch.Tensor, ids, a: Action, record, stats: CodecStats) -> torch.Tensor:
         payload = payload.to(self.device)
         x, t0, t1 = self.clock.compute(lambda: codec.decode(payload, ids).clone(), self.planned(a))
         record("decode", t0, t1, a)
+        stats.decode_s += t1 - t0
         return x

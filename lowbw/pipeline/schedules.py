@@ -54,10 +54,11 @@ def one_f_one_b(p: int, m: int) -> tuple[Rows, tuple[int, ...]]:
     return rows, tuple(range(p))
 
 
-def forward_only(p: int, m: int) -> Schedule:
-    """Evaluation: forwards only, no gradients."""
-    rows = {r: [Action(r, Kind.FORWARD, i) for i in range(m)] for r in range(p)}
-    stage_to_rank = tuple(range(p))
+def forward_only(p: int, m: int, stage_to_rank: tuple[int, ...] | None = None) -> Schedule:
+    """Evaluation: forwards only, no gradients; p stages placed as the training schedule places them."""
+    stage_to_rank = tuple(stage_to_rank) if stage_to_rank is not None else tuple(range(p))
+    rows = {r: [Action(s, Kind.FORWARD, i) for s in range(p) if stage_to_rank[s] == r for i in range(m)]
+            for r in range(1 + max(stage_to_rank))}
     return Schedule("forward_only", p, m, stage_to_rank, add_communication(rows, stage_to_rank))
 
 
@@ -102,6 +103,35 @@ def add_communication(rows: Rows, stage_to_rank: tuple[int, ...]) -> Rows:
     return out
 
 
+def place_receives(rows: Rows, stage_to_rank: tuple[int, ...]) -> Rows:
+    """Move each RECV_* to just before the first compute on its rank that needs it.
+
+    torch.distributed.pipelining posts receives early (irecv) and waits for them at the compute; in
+    lowbw a receive blocks where it stands. Placing it right before its consumer gives the same
+    timing. Sends and computes keep their order; a receive with no consumer stays where it was.
+    """
+    out: Rows = {}
+    for rank, acts in rows.items():
+        pending: dict[tuple, Action] = {}
+        lowered: list[Action] = []
+        for a in acts:
+            if a.kind in (Kind.RECV_F, Kind.RECV_B):
+                pending[(a.kind, a.stage, a.microbatch)] = a
+                continue
+            if a.kind == Kind.FORWARD:
+                need = (Kind.RECV_F, a.stage, a.microbatch)
+            elif a.kind in (Kind.FULL_BACKWARD, Kind.BACKWARD_INPUT):
+                need = (Kind.RECV_B, a.stage, a.microbatch)
+            else:
+                need = None
+            if need in pending:
+                lowered.append(pending.pop(need))
+            lowered.append(a)
+        lowered += pending.values()
+        out[rank] = lowered
+    return out
+
+
 def build_schedule(cfg: Any, p: int, m: int) -> Schedule:
     """Generate (or read from CSV), lower and validate the training schedule named by ``cfg.name``."""
     from lowbw.pipeline.validate import validate_schedule
@@ -123,7 +153,7 @@ def build_schedule(cfg: Any, p: int, m: int) -> Schedule:
         if name not in SCHEDULES:
             raise ConfigError(f"unknown schedule {name!r}; known schedules: {', '.join(sorted(SCHEDULES))}, csv")
         extra = {k: v for k, v in _params(cfg).items() if k not in ("name", "csv")}
-        rows, stage_to_rank = SCHEDULES[name](p, m, **extra)
+        rows, stage_to_rank = SCHEDULES[name](p, m, **_accepted(SCHEDULES[name], extra))
         sched = Schedule(name, len(stage_to_rank), m, stage_to_rank, add_communication(rows, stage_to_rank))
     validate_schedule(sched)
     return sched
@@ -135,3 +165,17 @@ def _params(cfg: Any) -> dict:
     if isinstance(cfg, DictConfig):
         return OmegaConf.to_container(cfg, resolve=True)
     return dict(vars(cfg)) if hasattr(cfg, "__dict__") else {}
+
+
+def _accepted(fn: Callable, params: dict) -> dict:
+    """The schedule fields a generator takes (e.g. virtual_stages is only for interleaved_1f1b)."""
+    import inspect
+
+    sig = inspect.signature(fn)
+    if any(q.kind == q.VAR_KEYWORD for q in sig.parameters.values()):
+        return params
+    return {k: v for k, v in params.items() if k in sig.parameters}
+
+
+# More generators register themselves on import.
+from lowbw.pipeline import interleaved as _interleaved, zero_bubble as _zero_bubble  # noqa: E402,F401
