@@ -83,6 +83,8 @@ class NetConfig:
     pairs: dict[str, PairConfig] = field(default_factory=dict)  # "a-b" both ways, "a->b" one way
     random: Optional[RandomLinksConfig] = None  # seeded heterogeneous links
     emulate: bool = True  # false: no emulated delay on top of the real transport (real WAN runs)
+    loss_rate: float = 0.0  # packet loss probability; caps each pair at the Mathis TCP ceiling (lowbw/net/conditions.py)
+    mss_bytes: int = 1460  # TCP maximum segment size for the Mathis ceiling, bytes (Ethernet MTU 1500 - 40)
 
 
 @dataclass
@@ -111,9 +113,40 @@ class TrainConfig:
 
 
 @dataclass
+class OutageConfig:
+    link: str = "*"  # "src->dst" (ranks) or "*" for every link
+    start_s: float = 0.0  # s on the run clock when the link goes down
+    end_s: float = 0.0  # s on the run clock when it comes back
+
+
+@dataclass
+class BandwidthWalkConfig:
+    seed: int = 0  # seed of the walk
+    interval_s: float = 1.0  # s between changes, run clock
+    sigma: float = 0.3  # std of the log-factor step
+    min_factor: float = 0.1  # lowest bandwidth multiplier
+    max_factor: float = 1.0  # highest bandwidth multiplier
+    horizon_s: float = 3600.0  # s of run clock covered; the last factor holds after it
+
+
+@dataclass
 class FaultsConfig:
-    crash_rank: int = -1  # rank that exits abruptly (for failure tests); -1 = none
+    crash_rank: int = -1  # rank that exits abruptly at crash_step (recovery experiments); -1 = none
     crash_step: int = 0  # step at which it exits
+    straggler_rank: int = -1  # rank whose compute is slowed; -1 = none
+    straggler_factor: float = 1.0  # its compute takes this many times as long
+    straggler_every: int = 0  # steps between the starts of slow bursts; 0 = slow all the time
+    straggler_burst: int = 1  # steps per slow burst
+    outages: list[OutageConfig] = field(default_factory=list)  # link-down windows
+    bandwidth_trace: Optional[str] = None  # CSV "time_s,factor" or "time_s,mbps", piecewise constant
+    bandwidth_walk: Optional[BandwidthWalkConfig] = None  # seeded random walk of the bandwidth factor
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0  # steps between checkpoints; 0 = none
+    dir: Optional[str] = None  # null = <run folder>/checkpoints
+    keep: int = 2  # newest checkpoints kept per rank
 
 
 @dataclass
@@ -127,6 +160,8 @@ class LowbwConfig:
     compress: CompressConfig = field(default_factory=CompressConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    resume: bool = False  # continue from the newest checkpoint every rank has (out_dir = the run's folder)
     hardware: Any = field(default_factory=lambda: {"name": "cpu_local"})  # configs/hardware: per-node profile
     energy: Any = field(default_factory=lambda: {"network": "intensity", "meter": "auto"})  # configs/energy
     seed: int = 1337  # seeds weights, batches and link jitter
@@ -194,6 +229,16 @@ def validate(cfg: Any, world_size: Optional[int] = None) -> None:
         raise ConfigError(f"device={cfg.device!r}: use auto, cpu or cuda")
     partition_layers(m.n_layer, p.stages, p.partition)
     Topology.from_config(cfg.net, p.stages, seed=cfg.seed)
+    from lowbw.net.conditions import conditions_from_config
+
+    conditions_from_config(cfg.faults, cfg.net, p.stages)
+    f = cfg.faults
+    if f.straggler_rank >= p.stages or f.crash_rank >= p.stages:
+        raise ConfigError(f"faults name rank {max(f.straggler_rank, f.crash_rank)} but there are {p.stages} ranks (0..{p.stages - 1})")
+    if f.straggler_rank >= 0 and not (f.straggler_factor >= 1 and f.straggler_every >= 0 and f.straggler_burst >= 1):
+        raise ConfigError(f"faults.straggler_factor={f.straggler_factor} must be >= 1, straggler_every >= 0, straggler_burst >= 1")
+    if cfg.checkpoint.every < 0 or cfg.checkpoint.keep < 1:
+        raise ConfigError(f"checkpoint.every={cfg.checkpoint.every} must be >= 0 and checkpoint.keep={cfg.checkpoint.keep} >= 1")
     sched = build_schedule(cfg.schedule, p.stages, p.microbatches)  # generates and validates
     if sched.n_stages != p.stages:  # several model chunks per rank (interleaved): every chunk needs a block
         if sched.n_stages > m.n_layer:

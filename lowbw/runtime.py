@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
+from lowbw.checkpoint import checkpoint_dir
 from lowbw.errors import PeerError
 
 _CTRL_STATS = 2  # phase id of per-step reports on the control channel
@@ -101,6 +102,7 @@ def train_rank(cfg: Any, rank: int, world: int, run_dir: Optional[Path], local_r
     from lowbw.metrics.timeline import COMPUTE
     from lowbw.models.gpt import GPTStage
     from lowbw.net.clock import make_clock
+    from lowbw.net.conditions import conditions_from_config
     from lowbw.net.link import LinkModel
     from lowbw.net.topology import Topology
     from lowbw.net.transport import CH_CTRL, Transport
@@ -116,7 +118,8 @@ def train_rank(cfg: Any, rank: int, world: int, run_dir: Optional[Path], local_r
     ranges = partition_layers(cfg.model.n_layer, sched.n_stages, cfg.pipeline.partition)
     topo = Topology.from_config(cfg.net, world, seed=cfg.seed)
     clock = make_clock(cfg.clock.name, device)
-    link = LinkModel(topo, rank, seed=cfg.seed) if topo.emulate else None
+    conditions = conditions_from_config(cfg.faults, cfg.net, world)
+    link = LinkModel(topo, rank, seed=cfg.seed, conditions=conditions) if topo.emulate else None
     transport = Transport(rank, link, cfg.clock.name == "virtual", cfg.timeout_s, clock.now)
 
     stages: dict[int, StageRuntime] = {}
@@ -154,11 +157,18 @@ def train_rank(cfg: Any, rank: int, world: int, run_dir: Optional[Path], local_r
     if rank == 0:
         recorder = Recorder(run_dir, cfg.clock.name, world, cfg.train.batch_size * T, cfg.train.steps,
                             cfg.train.warmup_steps, cfg.progress, meta)
+    ckpt_root = checkpoint_dir(cfg, run_dir)
+    first_step, resumed_at = 0, 0.0
     try:
-        dist.barrier()  # every rank's clock starts at 0 together
-        clock.start()
+        if cfg.resume:
+            first_step, resumed_at = _restore(cfg, ckpt_root, rank, world, stages, opt, clock, link, recorder)
+        dist.barrier()  # every rank's clock starts together (at 0, or where the checkpoint left it)
+        clock.start(resumed_at)
         meter.begin()
-        for step in range(cfg.train.steps):
+        for step in range(first_step, cfg.train.steps):
+            f = cfg.faults
+            in_burst = f.straggler_every == 0 or step % f.straggler_every < f.straggler_burst
+            clock.slowdown = f.straggler_factor if rank == f.straggler_rank and in_burst else 1.0
             if rank == cfg.faults.crash_rank and step == cfg.faults.crash_step:
                 transport.flush()  # what earlier steps sent is on the wire; this step's work is lost
                 print(f"lowbw: rank {rank} crashing at step {step} (faults.crash_rank)", file=sys.stderr, flush=True)
@@ -189,6 +199,9 @@ def train_rank(cfg: Any, rank: int, world: int, run_dir: Optional[Path], local_r
             else:
                 reports = [report] + [transport.recv_json(r, (_CTRL_STATS, step, r, 0)) for r in range(1, world)]
                 recorder.log_step(step, reports, excluded_wall_s=eval_wall)
+            if cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0:
+                with clock.paused():
+                    _save_checkpoint(cfg, ckpt_root, rank, step, stages, opt, clock, link, recorder)
             meter.poll()
         meter.end()
         measurement = meter.measurement()
@@ -208,6 +221,49 @@ def train_rank(cfg: Any, rank: int, world: int, run_dir: Optional[Path], local_r
         print("\n" + format_summary(summary), flush=True)
         return summary
     return None
+
+
+def _codec_states(stages: dict) -> dict:
+    roles = ("send_fwd", "recv_fwd", "send_bwd", "recv_bwd", "eval_send_fwd", "eval_recv_fwd")
+    return {f"{s}.{role}": getattr(st, role) for s, st in stages.items() for role in roles}
+
+
+def _save_checkpoint(cfg, root: Path, rank: int, step: int, stages: dict, opt, clock, link, recorder) -> None:
+    from lowbw.checkpoint import save
+
+    state = {
+        "step": step,
+        "model": {str(s): st.module.state_dict() for s, st in stages.items()},
+        "optimizer": opt.state_dict(),
+        "codecs": {k: c.state_dict() for k, c in _codec_states(stages).items()},
+        "clock": clock.now(),
+        "link": link.state_dict() if link is not None else None,
+        "recorder": recorder.state_dict() if recorder is not None else None,
+    }
+    save(root, rank, step, state, cfg.checkpoint.keep)
+
+
+def _restore(cfg, root: Path, rank: int, world: int, stages: dict, opt, clock, link, recorder) -> tuple[int, float]:
+    """Load the newest checkpoint all ranks share; return (first step to run, clock time to resume at)."""
+    from lowbw.checkpoint import load, steps
+
+    mine = torch.tensor([steps(root, rank)[-1] if root is not None and steps(root, rank) else -1])
+    dist.all_reduce(mine, op=dist.ReduceOp.MIN)  # the newest step every rank has
+    step = int(mine.item())
+    if step < 0:
+        raise RuntimeError(f"resume=true but rank {rank} finds no checkpoint every rank has under {root}")
+    state = load(root, rank, step)
+    for s, st in stages.items():
+        st.module.load_state_dict(state["model"][str(s)])
+    opt.load_state_dict(state["optimizer"])
+    for k, codec in _codec_states(stages).items():
+        codec.load_state_dict(state["codecs"][k])
+    if link is not None and state["link"] is not None:
+        link.load_state_dict(state["link"])
+    if recorder is not None:
+        recorder.load_state_dict(state["recorder"])
+    print(f"lowbw: rank {rank} resumes after step {step} from {root}", file=sys.stderr, flush=True)
+    return step + 1, float(state["clock"])
 
 
 def _opt_planned(cfg: Any) -> Optional[float]:

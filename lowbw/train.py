@@ -83,12 +83,16 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     """Validate, spawn one process per stage, wait; return summary.json. Raises ConfigError / RunFailed."""
     from lowbw.launch import RunFailed, mark_failed, spawn_and_supervise
 
+    from lowbw.checkpoint import checkpoint_dir, resume_step
+
     validate(cfg)
+    if cfg.resume:  # every rank's checkpoint must be readable before anything is touched
+        resume_step(checkpoint_dir(cfg, run_dir), cfg.pipeline.stages)
+    else:
+        _set_aside_earlier_attempt(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     _write_run_files(cfg, run_dir, cfg.pipeline.stages, "lowbw")
     summary_path = run_dir / "summary.json"
-    if summary_path.exists():  # a rerun into the same folder starts afresh
-        summary_path.unlink()
     try:
         spawn_and_supervise(OmegaConf.to_container(cfg, resolve=True), cfg.pipeline.stages, run_dir,
                             _meta(cfg, cfg.pipeline.stages))
@@ -96,6 +100,20 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         mark_failed(run_dir, e.rank, str(e))
         raise
     return json.loads(summary_path.read_text())
+
+
+def _set_aside_earlier_attempt(run_dir: Path) -> None:
+    """A fresh run into a folder that holds an earlier run moves that run's results to attempt<k>/."""
+    names = ["summary.json", "metrics.jsonl", "timeline.jsonl", "tb", "errors", "checkpoints"]
+    present = [n for n in names if (run_dir / n).exists()]
+    if not present:
+        return
+    k = 1
+    while (run_dir / f"attempt{k}").exists():
+        k += 1
+    (run_dir / f"attempt{k}").mkdir(parents=True)
+    for n in present:
+        os.replace(run_dir / n, run_dir / f"attempt{k}" / n)
 
 
 def _meta(cfg: DictConfig, world: int) -> dict:

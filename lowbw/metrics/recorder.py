@@ -140,6 +140,35 @@ class Recorder:
                 tot[k] = tot.get(k, 0) + v
         return {key: _codec_view(c) for key, c in step.items()}
 
+    def state_dict(self) -> dict:
+        """Running totals a resumed run continues from (rows are re-read from metrics.jsonl)."""
+        return {"t_prev": self._t_prev, "busy_total": list(self.busy_total), "link_bytes": dict(self.link_bytes),
+                "codec_totals": {k: dict(v) for k, v in self.codec_totals.items()}, "val_loss": self.val_loss,
+                "n_rows": len(self.rows)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue a run: keep the first n_rows steps of metrics.jsonl and timeline.jsonl, drop the rest."""
+        n = state["n_rows"]
+        self._metrics.close()
+        self._timeline.close()
+        lines = self.metrics_path.read_text().splitlines() if self.metrics_path.exists() else []
+        self.rows = [json.loads(line) for line in lines[:n]]
+        last_step = self.rows[-1]["step"] if self.rows else -1
+        _rewrite(self.metrics_path, [json.dumps(r) for r in self.rows])
+        tl = self.run_dir / "timeline.jsonl"
+        kept = [line for line in (tl.read_text().splitlines() if tl.exists() else [])
+                if json.loads(line)["step"] <= last_step]
+        _rewrite(tl, kept)
+        self._metrics = open(self.metrics_path, "a")
+        self._timeline = open(tl, "a")
+        self._t_prev = state["t_prev"]
+        self.busy_total = list(state["busy_total"])
+        self.link_bytes = dict(state["link_bytes"])
+        self.codec_totals = {k: dict(v) for k, v in state["codec_totals"].items()}
+        self.val_loss = state["val_loss"]
+        if self._bar is not None:
+            self._bar.update(n)
+
     def set_energy_inputs(self, hardware: Any, energy: Any, measured: list) -> None:
         """Profiles, network model and each rank's measured window (or None), for the energy report."""
         self._energy_inputs = (hardware, energy, measured)
@@ -220,6 +249,12 @@ class Recorder:
 
         write_run_pictures(self.run_dir, self.clock, self.world, self.warmup, self.meta)
         return summary
+
+
+def _rewrite(path: Path, lines: list[str]) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in lines))
+    os.replace(tmp, path)
 
 
 def _codec_view(c: dict) -> dict:

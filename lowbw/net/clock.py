@@ -22,6 +22,8 @@ class Clock(ABC):
 
     def __init__(self, device: torch.device):
         self._sync = device.type == "cuda"  # GPU work is asynchronous: time it to completion
+        #: compute takes this many times as long (an injected straggler, lowbw/config.py FaultsConfig)
+        self.slowdown = 1.0
 
     @abstractmethod
     def now(self) -> float: ...
@@ -37,8 +39,8 @@ class Clock(ABC):
     def paused(self) -> contextlib.AbstractContextManager:
         """Time spent inside does not count (evaluation, bookkeeping)."""
 
-    def start(self) -> None:
-        """Set time zero (after the ranks' start-up barrier)."""
+    def start(self, at: float = 0.0) -> None:
+        """Set the time to ``at`` (0 after the ranks' start-up barrier; a checkpoint's time on resume)."""
 
 
 class WallClock(Clock):
@@ -48,8 +50,8 @@ class WallClock(Clock):
         super().__init__(device)
         self._epoch = time.perf_counter()
 
-    def start(self) -> None:
-        self._epoch = time.perf_counter()
+    def start(self, at: float = 0.0) -> None:
+        self._epoch = time.perf_counter() - at
 
     def now(self) -> float:
         return time.perf_counter() - self._epoch
@@ -64,6 +66,8 @@ class WallClock(Clock):
         out = fn()
         if self._sync:
             torch.cuda.synchronize()
+        if self.slowdown > 1:  # a straggler really is slower on the wall clock
+            time.sleep((self.slowdown - 1) * (self.now() - t0))
         return out, t0, self.now()
 
     @contextlib.contextmanager
@@ -83,8 +87,8 @@ class VirtualClock(Clock):
         self._now = 0.0
         self._paused = 0
 
-    def start(self) -> None:
-        self._now = 0.0
+    def start(self, at: float = 0.0) -> None:
+        self._now = at
 
     def now(self) -> float:
         return self._now
@@ -108,7 +112,7 @@ class VirtualClock(Clock):
             out = fn()
             spent = time.thread_time() - c0
         if not self._paused:
-            self._now += spent
+            self._now += spent * self.slowdown
         return out, t0, self._now
 
     @contextlib.contextmanager

@@ -25,6 +25,9 @@ import math
 import random
 from dataclasses import dataclass
 
+from typing import Optional
+
+from lowbw.net.conditions import Conditions
 from lowbw.net.topology import Topology
 
 
@@ -42,8 +45,9 @@ class LinkModel:
     whichever side draws it.
     """
 
-    def __init__(self, topo: Topology, rank: int, seed: int = 0):
+    def __init__(self, topo: Topology, rank: int, seed: int = 0, conditions: Optional[Conditions] = None):
         self.topo = topo
+        self.conditions = conditions if conditions is not None and conditions.active else None
         self.rank = rank
         self.seed = seed
         self.uplink_free = 0.0
@@ -65,15 +69,21 @@ class LinkModel:
         self._last_arrival[(src, dst)] = arrival
         return arrival
 
-    def transmit_seconds(self, src: int, dst: int, nbytes: int) -> float:
-        bw = self.topo.link(src, dst).bandwidth_bps
+    def transmit_seconds(self, src: int, dst: int, nbytes: int, t: float = 0.0) -> float:
+        """Seconds the message occupies the sender's uplink if it starts at ``t``."""
+        link = self.topo.link(src, dst)
+        bw = link.bandwidth_bps
+        if self.conditions is not None:
+            bw = self.conditions.bandwidth_bps(bw, link.latency_s, t)
         return 0.0 if math.isinf(bw) else 8.0 * nbytes / bw
 
     def send(self, dst: int, nbytes: int, t: float) -> SendTiming:
         """Charge a message from this rank to ``dst`` entering the uplink at ``t``."""
         link = self.topo.link(self.rank, dst)
         start = max(t, self.uplink_free)
-        tx_done = start + self.transmit_seconds(self.rank, dst, nbytes)
+        if self.conditions is not None:
+            start = self.conditions.start_time(self.rank, dst, start)
+        tx_done = start + self.transmit_seconds(self.rank, dst, nbytes, start)
         if self.topo.semantics == "serialized":
             self.uplink_free = tx_done + link.latency_s
             arrival = self.uplink_free
@@ -87,6 +97,29 @@ class LinkModel:
         """Wall clock: the sender already waited out the transmission; add latency and jitter here."""
         link = self.topo.link(src, self.rank)
         return self._fifo(src, self.rank, received_at + link.latency_s + self._jitter(src, self.rank))
+
+    def state_dict(self) -> dict:
+        """Everything that makes the next message's timing depend on earlier ones (for checkpoints)."""
+        return {
+            "uplink_free": self.uplink_free,
+            "downlink_free": self.downlink_free,
+            "last_arrival": {f"{a}->{b}": v for (a, b), v in self._last_arrival.items()},
+            "jitter": {f"{a}->{b}": [r.getstate()[0], list(r.getstate()[1]), r.getstate()[2]]
+                       for (a, b), r in self._jitter_rng.items()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        def pair(k: str) -> tuple[int, int]:
+            a, b = k.split("->")
+            return int(a), int(b)
+
+        self.uplink_free, self.downlink_free = float(state["uplink_free"]), float(state["downlink_free"])
+        self._last_arrival = {pair(k): float(v) for k, v in state["last_arrival"].items()}
+        self._jitter_rng = {}
+        for k, (version, internal, gauss) in state["jitter"].items():
+            rng = random.Random()
+            rng.setstate((version, tuple(internal), gauss))
+            self._jitter_rng[pair(k)] = rng
 
     def deliver(self, src: int, nbytes: int, arrival: float) -> float:
         """Charge the receiver's downlink; called in consumption order. Returns the delivery time."""

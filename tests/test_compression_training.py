@@ -1,0 +1,55 @@
+"""Compression in training: int8 both ways costs (almost) nothing; an aggressive codec costs loss."""
+
+import json
+
+import pytest
+
+from lowbw.train import run
+
+# The tiny default model in 2 stages, long enough for codecs to matter, timing irrelevant (ideal links).
+BASE = ["pipeline.stages=2", "net=ideal", "clock=virtual", "train.steps=120", "train.eval_batches=8",
+        "train.eval_interval=0", "progress=false", "train.lr=3e-3"]
+
+
+@pytest.fixture(scope="module")
+def uncompressed(tmp_path_factory):
+    from lowbw.train import compose
+
+    d = tmp_path_factory.mktemp("none")
+    return run(compose(BASE), d), d
+
+
+def test_int8_both_directions_ends_within_2_percent_of_uncompressed_loss(compose, tmp_path, uncompressed):
+    ref, ref_dir = uncompressed
+    s = run(compose(BASE + ["compress/fwd=int8", "compress/bwd=int8", f"compress.baseline_run={ref_dir}"]), tmp_path)
+    assert abs(s["val_loss"] - ref["val_loss"]) / ref["val_loss"] < 0.02
+    assert s["loss_gap"] == pytest.approx(s["val_loss"] - ref["val_loss"])
+    # the wire really carries ~1 byte per value: ~4x fewer bytes than float32
+    assert ref["bytes_sent"] / s["bytes_sent"] == pytest.approx(3.76, rel=0.03)
+    for key in ("0.fwd", "0.bwd"):
+        c = s["compression"][key]
+        assert c["ratio"] == pytest.approx(3.76, rel=0.03) and 0 < c["rel_error"] < 0.02
+        assert c["encode_s"] > 0 and c["decode_s"] > 0
+    assert ref["compression"]["0.fwd"]["rel_error"] == 0.0 and ref["compression"]["0.fwd"]["ratio"] < 1.0
+
+
+def test_an_aggressive_codec_shows_a_measurably_worse_loss(compose, tmp_path, uncompressed):
+    ref, _ = uncompressed
+    s = run(compose(BASE + ["compress/fwd=int2", "compress/bwd=int2"]), tmp_path)
+    assert s["val_loss"] - ref["val_loss"] > 0.05, (s["val_loss"], ref["val_loss"])
+    metrics = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert metrics[-1]["compression"]["0.fwd"]["rel_error"] > 0.3
+
+
+def test_bad_codec_settings_are_rejected_before_spawning(compose):
+    from lowbw.config import validate
+    from lowbw.errors import ConfigError
+
+    for overrides, match in [
+        (["compress/bwd=topk", "compress.bwd.ratio=1.5"], "compress.bwd: .*ratio"),
+        (["compress/fwd=quant", "compress.fwd.bits=3"], "compress.fwd: .*bits"),
+        (["compress/fwd=powersgd", "compress.fwd.rank=0"], "compress.fwd: .*rank"),
+        (["compress.fwd.name=gzip"], "compress.fwd: unknown codec 'gzip'"),
+    ]:
+        with pytest.raises(ConfigError, match=match):
+            validate(compose(overrides))
