@@ -252,9 +252,14 @@ def validate(cfg: Any, world_size: Optional[int] = None) -> None:
     for direction in ("fwd", "bwd"):
         spec = cfg.compress[direction] if hasattr(cfg.compress, "__getitem__") else getattr(cfg.compress, direction)
         try:
-            build_codec(_plain(spec))
+            codec = build_codec(_plain(spec))
         except ConfigError as e:
             raise ConfigError(f"compress.{direction}: {e}") from None
+        if direction not in codec.directions:
+            raise ConfigError(
+                f"compress.{direction}: codec {codec.name!r} is for {' and '.join(codec.directions)} only; "
+                f"pick another codec for compress/{direction}"
+            )
     from lowbw.energy import make_network_model, profiles_for_ranks
 
     profiles_for_ranks(cfg.hardware, p.stages)
@@ -265,9 +270,9 @@ def validate(cfg: Any, world_size: Optional[int] = None) -> None:
         raise ConfigError(f"compress.baseline_run={cfg.compress.baseline_run!r} holds no summary.json; "
                           "give the folder of a finished uncompressed run")
     if cfg.data.path is not None:
-        from lowbw.data.corpus import check_text_file
+        from lowbw.data.corpus import check_text_file, min_bytes
 
-        check_text_file(cfg.data.path, min_bytes=(m.block_size + 1) * 2)
+        check_text_file(cfg.data.path, min_bytes=min_bytes(m.block_size, cfg.data.val_fraction))
 
 
 def _plain(node: Any) -> Any:

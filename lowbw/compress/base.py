@@ -33,6 +33,8 @@ class Codec(ABC):
     name: ClassVar[str] = ""
     #: True when encode/decode depend on earlier messages (residuals, caches, warm starts).
     stateful: ClassVar[bool] = False
+    #: Directions the codec makes sense for: "fwd" (activations), "bwd" (activation gradients).
+    directions: ClassVar[tuple[str, ...]] = ("fwd", "bwd")
 
     def __init__(self, **params: Any):
         if params:

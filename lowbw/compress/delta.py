@@ -43,6 +43,9 @@ class AQSGD(Codec):
 
     name = "aqsgd"
     stateful = True
+    # Deltas against a per-sample cache pay off because a sample's activations change slowly between
+    # epochs; its gradients do not (AQ-SGD quantizes gradients directly, Wang et al. 2022, sec. 3).
+    directions = ("fwd",)
 
     def __init__(
         self,

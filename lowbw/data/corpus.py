@@ -21,6 +21,16 @@ from lowbw.errors import ConfigError
 BUNDLED = "tinyshakespeare.txt.gz"  # public domain, 1,115,394 bytes (see lowbw/data/README.md)
 
 
+def min_bytes(block_size: int, val_fraction: float) -> int:
+    """Smallest file that yields one training and one validation window of block_size + 1 bytes."""
+    n = 2 * (block_size + 1)
+    while True:
+        split = int(n * (1 - val_fraction))
+        if (split - 1) // block_size >= 1 and (n - split - 1) // block_size >= 1:
+            return n
+        n += 1
+
+
 def check_text_file(path: str, min_bytes: int) -> None:
     """Reject a missing, empty, binary or too-short data file with one sentence naming it."""
     p = Path(path).expanduser()
