@@ -164,7 +164,7 @@ def validate_schedule(sched: Schedule) -> None:
     S, M = sched.n_stages, sched.n_microbatches
     for s in range(S):
         r = sched.stage_to_rank[s]
-        kinds = [(a.kind, a.microbatch) for a in sched.actions[r] if a.stage == s]
+        kinds = {(a.kind, a.microbatch) for a in sched.actions[r] if a.stage == s}
         for mb in range(M):
             if (Kind.FORWARD, mb) not in kinds:
                 raise ScheduleError(f"rank {r}: stage {s} never runs the forward of microbatch {mb} ({s}F{mb})")

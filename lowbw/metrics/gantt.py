@@ -1,0 +1,212 @@
+"""Pictures of a timeline: a PNG Gantt chart and a Chrome-trace JSON (opens in Perfetto / chrome://tracing).
+
+    python -m lowbw.metrics.gantt RUN_DIR [--steps 2] [--first 1]     # timeline.png + trace.json from timeline.jsonl
+
+One row per rank. Forward, backward, input-gradient (I), weight-gradient (W), codec work and the
+optimizer are coloured bars; a receive's wait is a hatched bar; a send (handing a message to the
+link, instantaneous on the rank) is a tick; idle time is the light background left uncovered.
+Every finished run leaves both files in its folder (rank 0 draws them in ``Recorder.finish``):
+the PNG shows the first few steps after warm-up, the trace every step.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Iterable, Optional
+
+from lowbw.metrics.timeline import Event, Timeline
+
+#: Colour of each event kind in both pictures (Perfetto takes "cname" only from a fixed palette, so
+#: the trace uses categories instead).
+COLORS = {
+    "forward": "#4C72B0",
+    "backward": "#DD8452",
+    "backward_input": "#C44E52",
+    "backward_weight": "#55A868",
+    "encode": "#8172B3",
+    "decode": "#937860",
+    "optimizer": "#DA8BC3",
+    "recv_wait": "#CCB974",
+    "send": "#222222",
+    "idle": "#EEEEEE",
+}
+LABELS = {
+    "forward": "forward (F)",
+    "backward": "backward (B = I + W)",
+    "backward_input": "input gradient (I)",
+    "backward_weight": "weight gradient (W)",
+    "encode": "encode",
+    "decode": "decode",
+    "optimizer": "optimizer",
+    "recv_wait": "receive wait",
+    "send": "send",
+    "idle": "idle",
+}
+
+
+def load_timeline(path: str | Path, clock: str = "virtual", n_ranks: Optional[int] = None) -> Timeline:
+    """Read a ``timeline.jsonl`` (one Event per line, all ranks, all steps)."""
+    events = [Event(**json.loads(line)) for line in Path(path).read_text().splitlines() if line.strip()]
+    n = n_ranks if n_ranks is not None else 1 + max((e.rank for e in events), default=-1)
+    return Timeline(clock, n, events)
+
+
+def select_steps(tl: Timeline, first: int = 0, count: Optional[int] = None) -> Timeline:
+    """The events of steps first .. first+count-1 (all from ``first`` when count is None)."""
+    steps = sorted({e.step for e in tl.events})
+    if steps and first > steps[-1]:  # fewer steps than asked: show the last ones
+        first = steps[max(0, len(steps) - (count or 1))]
+    keep = [e for e in tl.events if e.step >= first and (count is None or e.step < first + count)]
+    return Timeline(tl.clock, tl.n_ranks, keep)
+
+
+def plot_gantt(tl: Timeline, path: str | Path, title: str = "", width: float = 14.0) -> Path:
+    """Draw ``tl`` as a Gantt chart, one row per rank; return the PNG's path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    events = tl.events
+    if not events:
+        raise ValueError("the timeline has no events to draw")
+    t0 = min(e.start for e in events)
+    t1 = max(e.end for e in events)
+    span = max(t1 - t0, 1e-12)
+    R = tl.n_ranks
+    fig, ax = plt.subplots(figsize=(width, 0.9 + 0.55 * R))
+    used = {"idle"}
+    for r in range(R):
+        y = R - 1 - r
+        ax.broken_barh([(t0, span)], (y - 0.4, 0.8), facecolors=COLORS["idle"], edgecolor="none")
+        mine = [e for e in events if e.rank == r]
+        for kind in ("recv_wait", "forward", "backward", "backward_input", "backward_weight", "encode", "decode",
+                     "optimizer"):
+            bars = [(e.start, e.duration) for e in mine if e.kind == kind and e.duration > 0]
+            if not bars:
+                continue
+            used.add(kind)
+            hatch = "////" if kind == "recv_wait" else None
+            ax.broken_barh(bars, (y - 0.4, 0.8), facecolors=COLORS[kind], edgecolor="white" if hatch is None else
+                           "#8a7a3a", linewidth=0.3, hatch=hatch)
+        sends = [e.start for e in mine if e.kind == "send"]
+        if sends:
+            used.add("send")
+            ax.vlines(sends, y + 0.4, y + 0.5, colors=COLORS["send"], linewidth=0.8)
+        # action labels where they fit (e.g. "F3", "W1"): a bar wider than ~1/60 of the window
+        for e in mine:
+            if e.kind in ("forward", "backward", "backward_input", "backward_weight") and e.duration > span / 60:
+                short = e.label
+                for k in ("F", "B", "I", "W"):
+                    if k in short:
+                        short = k + short.split(k, 1)[1]
+                        break
+                ax.text(e.start + e.duration / 2, y, short, ha="center", va="center", fontsize=6, color="white",
+                        clip_on=True)
+    ax.set_yticks(range(R))
+    ax.set_yticklabels([f"rank {r}" for r in reversed(range(R))])
+    ax.set_ylim(-0.6, R - 0.4 + 0.15)
+    ax.set_xlim(t0, t1)
+    ax.set_xlabel(f"time (s, {tl.clock} clock)")
+    steps = sorted({e.step for e in events})
+    step_txt = f"step {steps[0]}" if len(steps) == 1 else f"steps {steps[0]}-{steps[-1]}"
+    ax.set_title(f"{title}  ({step_txt})" if title else step_txt, fontsize=10)
+    order = [k for k in COLORS if k in used]
+    handles = [Patch(facecolor=COLORS[k], hatch="////" if k == "recv_wait" else None,
+                     edgecolor="#8a7a3a" if k == "recv_wait" else "none", label=LABELS[k]) for k in order]
+    ncol = min(len(handles), 5)
+    legend_h = 0.25 * -(-len(handles) // ncol) + 0.1  # inches
+    fig.set_figheight(fig.get_figheight() + legend_h)
+    fig.legend(handles=handles, loc="lower center", ncol=ncol, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, legend_h / fig.get_figheight(), 1, 1))
+    path = Path(path)
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path
+
+
+def chrome_trace(tl: Timeline, path: Optional[str | Path] = None, title: str = "") -> dict:
+    """Chrome trace events (``{"traceEvents": [...]}``, ph "X", µs): pid = rank, tid 0 compute, 1 comm.
+
+    Open the file in https://ui.perfetto.dev or chrome://tracing.
+    """
+    out: list[dict] = []
+    for r in range(tl.n_ranks):
+        out.append({"ph": "M", "name": "process_name", "pid": r, "tid": 0, "args": {"name": f"rank {r}"}})
+        out.append({"ph": "M", "name": "process_sort_index", "pid": r, "tid": 0, "args": {"sort_index": r}})
+        out.append({"ph": "M", "name": "thread_name", "pid": r, "tid": 0, "args": {"name": "compute"}})
+        out.append({"ph": "M", "name": "thread_name", "pid": r, "tid": 1, "args": {"name": "communication"}})
+    for e in tl.events:
+        comm = e.kind in ("send", "recv_wait")
+        ev = {
+            "name": f"{e.label}" if e.label and e.label != e.kind else e.kind,
+            "cat": e.kind,
+            "ph": "X",
+            "ts": e.start * 1e6,
+            "dur": max(e.duration, 0.0) * 1e6,
+            "pid": e.rank,
+            "tid": 1 if comm else 0,
+            "args": {"kind": e.kind, "step": e.step},
+        }
+        if e.nbytes:
+            ev["args"]["bytes"] = e.nbytes
+        if e.peer >= 0:
+            ev["args"]["peer"] = e.peer
+        out.append(ev)
+    trace = {"traceEvents": out, "displayTimeUnit": "ms",
+             "otherData": {"clock": tl.clock, "title": title, "time_unit": f"us of the {tl.clock} clock"}}
+    if path is not None:
+        Path(path).write_text(json.dumps(trace))
+    return trace
+
+
+def run_title(meta: dict, clock: str) -> str:
+    parts = [f"schedule {meta.get('schedule', '?')}", f"net {meta.get('net', '?')}",
+             f"{meta.get('world_size', '?')} ranks", f"{meta.get('microbatches', '?')} microbatches"]
+    if meta.get("compress_fwd", "none") != "none" or meta.get("compress_bwd", "none") != "none":
+        parts.append(f"compress {meta.get('compress_fwd')}/{meta.get('compress_bwd')}")
+    return ", ".join(parts) + f" ({clock} clock)"
+
+
+def write_run_pictures(run_dir: Path, clock: str, world: int, warmup: int, meta: dict, steps: int = 2) -> None:
+    """timeline.png (``steps`` steps after warm-up) and trace.json (all steps) from a run's timeline.jsonl.
+
+    Never raises: a picture that cannot be drawn is reported on stderr and the run stays completed.
+    """
+    try:
+        src = Path(run_dir) / "timeline.jsonl"
+        if not src.exists() or src.stat().st_size == 0:
+            return
+        tl = load_timeline(src, clock, world)
+        title = run_title(meta, clock)
+        chrome_trace(tl, Path(run_dir) / "trace.json", title)
+        plot_gantt(select_steps(tl, warmup, steps), Path(run_dir) / "timeline.png", title)
+    except Exception as e:  # noqa: BLE001 -- pictures are a convenience, never a failure of the run
+        print(f"lowbw: could not draw the timeline of {run_dir}: {type(e).__name__}: {e}", file=sys.stderr)
+
+
+def main(argv: Optional[Iterable[str]] = None) -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Draw a run's timeline.jsonl as timeline.png and trace.json")
+    ap.add_argument("run_dir")
+    ap.add_argument("--first", type=int, default=None, help="first step drawn (default: after warm-up)")
+    ap.add_argument("--steps", type=int, default=2, help="steps drawn in the PNG")
+    ap.add_argument("--out", default=None, help="PNG path (default RUN_DIR/timeline.png)")
+    a = ap.parse_args(list(argv) if argv is not None else None)
+    run = Path(a.run_dir)
+    summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").exists() else {}
+    clock = summary.get("clock", "virtual")
+    tl = load_timeline(run / "timeline.jsonl", clock, summary.get("world_size"))
+    first = a.first if a.first is not None else (summary.get("steps_completed", 0) - summary.get("measured_steps", 0))
+    title = run_title(summary, clock)
+    chrome_trace(tl, run / "trace.json", title)
+    out = plot_gantt(select_steps(tl, first, a.steps), a.out or run / "timeline.png", title)
+    print(f"wrote {out} and {run / 'trace.json'}")
+
+
+if __name__ == "__main__":
+    main()
