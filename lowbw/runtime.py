@@ -36,11 +36,19 @@ def pick_device(choice: str, local_rank: int) -> torch.device:
 
 
 def count_stage_flops(module: torch.nn.Module, inp: torch.Tensor, targets: Optional[torch.Tensor]) -> tuple[float, float]:
-    """(forward, backward) FLOPs of one microbatch through ``module``, by torch.utils.flop_counter."""
+    """(forward, backward) FLOPs of one microbatch through ``module``, by torch.utils.flop_counter.
+
+    Counted on a meta-device copy: on CPU tensors torch dispatches attention to a fused kernel the
+    counter does not see (0 FLOPs), on meta tensors it counts it -- and the copy costs no memory.
+    """
+    import copy
+
     from torch.utils.flop_counter import FlopCounterMode
 
     from lowbw.models.gpt import GPTStage
 
+    module = copy.deepcopy(module).to("meta")
+    inp, targets = inp.to("meta"), None if targets is None else targets.to("meta")
     counter = FlopCounterMode(display=False)
     inp = inp.detach().requires_grad_(inp.is_floating_point())
     with counter:
@@ -50,7 +58,6 @@ def count_stage_flops(module: torch.nn.Module, inp: torch.Tensor, targets: Optio
         fwd = counter.get_total_flops()
         out.backward(torch.ones_like(out) if targets is None else None)
         total = counter.get_total_flops()
-    module.zero_grad(set_to_none=True)
     return float(fwd), float(total - fwd)
 
 

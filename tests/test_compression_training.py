@@ -26,6 +26,9 @@ def test_int8_both_directions_ends_within_2_percent_of_uncompressed_loss(compose
     assert s["loss_gap"] == pytest.approx(s["val_loss"] - ref["val_loss"])
     # the wire really carries ~1 byte per value: ~4x fewer bytes than float32
     assert ref["bytes_sent"] / s["bytes_sent"] == pytest.approx(3.76, rel=0.03)
+    # network energy under the intensity model follows the bytes: int8 cuts it to about a quarter
+    assert s["energy"]["network_j"] / ref["energy"]["network_j"] == pytest.approx(
+        s["bytes_sent"] / ref["bytes_sent"], rel=1e-9)
     for key in ("0.fwd", "0.bwd"):
         c = s["compression"][key]
         assert c["ratio"] == pytest.approx(3.76, rel=0.03) and 0 < c["rel_error"] < 0.02

@@ -35,14 +35,30 @@ def reference_run(tmp_path_factory):
     return run(compose(DETERMINISTIC), d), d
 
 
-@pytest.mark.parametrize("schedule,p,m", [("gpipe", 4, 4), ("1f1b", 4, 8)])
-def test_bubble_fraction_matches_formula_with_equal_stage_durations(compose, tmp_path, schedule, p, m):
+def _bubble_run(compose, tmp_path, schedule, p, m):
     cfg = compose(TINY + [f"schedule={schedule}", f"pipeline.stages={p}", f"pipeline.microbatches={m}",
                           f"train.batch_size={m}", "clock=virtual", "clock.durations=fixed", "net=ideal",
                           "train.steps=2", "train.eval_batches=1", "train.warmup_steps=0"])
-    s = run(cfg, tmp_path)
+    return run(cfg, tmp_path)
+
+
+def test_1f1b_bubble_fraction_matches_formula_with_equal_stage_durations(compose, tmp_path):
+    p, m = 4, 8
+    s = _bubble_run(compose, tmp_path, "1f1b", p, m)
     assert s["bubble_fraction"] == pytest.approx((p - 1) / (m + p - 1), abs=0.02)
     assert s["step_time_s"] == pytest.approx((m + p - 1) * 3.0)  # forward 1 s + backward 2 s per stage
+
+
+def test_gpipe_bubble_and_idle_energy_per_token_follow_the_bubble_formula(compose, tmp_path):
+    p = 4
+    runs = {m: _bubble_run(compose, tmp_path / f"m{m}", "gpipe", p, m) for m in (2, 8)}
+    for m, s in runs.items():
+        assert s["bubble_fraction"] == pytest.approx((p - 1) / (m + p - 1), abs=0.02)
+    # idle rank-seconds per step are p * 3 s * (p - 1) whatever m; tokens per step grow with m
+    idle = {m: s["energy"]["idle_j"] / s["tokens"] for m, s in runs.items()}
+    predicted = {m: (p - 1) / (m + p - 1) * (m + p - 1) * 3.0 / m for m in runs}  # idle s per token-row
+    assert idle[2] / idle[8] == pytest.approx(predicted[2] / predicted[8], rel=1e-6)  # = 4
+    assert idle[2] > idle[8]
 
 
 def test_same_seed_gives_identical_losses_and_step_times(compose, tmp_path, reference_run):
@@ -79,6 +95,9 @@ def test_default_command_completes_and_writes_every_summary_field(tmp_path):
     assert set(SUMMARY_FIELDS) <= set(summary) and summary["status"] == "completed"
     assert summary["net"] == "home" and summary["world_size"] == 4
     assert "tokens/s" in out.stdout and "bubble fraction" in out.stdout
+    # no GPU and no RAPL here: energy is there, and says it is modelled
+    assert summary["energy"]["label"] == "modelled" and summary["energy"]["measured_j"] is None
+    assert summary["energy"]["j_per_token"] > 0 and "J/token (modelled)" in out.stdout
     for name in ("config.yaml", "provenance.json", "metrics.jsonl", "timeline.jsonl"):
         assert (tmp_path / "run" / name).is_file()
     assert any((tmp_path / "run" / "tb").iterdir())
