@@ -66,6 +66,7 @@ class SimulateConfig:
     net: NetConfig = field(default_factory=NetConfig)
     compress: CompressConfig = field(default_factory=CompressConfig)
     hardware: Any = field(default_factory=lambda: {"name": "h100"})  # configs/hardware/<name>.yaml, per_rank allowed
+    energy: Any = field(default_factory=lambda: {"network": "intensity", "meter": "none"})  # configs/energy
     train: SimTrainConfig = field(default_factory=SimTrainConfig)
     sim: SimConfig = field(default_factory=SimConfig)
     seed: int = 1337  # seeds link jitter, as in lowbw-train
@@ -317,6 +318,7 @@ def simulate(cfg: Any, keep_timeline: bool = False) -> dict:
     start = {r: 0.0 for r in range(p)}
     t_prev = 0.0
     rows = []
+    busy_total = [0.0] * p  # s per rank over the measured steps
     events: list[Event] = []
     for step in range(sim.steps):
         if exact:
@@ -338,6 +340,9 @@ def simulate(cfg: Any, keep_timeline: bool = False) -> dict:
         t_end = max(end)
         span = t_end - t_prev
         t_prev = t_end
+        if step >= sim.warmup_steps or sim.steps <= sim.warmup_steps:
+            for r in range(p):
+                busy_total[r] += busy[r]
         rows.append({
             "step": step, "step_time_s": span,
             "bubble_fraction": 1.0 - sum(busy) / (p * span) if span > 0 else 0.0,
@@ -391,6 +396,17 @@ def simulate(cfg: Any, keep_timeline: bool = False) -> dict:
         "net_description": topo.describe(),
         "sim_cpu_s": time.process_time() - cpu0,
     }
+    # Energy over the measured steps, as lowbw-train accounts a run (always modelled: nothing runs).
+    from lowbw.energy import account
+
+    link_bytes: dict[tuple[int, int], int] = {}
+    for r in measured:
+        for k, n in r["bytes_per_link"].items():
+            a, b = map(int, k.split("->"))
+            link_bytes[(a, b)] = link_bytes.get((a, b), 0) + n
+    span = sum(r["step_time_s"] for r in measured)
+    summary["energy"] = account([min(b, span) for b in busy_total], span, cfg.hardware, cfg.energy,
+                                tokens=tokens * len(measured), link_bytes=link_bytes).to_dict()
     if keep_timeline:
         summary["_timeline"] = Timeline("virtual", p, events)
     return summary
@@ -410,6 +426,10 @@ def format_simulation(s: dict) -> str:
         f"message, {s['messages_per_step']} messages per step",
         f"  cpu          {s['sim_cpu_s']:.2f} s to simulate",
     ]
+    e = s.get("energy")
+    if e:
+        lines.insert(-1, f"  energy       {e['j_per_token']:.4g} J/token (modelled): compute {e['compute_j']:.4g} J, "
+                         f"idle {e['idle_j']:.4g} J, network {e['network_j']:.4g} J over {e['span_s']:.4g} s")
     if s["fractional_partition"]:
         lines.append("  note         more stages than blocks: blocks cut finer than lowbw-train can (fractional_partition)")
     return "\n".join(lines)

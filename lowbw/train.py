@@ -140,7 +140,12 @@ def _completed_summary(cfg: DictConfig, run_dir: Path) -> dict | None:
         if summary.get("status") != "completed":
             return None
         saved = run_dir / "config.yaml"  # another config in this folder (another grid, same sweep dir): rerun
-        if saved.is_file() and saved.read_text() != OmegaConf.to_yaml(cfg, resolve=True):
+
+        def what_it_computes(c) -> dict:  # the config minus settings that do not change a run's results
+            d = OmegaConf.to_container(c, resolve=True)
+            return {k: v for k, v in d.items() if k not in ("resume", "progress", "timeout_s")}
+
+        if saved.is_file() and what_it_computes(OmegaConf.load(saved)) != what_it_computes(cfg):
             return None
         return summary
     except Exception:  # noqa: BLE001 - unreadable or half-written: run again
@@ -163,6 +168,14 @@ def _sweep_job(cfg: DictConfig, run_dir: Path) -> dict:
     if done is not None:
         print(f"lowbw: {run_dir} already holds a completed run of this config; skipped", file=sys.stderr)
         return done
+    if cfg.get("resume"):  # `-m ... resume=true`: runs with checkpoints continue, the others start afresh
+        from lowbw.checkpoint import checkpoint_dir, resume_step
+
+        try:
+            resume_step(checkpoint_dir(cfg, run_dir), cfg.pipeline.stages)
+        except ConfigError:
+            cfg = cfg.copy()
+            cfg.resume = False
     try:
         return run(cfg, run_dir)
     except Exception as e:  # noqa: BLE001 - one run's failure must not stop the sweep

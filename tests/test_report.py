@@ -1,0 +1,174 @@
+"""Sweeps and their report: a small real sweep (with a failing cell), resume, and the report's pieces."""
+
+import csv
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from lowbw.report import KEYS, PLOTS, collect_runs, pareto_front, write_report
+
+TINY = ["model.n_layer=2", "model.n_embd=32", "model.n_head=2", "model.block_size=16", "pipeline.stages=2",
+        "train.steps=2", "train.eval_batches=1", "clock=virtual", "progress=false", "net=lan"]
+# 2 bandwidths x 2 codecs complete; bandwidth 0 is invalid, so its two cells fail (in validation, quickly).
+GRID = ["net.uplink_mbps=0,10,1000", "compress/fwd=none,int8"]
+JOBLIB = importlib.util.find_spec("hydra_plugins.hydra_joblib_launcher") is not None
+LAUNCHER = ["hydra/launcher=lowbw_joblib"] if JOBLIB else []
+# Always empty for these runs: nothing is metered on this machine, and completed runs have no error.
+EMPTY_OK = {"measured_j_per_token", "error"}
+
+
+def sweep(sweep_dir, launcher=LAUNCHER):
+    return subprocess.run([sys.executable, "-m", "lowbw.train", "-m", *launcher, f"hydra.sweep.dir={sweep_dir}",
+                           *TINY, *GRID], capture_output=True, text=True, timeout=600, cwd=sweep_dir.parent)
+
+
+def summaries(sweep_dir):
+    return {p.parent.name: json.loads(p.read_text()) for p in sweep_dir.glob("*/summary.json")}
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    d = tmp_path_factory.mktemp("sweep") / "s"
+    out = sweep(d)
+    return d, out
+
+
+def test_sweep_with_a_failing_cell_completes_the_others_and_reports_every_column_and_plot(swept):
+    d, out = swept
+    assert out.returncode == 0, out.stderr[-3000:]  # a failed run does not stop (or fail) the sweep
+    s = summaries(d)
+    assert len(s) == 6
+    assert sorted(x["status"] for x in s.values()) == ["completed"] * 4 + ["failed"] * 2
+
+    rep = subprocess.run([sys.executable, "-m", "lowbw.report", str(d)], capture_output=True, text=True, timeout=120)
+    assert rep.returncode == 0, rep.stderr[-2000:]
+    with open(d / "report.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == KEYS and len(rows) == 6
+    done = [r for r in rows if r["status"] == "completed"]
+    failed = [r for r in rows if r["status"] == "failed"]
+    assert len(done) == 4 and len(failed) == 2
+    for r in done:
+        missing = [k for k in KEYS if r[k] == "" and k not in EMPTY_OK]
+        assert not missing, (r["run"], missing)
+        assert r["clock"] == "virtual" and r["network"] == "lan" and r["schedule"] == "1f1b"
+        assert r["energy_source"] in ("modelled", "measured")
+        assert float(r["tokens_per_s"]) > 0 and float(r["bytes_per_token"]) > 0
+    assert sorted(float(r["bandwidth_mbps"]) for r in done) == [10.0, 10.0, 1000.0, 1000.0]
+    assert sorted(r["codec"] for r in done) == ["int8/none", "int8/none", "none/none", "none/none"]
+    for r in done:  # each pairs with the uncompressed run at the same bandwidth
+        twin = next(b for b in done if b["run"] == r["baseline_run"])
+        assert twin["codec"] == "none/none" and twin["bandwidth_mbps"] == r["bandwidth_mbps"]
+        if r["codec"] == "none/none":
+            assert float(r["val_loss_gap"]) == 0.0
+    int8 = [r for r in done if r["codec_fwd"] == "int8"]
+    assert all(float(r["bytes_per_token"]) < float(next(b for b in done if b["run"] == r["baseline_run"])
+                                                    ["bytes_per_token"]) for r in int8)
+    assert all(float(r["fwd_ratio"]) > 2 for r in int8)
+    for r in failed:
+        assert "ConfigError" in r["error"] and "uplink_mbps" in r["error"]
+        assert r["codec_fwd"] in ("none", "int8") and r["tokens_per_s"] == ""
+
+    for name in PLOTS.values():
+        png = d / name
+        assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    md = (d / "report.md").read_text()
+    assert "4 completed, 2 failed" in md and "uplink_mbps" in md
+    assert all(f"]({name})" in md for name in PLOTS.values())
+
+
+def test_rerun_into_the_same_sweep_dir_completes_only_the_missing_runs(swept, tmp_path):
+    d0, out = swept
+    assert out.returncode == 0
+    d = tmp_path / "s"
+    shutil.copytree(d0, d)
+    done = {k: v for k, v in summaries(d).items() if v["status"] == "completed"}
+    victim = sorted(done)[-1]
+    (d / victim / "summary.json").unlink()  # as if the sweep had been interrupted during this run
+    kept = {k: (d / k / "summary.json").stat().st_mtime_ns for k in done if k != victim}
+
+    again = sweep(d, launcher=[])  # Hydra's basic launcher (in-process): resume does not depend on the launcher
+    assert again.returncode == 0, again.stderr[-3000:]
+    after = summaries(d)
+    assert after[victim]["status"] == "completed"
+    assert {k: (d / k / "summary.json").stat().st_mtime_ns for k in kept} == kept  # untouched
+    assert again.stderr.count("skipped") == len(kept)
+    assert sum(v["status"] == "failed" for v in after.values()) == 2  # still failing, still recorded
+
+
+def test_a_completed_folder_holding_another_config_is_run_again(compose, tmp_path):
+    from omegaconf import OmegaConf
+
+    from lowbw.train import _completed_summary
+
+    cfg = compose(TINY)
+    (tmp_path / "summary.json").write_text(json.dumps({"status": "completed"}))
+    (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    assert _completed_summary(cfg, tmp_path) == {"status": "completed"}
+    assert _completed_summary(compose(TINY + ["compress/fwd=int8"]), tmp_path) is None
+    assert _completed_summary(compose(TINY + ["resume=true", "timeout_s=99"]), tmp_path) is not None  # same results
+    (tmp_path / "summary.json").write_text(json.dumps({"status": "failed"}))
+    assert _completed_summary(cfg, tmp_path) is None
+
+
+def test_pareto_front_keeps_runs_no_other_run_beats_on_both_throughput_and_loss():
+    pts = [(100.0, 2.0), (200.0, 2.5), (150.0, 3.0), (50.0, 1.9), (200.0, 2.4)]
+    assert pareto_front(pts) == [3, 0, 4]
+
+
+def _fake_run(d, summary, cfg=None, metrics=()):
+    d.mkdir(parents=True)
+    (d / "summary.json").write_text(json.dumps(summary))
+    if cfg is not None:
+        (d / "config.yaml").write_text(cfg)
+    if metrics:
+        (d / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+
+
+def test_simulator_like_sweep_without_loss_has_no_loss_columns_or_loss_plots(tmp_path):
+    net = "net: {name: home, semantics: pipelined, latency_ms: 25.0, jitter_ms: 0.0, uplink_mbps: %s, " \
+          "downlink_mbps: 100.0, regions: [], pairs: {}, random: null}\n"
+    for i, (bw, codec, tps) in enumerate([(20, "none", 100.0), (20, "int8", 180.0), (200, "none", 400.0)]):
+        cfg = net % bw + f"pipeline: {{stages: 4}}\nschedule: {{name: 1f1b}}\ncompress: {{fwd: {{name: {codec}}}, " \
+                         "bwd: {name: none}}\n"
+        _fake_run(tmp_path / str(i), {"status": "completed", "kind": "simulation", "schedule": "1f1b", "net": "home",
+                                      "stages": 4, "tokens_per_s": tps, "bubble_fraction": 0.2,
+                                      "bytes_per_token": 10.0}, cfg)
+    rep = write_report(tmp_path)
+    assert not {"train_loss", "val_loss", "val_loss_gap"} & set(rep["columns"])
+    assert set(rep["plots"]) == {"throughput_vs_bandwidth"}
+    assert set(rep["skipped_plots"]) == {"energy_vs_bandwidth", "val_loss_curves", "pareto_loss_vs_throughput"}
+    rows = rep["rows"]
+    assert [r["bandwidth_mbps"] for r in rows] == [20.0, 20.0, 100.0]  # bottleneck = min(uplink, downlink)
+    assert {r["clock"] for r in rows} == {"simulated"} and rows[0]["stages"] == 4
+    assert "not drawn" in rep["md"].read_text()
+
+
+def test_runs_without_energy_or_compression_leave_those_cells_empty_and_interrupted_runs_are_listed(tmp_path):
+    _fake_run(tmp_path / "0", {"status": "completed", "clock": "wall", "tokens_per_s": 50.0, "train_loss": 3.0,
+                               "val_loss": 3.1, "net": "lan", "compress_fwd": "none", "compress_bwd": "none"},
+              metrics=[{"step": 0, "loss": 3.2}, {"step": 1, "loss": 3.0, "val_loss": 3.1}])
+    (tmp_path / "1").mkdir()
+    (tmp_path / "1" / "metrics.jsonl").write_text(json.dumps({"step": 0, "loss": 3.3}) + "\n{\"step\": 1, \"lo")
+    _fake_run(tmp_path / "1" / "attempt1", {"status": "failed", "error": "an earlier attempt, set aside"})
+    rows = collect_runs(tmp_path)
+    assert [r["status"] for r in rows] == ["completed", "incomplete"]  # attempt1/ is history, not a run
+    assert rows[0]["j_per_token"] is None and rows[0]["fwd_ratio"] is None and rows[0]["val_loss_gap"] == 0.0
+    assert rows[1]["train_loss"] == 3.3 and rows[1]["steps_completed"] == 1
+
+
+def test_search_objective_prefers_throughput_within_the_loss_bound():
+    from lowbw.report.search import FAILED_VALUE, objective
+
+    base = {"status": "completed", "val_loss": 2.00, "tokens_per_s": 100.0}
+    ok = {"status": "completed", "val_loss": 2.01, "tokens_per_s": 300.0}
+    too_lossy = {"status": "completed", "val_loss": 2.30, "tokens_per_s": 900.0}
+    value, gap = objective(ok, base, max_gap=0.05)
+    assert value == 300.0 and gap == pytest.approx(0.01)
+    value, gap = objective(too_lossy, base, max_gap=0.05)
+    assert value == pytest.approx(-0.30) and value < objective(ok, base, 0.05)[0]
+    assert objective({"status": "failed"}, base, 0.05)[0] == FAILED_VALUE
