@@ -268,6 +268,10 @@ def _codec_view(c: dict) -> dict:
     }
 
 
+def _j(joules: float) -> str:
+    return f"{joules:,.0f} J" if abs(joules) >= 1000 else f"{joules:.4g} J"
+
+
 def format_summary(s: dict) -> str:
     """The console summary a user reads at the end of a run."""
     def num(v: Any, fmt: str) -> str:
@@ -277,14 +281,16 @@ def format_summary(s: dict) -> str:
     lines = [
         f"lowbw run {s['status']}: {s['steps_completed']}/{s['steps']} steps, {s['tokens']} tokens, "
         f"{s.get('world_size', '?')} stages, schedule {s.get('schedule', '?')}, net {s.get('net', '?')}",
-        f"  throughput   {num(s['tokens_per_s'], ',.1f')} tokens/s ({c} clock)   "
-        f"[wall clock: {num(s['tokens_per_s_wall'], ',.1f')} tokens/s]",
+        f"  throughput   {num(s['tokens_per_s'], ',.1f')} tokens/s ({c} clock)"
+        + (f"   [the emulation itself ran at {num(s['tokens_per_s_wall'], ',.1f')} tokens/s of wall time]"
+           if c == "virtual" else ""),
         f"  step time    {num(s['step_time_s'], '.4f')} s ({c} clock)   bubble fraction {num(s['bubble_fraction'], '.3f')}",
         f"  traffic      {num(s['bytes_per_token'], ',.1f')} bytes sent per token   ({s['bytes_sent']:,} bytes in all)",
         f"  loss         train {num(s['train_loss'], '.4f')}   validation {num(s['val_loss'], '.4f')}",
-        f"  outputs      {s['run_dir']}  (summary.json, metrics.jsonl, timeline.jsonl, tb/)",
+        f"  outputs      {s['run_dir']}  (summary.json, metrics.jsonl, timeline.png, trace.json, tb/)",
     ]
-    for key, c in sorted((s.get("compression") or {}).items()):
+    compressed = (s.get("compress_fwd"), s.get("compress_bwd")) != ("none", "none")
+    for key, c in sorted((s.get("compression") or {}).items()) if compressed else []:
         rel = "n/a" if c["rel_error"] is None else f"{c['rel_error']:.2e}"
         lines.append(f"  boundary {key:<7} ratio {num(c['ratio'], '.2f')}x, rel. error {rel}, "
                      f"encode {1e3 * c['encode_s']:.2f} ms, decode {1e3 * c['decode_s']:.2f} ms per message")
@@ -292,8 +298,8 @@ def format_summary(s: dict) -> str:
         lines.append(f"  loss gap     {s['loss_gap']:+.4f} validation loss vs baseline {s.get('baseline_run')}")
     e = s.get("energy")
     if e:
-        lines.append(f"  energy       {num(e['j_per_token'], '.4g')} J/token ({e['label']}): compute {e['compute_j']:.4g} J, "
-                     f"idle {e['idle_j']:.4g} J, network {e['network_j']:.4g} J")
+        lines.append(f"  energy       {num(e['j_per_token'], '.4g')} J/token ({e['label']}): compute {_j(e['compute_j'])}, "
+                     f"idle {_j(e['idle_j'])}, network {_j(e['network_j'])}")
     if s.get("error"):
         lines.append(f"  error        {s['error']}")
     return "\n".join(lines)

@@ -1,0 +1,239 @@
+#!/usr/bin/env python
+"""lowbw's executor against torch.distributed.pipelining: same model, same split, free links.
+
+    python scripts/bench_overhead.py [--steps 30] [--warmup 5] [--rounds 1] [--schedules gpipe 1f1b]
+
+Model: the tiny GPT of REFERENCES.md (6 layers, n_embd 128, 4 heads, block 128, batch 8 = 4
+microbatches of 2 sequences), cut into 2 stages with lowbw.pipeline.partition.partition_layers,
+each stage a lowbw.models.gpt.GPTStage, loss = GPTStage.loss (cross-entropy), AdamW step every
+step; 2 processes on gloo, one thread each, no emulated delay. For each schedule (GPipe, 1F1B):
+
+  (a) lowbw:  lowbw.train.run with net=ideal clock=wall (its executor and transport);
+  (b) torch:  torch.distributed.pipelining PipelineStage + ScheduleGPipe / Schedule1F1B.
+
+Step time is defined the same way for both: step k ends when the last rank has finished it
+(its optimizer step included), step time = T_k - T_(k-1), wall clock; the first --warmup steps are
+left out. Prints the config, then per schedule: the mean step time of each (ms), the ratio
+lowbw / torch (aim <= 1.0), lowbw's ideal step time -- the run's own measured per-action compute
+durations and optimizer times replayed through lowbw.pipeline.validate.play with free links, step
+by step -- and lowbw's efficiency = ideal / measured (aim >= 0.95); then where lowbw's time goes
+per rank (compute, optimizer, codec copies, receive waits, the rest = bookkeeping between actions),
+and the losses of both (the two compute the same thing, so the losses agree to float precision).
+With --rounds > 1 the runs alternate lowbw/torch and the medians over rounds are printed.
+Machine load (load average) is printed before and after: the figures are timing-sensitive.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _bench_common import (  # noqa: E402
+    ideal_step_times,
+    machine_load,
+    mean_after,
+    run_lowbw,
+    step_ends_to_times,
+    time_breakdown,
+)
+
+
+# ---- torch.distributed.pipelining side -------------------------------------------------------
+
+
+def _torch_rank(rank: int, world: int, port: int, model: dict, schedule: str, steps: int, batch: int,
+                microbatches: int, lr: float, seed: int, q) -> None:
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+    from lowbw.config import ModelConfig
+    from lowbw.data.corpus import Corpus
+    from lowbw.models.gpt import GPTStage
+    from lowbw.pipeline.partition import partition_layers
+
+    torch.set_num_threads(1)  # as lowbw's ranks (lowbw.runtime.run_rank)
+    torch.manual_seed(seed)
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+        cfg = ModelConfig(**model)
+        ranges = partition_layers(cfg.n_layer, world)
+        last = world - 1
+        module = GPTStage(cfg, *ranges[rank], is_first=rank == 0, is_last=rank == last, seed=seed)
+        stage = PipelineStage(module, rank, world, torch.device("cpu"))
+        cls = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[schedule]
+        sched = cls(stage, microbatches, loss_fn=GPTStage.loss)  # scale_grads: grads of the mean loss
+        opt = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=0.0)  # lowbw's defaults
+        corpus = Corpus(None, cfg.block_size, 0.1, seed)
+        dist.barrier()
+        t0 = time.perf_counter()  # CLOCK_MONOTONIC: comparable across the processes of this machine
+        ends, losses = [], []
+        for step in range(steps):
+            b = corpus.train_batch(step, batch)
+            opt.zero_grad(set_to_none=True)
+            if rank == 0:
+                sched.step(b.x)
+            elif rank == last:
+                mb_losses: list = []
+                sched.step(target=b.y, losses=mb_losses)
+                losses.append(float(torch.stack(mb_losses).detach().mean()))
+            else:
+                sched.step()
+            opt.step()
+            ends.append(time.perf_counter())
+        q.put((rank, t0, ends, losses))
+        dist.barrier()
+        dist.destroy_process_group()
+    except BaseException as e:  # noqa: BLE001 -- reported to the parent
+        q.put((rank, None, repr(e), None))
+        raise
+
+
+def run_torch(schedule: str, args) -> tuple[list[float], list[float]]:
+    """Per-step times (s) and last-stage losses of torch.distributed.pipelining on 2 ranks."""
+    from lowbw.launch import free_port
+
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    model = dict(n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_head, block_size=args.block_size)
+    port = free_port()
+    procs = [ctx.Process(target=_torch_rank, args=(r, 2, port, model, schedule, args.steps, args.batch,
+                                                   args.microbatches, args.lr, args.seed, q))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    results = {}
+    try:
+        while len(results) < 2:
+            rank, t0, ends, losses = q.get(timeout=600)
+            if t0 is None:
+                raise RuntimeError(f"torch.distributed.pipelining rank {rank} failed: {ends}")
+            results[rank] = (t0, ends, losses)
+    finally:
+        for p in procs:
+            p.join(30)
+            if p.is_alive():
+                p.kill()
+                p.join()
+    t0 = max(results[r][0] for r in results)
+    return step_ends_to_times([results[r][1] for r in sorted(results)], t0), results[1][2]
+
+
+# ---- lowbw side --------------------------------------------------------------------------------
+
+
+def lowbw_overrides(schedule: str, args) -> list[str]:
+    return [
+        f"schedule={schedule}", "net=ideal", "clock=wall", "pipeline.stages=2",
+        f"pipeline.microbatches={args.microbatches}", f"model.n_layer={args.n_layer}", f"model.n_embd={args.n_embd}",
+        f"model.n_head={args.n_head}", f"model.block_size={args.block_size}", f"train.batch_size={args.batch}",
+        f"train.steps={args.steps}", f"train.warmup_steps={args.warmup}", f"train.lr={args.lr}", "train.eval_interval=0",
+        "train.eval_batches=1", f"seed={args.seed}", "device=cpu",
+    ]
+
+
+def run_lowbw_once(schedule: str, args, run_dir: Path) -> dict:
+    summary, rows, events, cfg = run_lowbw(lowbw_overrides(schedule, args), run_dir, quiet=not args.verbose)
+    steps = [r["step"] for r in rows]
+    kept = steps[args.warmup:] if len(steps) > args.warmup else steps
+    ideal = ideal_step_times(cfg, events)
+    measured = {r["step"]: r["step_time_s"] for r in rows}
+    return {
+        "step_s": mean_after([r["step_time_s"] for r in rows], args.warmup),
+        "step_wall_s": mean_after([r["step_time_wall_s"] for r in rows], args.warmup),
+        "ideal_s": statistics.fmean(ideal[s] for s in kept),
+        "eff_per_step": [ideal[s] / measured[s] for s in kept],
+        "breakdown": time_breakdown(events, 2, kept),
+        "losses": [r["loss"] for r in rows],
+        "summary": summary,
+        "run_dir": str(run_dir),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--steps", type=int, default=30, help="optimizer steps per run")
+    ap.add_argument("--warmup", type=int, default=5, help="leading steps left out of the means (>= 1)")
+    ap.add_argument("--rounds", type=int, default=1, help="alternate lowbw/torch this many times; medians printed")
+    ap.add_argument("--schedules", nargs="+", default=["gpipe", "1f1b"], choices=["gpipe", "1f1b"])
+    ap.add_argument("--n-layer", type=int, default=6)
+    ap.add_argument("--n-embd", type=int, default=128)
+    ap.add_argument("--n-head", type=int, default=4)
+    ap.add_argument("--block-size", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--microbatches", type=int, default=4)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--seed", type=int, default=1337)
+    ap.add_argument("--out", type=Path, default=None, help="keep lowbw's run folders here (default: a temp dir)")
+    ap.add_argument("--verbose", action="store_true", help="show lowbw's own console output")
+    args = ap.parse_args()
+    args.warmup = max(1, args.warmup)
+    if args.steps <= args.warmup:
+        ap.error("--steps must exceed --warmup")
+
+    import torch
+
+    from lowbw.pipeline.partition import partition_layers
+
+    out = args.out or Path(tempfile.mkdtemp(prefix="lowbw-bench-overhead-"))
+    ranges = partition_layers(args.n_layer, 2)
+    print(f"config: GPT n_layer={args.n_layer} n_embd={args.n_embd} n_head={args.n_head} block_size={args.block_size} "
+          f"vocab=256; batch {args.batch} = {args.microbatches} microbatches of {args.batch // args.microbatches}; "
+          f"2 stages, blocks {ranges}; gloo on loopback, 1 thread per rank, AdamW lr={args.lr}; "
+          f"{args.steps} steps, first {args.warmup} left out; {args.rounds} round(s); torch {torch.__version__}")
+    print(f"lowbw: net=ideal clock=wall (no emulated delay); torch: torch.distributed.pipelining")
+    print(f"machine before: {machine_load()}")
+    sys.stdout.flush()
+
+    results = {}
+    for sched in args.schedules:
+        lows, tors = [], []
+        for i in range(args.rounds):
+            lows.append(run_lowbw_once(sched, args, out / f"{sched}-{i}"))
+            times, tl = run_torch(sched, args)
+            tors.append({"step_s": mean_after(times, args.warmup), "losses": tl})
+            print(f"  [{sched} round {i}] lowbw {lows[-1]['step_s'] * 1e3:.1f} ms/step (eff "
+                  f"{lows[-1]['ideal_s'] / lows[-1]['step_s']:.3f}), torch {tors[-1]['step_s'] * 1e3:.1f} ms/step; "
+                  f"{machine_load()}", flush=True)
+        results[sched] = (lows, tors)
+
+    print()
+    print(f"{'schedule':<9}{'lowbw ms':>10}{'torch ms':>10}{'lowbw/torch':>13}{'ideal ms':>10}{'efficiency':>12}")
+    for sched, (lows, tors) in results.items():
+        lo = statistics.median(r["step_s"] for r in lows)
+        to = statistics.median(r["step_s"] for r in tors)
+        ideal = statistics.median(r["ideal_s"] for r in lows)
+        eff = statistics.median(r["ideal_s"] / r["step_s"] for r in lows)
+        print(f"{sched:<9}{lo * 1e3:>10.1f}{to * 1e3:>10.1f}{lo / to:>13.3f}{ideal * 1e3:>10.1f}{eff:>12.3f}")
+    print("  (means over the measured steps, wall clock; medians over rounds; efficiency = ideal / lowbw)")
+
+    print("\nwhere lowbw's time goes, ms per step per rank (last round):")
+    print(f"  {'schedule':<9}{'rank':>5}{'span':>8}{'F/B':>8}{'optim':>8}{'codec':>8}{'recv':>8}{'rest':>8}")
+    for sched, (lows, _) in results.items():
+        for r, b in lows[-1]["breakdown"].items():
+            print(f"  {sched:<9}{r:>5}" + "".join(f"{b[k] * 1e3:>8.1f}" for k in
+                                                   ("span", "compute", "optimizer", "codec", "recv_wait", "rest")))
+    print("  (span = from the rank's previous optimizer end to this one; rest = span minus all recorded events:\n"
+          "   Python between actions, rank 0's per-step metrics logging and the rank reports)")
+
+    print("\nlosses (last stage, mean over microbatches), last round:")
+    for sched, (lows, tors) in results.items():
+        lo, to = lows[-1]["losses"], tors[-1]["losses"]
+        diff = max(abs(a - b) for a, b in zip(lo, to))
+        print(f"  {sched:<6} lowbw step0 {lo[0]:.5f} last {lo[-1]:.5f} | torch step0 {to[0]:.5f} last {to[-1]:.5f} "
+              f"| max |diff| {diff:.2e}")
+    print(f"\nmachine after: {machine_load()}")
+    print(f"lowbw run folders: {out}")
+
+
+if __name__ == "__main__":
+    main()
