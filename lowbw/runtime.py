@@ -105,6 +105,7 @@ def train_rank(cfg: Any, rank: int, world: int, run_dir: Optional[Path], local_r
     from lowbw.config import _plain
     from lowbw.energy import profiles_for_ranks, select_meter
     from lowbw.data.corpus import Corpus
+    from lowbw.metrics.collector import StepCollector
     from lowbw.metrics.recorder import Recorder, format_summary
     from lowbw.metrics.timeline import COMPUTE
     from lowbw.models.gpt import GPTStage
@@ -151,6 +152,10 @@ def train_rank(cfg: Any, rank: int, world: int, run_dir: Optional[Path], local_r
     profile = profiles_for_ranks(cfg.hardware, world)[rank]
     executor = Executor(rank, stages, transport, clock, device,
                         make_planner(cfg, flops, profile.effective_flops))
+    if getattr(sched, "asynchronous", False):  # pipedream_2bw: microbatches and weight versions outlive a step
+        from lowbw.pipeline.async_executor import AsyncExecutor
+
+        executor = AsyncExecutor.from_executor(executor, last_step=cfg.train.steps - 1, cfg=cfg)
     meter = select_meter(str(device), cfg.energy.meter)
 
     out, inc = channels([sched, eval_sched], rank)
@@ -164,6 +169,10 @@ def train_rank(cfg: Any, rank: int, world: int, run_dir: Optional[Path], local_r
     if rank == 0:
         recorder = Recorder(run_dir, cfg.clock.name, world, cfg.train.batch_size * T, cfg.train.steps,
                             cfg.train.warmup_steps, cfg.progress, meta)
+    collector = None
+    if rank == 0:
+        collector = StepCollector(world, lambda r, step: transport.recv_json(r, (_CTRL_STATS, step, r, 0)),
+                                  recorder.log_step)
     ckpt_root = checkpoint_dir(cfg, run_dir)
     first_step, resumed_at = 0, 0.0
     try:
@@ -204,10 +213,11 @@ def train_rank(cfg: Any, rank: int, world: int, run_dir: Optional[Path], local_r
             if rank != 0:
                 transport.send_json(0, (_CTRL_STATS, step, rank, 0), report)
             else:
-                reports = [report] + [transport.recv_json(r, (_CTRL_STATS, step, r, 0)) for r in range(1, world)]
-                recorder.log_step(step, reports, excluded_wall_s=eval_wall)
+                collector.submit(step, report, eval_wall)
             if cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0:
                 with clock.paused():
+                    if collector is not None:
+                        collector.drain()  # the recorder's totals must include this step
                     _save_checkpoint(cfg, ckpt_root, rank, step, stages, opt, clock, link, recorder)
             meter.poll()
         meter.end()
@@ -216,13 +226,17 @@ def train_rank(cfg: Any, rank: int, world: int, run_dir: Optional[Path], local_r
         if rank != 0:
             transport.send_json(0, (_CTRL_DONE, 0, rank, 0), {"measurement": mine})
         else:
+            collector.drain()
             measured = [mine] + [transport.recv_json(r, (_CTRL_DONE, 0, r, 0))["measurement"] for r in range(1, world)]
             recorder.set_energy_inputs(cfg.hardware, cfg.energy, measured)
         transport.close()
     except BaseException as e:
         if recorder is not None:
+            collector.close(timeout_s=5.0)  # let it finish the step it is writing, if it can
             recorder.finish("failed", _describe(e, rank))
         raise
+    if collector is not None:
+        collector.close()
     if recorder is not None:
         summary = recorder.finish("completed")
         print("\n" + format_summary(summary), flush=True)

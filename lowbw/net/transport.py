@@ -11,6 +11,10 @@ wall time the sender thread holds the message until its last bit would have left
 the receiver adds latency and jitter from the moment it really got it -- no clock synchronisation
 between machines is needed.
 
+On one host the sender stamps when the message left (CLOCK_MONOTONIC, which all processes share),
+so the receiver counts the emulated latency from then and the real loopback transfer does not add
+to it; between hosts the latency counts from the real arrival.
+
 A receive waits at most ``timeout_s`` (wall) for its message; a dead or silent peer becomes a
 :class:`PeerError` naming its rank. This module assumes nothing about work handles of
 ``batch_isend_irecv`` (which once hung on gloo): it uses plain blocking send/recv in its threads.
@@ -20,9 +24,11 @@ from __future__ import annotations
 
 import json
 import queue
+import socket
 import struct
 import threading
 import time
+import zlib
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -35,7 +41,8 @@ from lowbw.net.link import LinkModel
 # Channels (gloo tags): activations forward, gradients backward, run control (metrics to rank 0).
 CH_FWD, CH_BWD, CH_CTRL = 1, 2, 3
 _CLOSE = -1
-_HEADER = 8
+_HEADER = 10  # ch, nbytes, phase, step, stage, microbatch, arrival (f64 bits), host id, sent at (f64 bits), 0
+_HOST = zlib.crc32(socket.gethostname().encode())  # same host: perf_counter (CLOCK_MONOTONIC) is shared
 
 
 def _f2i(x: float) -> int:
@@ -52,8 +59,10 @@ class Message:
     channel: int
     key: tuple[int, int, int, int]  # (phase, step, stage, microbatch)
     payload: torch.Tensor  # uint8, CPU
-    sent_arrival: float  # virtual: arrival time computed by the sender; wall: unused (nan)
+    sent_arrival: float  # virtual: arrival time computed by the sender; wall: unused
     received_wall: float  # time.perf_counter() when the receiver thread had the whole message
+    sent_host: int = 0  # the sender's host id
+    sent_wall: float = 0.0  # the sender's time.perf_counter() when the message left it
 
     @property
     def nbytes(self) -> int:
@@ -129,6 +138,7 @@ class Transport:
                     delay = release_at - time.perf_counter()
                     if delay > 0:
                         time.sleep(delay)
+                header[8] = _f2i(time.perf_counter())
                 dist.send(header, dst, self.group, tag=ch)
                 if body.numel():
                     dist.send(body, dst, self.group, tag=ch)
@@ -151,7 +161,7 @@ class Transport:
                 if nbytes:
                     dist.recv(body, src, self.group, tag=ch)
                 key = (h[2], h[3], h[4], h[5])
-                msg = Message(src, ch, key, body, _i2f(h[6]), time.perf_counter())
+                msg = Message(src, ch, key, body, _i2f(h[6]), time.perf_counter(), h[7], _i2f(h[8]))
                 with self._cond:
                     self._inbox[(src, ch, key)] = msg
                     self._cond.notify_all()
@@ -180,7 +190,8 @@ class Transport:
             arrival = timing.arrival
             if not self.virtual:
                 release_at = time.perf_counter() + (timing.tx_done - t)
-        header = torch.tensor([ch, payload.numel(), *key, _f2i(arrival), 0], dtype=torch.int64)
+        header = torch.tensor([ch, payload.numel(), *key, _f2i(arrival), _HOST, _f2i(time.perf_counter()), 0],
+                              dtype=torch.int64)
         self._senders[(dst, ch)][0].put((header, payload, release_at))
         return arrival
 
@@ -210,8 +221,9 @@ class Transport:
             return self.now() if not self.virtual else msg.sent_arrival
         if self.virtual:
             arrival = msg.sent_arrival
-        else:
-            arrival = self.link.arrival_after_receipt(msg.src, self.now() - (time.perf_counter() - msg.received_wall))
+        else:  # from when it left the sender (same host) or when it really arrived here (another host)
+            left = msg.sent_wall if msg.sent_host == _HOST else msg.received_wall
+            arrival = self.link.arrival_after_receipt(msg.src, self.now() - (time.perf_counter() - left))
         return self.link.deliver(msg.src, msg.nbytes, arrival)
 
     # ---- control messages (metrics), never emulated ----------------------------------------

@@ -153,7 +153,10 @@ def build_schedule(cfg: Any, p: int, m: int) -> Schedule:
         if name not in SCHEDULES:
             raise ConfigError(f"unknown schedule {name!r}; known schedules: {', '.join(sorted(SCHEDULES))}, csv")
         extra = {k: v for k, v in _params(cfg).items() if k not in ("name", "csv")}
-        rows, stage_to_rank = SCHEDULES[name](p, m, **_accepted(SCHEDULES[name], extra))
+        built = SCHEDULES[name](p, m, **_accepted(SCHEDULES[name], extra))
+        if isinstance(built, Schedule):  # a generator that lowers and validates its own (pipedream_2bw)
+            return built
+        rows, stage_to_rank = built
         sched = Schedule(name, len(stage_to_rank), m, stage_to_rank, add_communication(rows, stage_to_rank))
     validate_schedule(sched)
     return sched
@@ -179,3 +182,4 @@ def _accepted(fn: Callable, params: dict) -> dict:
 
 # More generators register themselves on import.
 from lowbw.pipeline import interleaved as _interleaved, zero_bubble as _zero_bubble  # noqa: E402,F401
+from lowbw.pipeline import pipedream_2bw as _pipedream_2bw  # noqa: E402,F401

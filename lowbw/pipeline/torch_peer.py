@@ -1,0 +1,105 @@
+"""The same step through ``torch.distributed.pipelining``: a peer to check lowbw's schedules against.
+
+For a :class:`lowbw.pipeline.gradcheck.Scenario` (schedule gpipe, 1f1b or interleaved_1f1b), each
+spawned rank builds the same :class:`GPTStage` s lowbw builds (same partition, same seed, hence the
+same weights), wraps them in torch's ``PipelineStage`` and runs one ``step`` of ``ScheduleGPipe``,
+``Schedule1F1B`` or ``ScheduleInterleaved1F1B`` (stage s on rank s % p, as lowbw places interleaved
+stages) on the same batch, split into the same microbatches (both cut the batch with ``chunk`` on
+dim 0). Gradients come back keyed ``"stage{s}.{param}"`` like :func:`gradcheck.pipeline_grads`.
+
+Loss scaling: torch's schedules call ``loss_fn`` on each microbatch (``_maybe_compute_loss``),
+backpropagate that *unscaled* loss, and after the last backward divide every gradient by
+``n_microbatches`` (``scale_grads=True``, the default: ``PipelineStage.scale_grads`` via
+``perform_reduce_grad``). lowbw divides each microbatch's loss by m before its backward. Both give
+the gradient of the mean of the per-microbatch mean losses, i.e. the batch-mean cross-entropy
+for equal microbatches; they differ only in floating-point rounding.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from lowbw.pipeline.gradcheck import Scenario, _batch
+
+TORCH_SCHEDULES = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B", "interleaved_1f1b": "ScheduleInterleaved1F1B"}
+
+
+def _layout(sc: Scenario, world: int) -> tuple[int, int]:
+    """(ranks, stages) of a scenario: interleaved holds virtual_stages stages per rank."""
+    if sc.schedule not in TORCH_SCHEDULES:
+        raise ValueError(f"no torch.distributed.pipelining peer for schedule {sc.schedule!r}")
+    if sc.stages != world:
+        raise ValueError(f"{sc}: torch's schedules use the whole group; all scenarios need stages={world}")
+    v = sc.params.get("virtual_stages", 2) if sc.schedule == "interleaved_1f1b" else 1
+    return sc.stages, sc.stages * v
+
+
+def _worker(rank: int, world: int, port: int, scenarios: list[Scenario], out: str) -> None:
+    from torch.distributed import pipelining as pp
+
+    from lowbw.models.gpt import GPTStage
+    from lowbw.pipeline.partition import partition_layers
+
+    torch.set_num_threads(1)
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    for i, sc in enumerate(scenarios):
+        p, n_stages = _layout(sc, world)
+        ranges = partition_layers(sc.n_layer, n_stages, sc.partition)
+        last = n_stages - 1
+        mine = [s for s in range(n_stages) if s % p == rank]
+        modules = {s: GPTStage(sc.model(), *ranges[s], s == 0, s == last, sc.seed) for s in mine}
+        stages = [pp.PipelineStage(modules[s], s, n_stages, torch.device("cpu")) for s in mine]
+        cls = getattr(pp, TORCH_SCHEDULES[sc.schedule])
+        loss_fn = GPTStage.loss  # mean cross-entropy of one microbatch; torch divides the grads by m
+        if sc.schedule == "interleaved_1f1b":
+            schedule = cls(stages, n_microbatches=sc.microbatches, loss_fn=loss_fn)
+        else:
+            schedule = cls(stages[0], n_microbatches=sc.microbatches, loss_fn=loss_fn)
+        b = _batch(sc)
+        args = (b.x,) if 0 in mine else ()
+        kwargs = {"target": b.y} if last in mine else {}
+        schedule.step(*args, **kwargs)
+        grads = {f"stage{s}.{n}": q.grad for s in mine for n, q in modules[s].named_parameters()}
+        torch.save(grads, Path(out) / f"scenario{i}_rank{rank}.pt")
+        dist.barrier()
+    dist.destroy_process_group()
+
+
+def torch_grads(scenarios: list[Scenario], timeout_s: float = 240.0) -> list[dict[str, torch.Tensor]]:
+    """Run each scenario's one step with torch.distributed.pipelining; gradients by parameter name.
+
+    All scenarios run in one group of ``scenarios[0].stages`` spawned processes (start-up, and
+    importing torch.distributed.pipelining, are the expensive part)."""
+    import multiprocessing as mp
+
+    from lowbw.launch import _stop, free_port
+
+    world = scenarios[0].stages
+    for sc in scenarios:
+        _layout(sc, world)
+    with tempfile.TemporaryDirectory() as out:
+        ctx = mp.get_context("spawn")
+        port = free_port()
+        procs = [ctx.Process(target=_worker, args=(r, world, port, scenarios, out)) for r in range(world)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(timeout_s)
+        codes = [p.exitcode for p in procs]
+        _stop(procs, 1.0)
+        if any(c != 0 for c in codes):
+            raise RuntimeError(f"torch.distributed.pipelining processes exited with codes {codes}")
+        results = []
+        for i in range(len(scenarios)):
+            grads: dict[str, torch.Tensor] = {}
+            for r in range(world):
+                grads.update(torch.load(Path(out) / f"scenario{i}_rank{r}.pt", weights_only=True))
+            results.append(grads)
+        return results
