@@ -8,12 +8,14 @@ caused it -- the rank that crashed, not the peers that merely noticed. No proces
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing as mp
 import socket
+import tempfile
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 from lowbw.runtime import run_rank
 
@@ -79,6 +81,26 @@ def spawn_and_supervise(cfg_dict: dict, world: int, run_dir: Path, meta: dict, g
     if failed:
         rank, message = _blame(run_dir, failed)
         raise RunFailed(rank, message)
+
+
+@contextlib.contextmanager
+def spawned_group(target, world: int, args: tuple, timeout_s: float, what: str) -> Iterator[Path]:
+    """Run ``target(rank, world, port, *args, out_dir)`` in ``world`` spawned processes (a gloo group on a
+    free loopback port); yield the temporary ``out_dir`` they wrote into once all exited cleanly."""
+    with tempfile.TemporaryDirectory() as out:
+        ctx = mp.get_context("spawn")
+        port = free_port()
+        procs = [ctx.Process(target=target, args=(r, world, port, *args, out)) for r in range(world)]
+        for p in procs:
+            p.start()
+        deadline = time.monotonic() + timeout_s
+        for p in procs:
+            p.join(max(0.0, deadline - time.monotonic()))
+        codes = [p.exitcode for p in procs]
+        _stop(procs, 1.0)
+        if any(c != 0 for c in codes):
+            raise RuntimeError(f"{what} processes exited with codes {codes}")
+        yield Path(out)
 
 
 def _stop(procs: list, grace_s: float) -> None:

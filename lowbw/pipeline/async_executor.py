@@ -224,25 +224,10 @@ def pipelined_2bw(sc, steps: int, lr: float = 1e-2, timeout_s: float = 240.0) ->
 
     Returns per rank: final weights ("stage{s}.{param}"), the executor's version log, the per-step
     loss (last rank) and how many versions/outputs were left over at the end (0 after the drain)."""
-    import multiprocessing as mp
-    import tempfile
-    from pathlib import Path
+    from lowbw.launch import spawned_group
 
-    from lowbw.launch import _stop, free_port
-
-    with tempfile.TemporaryDirectory() as out:
-        ctx = mp.get_context("spawn")
-        port = free_port()
-        procs = [ctx.Process(target=_check_worker, args=(r, sc.stages, port, sc, steps, lr, out)) for r in range(sc.stages)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(timeout_s)
-        codes = [p.exitcode for p in procs]
-        _stop(procs, 1.0)
-        if any(c != 0 for c in codes):
-            raise RuntimeError(f"pipedream_2bw check processes exited with codes {codes}")
-        return [torch.load(Path(out) / f"rank{r}.pt", weights_only=False) for r in range(sc.stages)]
+    with spawned_group(_check_worker, sc.stages, (sc, steps, lr), timeout_s, "pipedream_2bw check") as out:
+        return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(sc.stages)]
 
 
 def reference_2bw(sc, steps: int, lr: float = 1e-2) -> tuple[dict[str, torch.Tensor], list[float]]:

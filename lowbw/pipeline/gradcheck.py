@@ -95,27 +95,14 @@ def reference_grads(sc: Scenario) -> dict[str, torch.Tensor]:
 
 def pipeline_grads(scenarios: list[Scenario], timeout_s: float = 240.0) -> list[dict[str, torch.Tensor]]:
     """Run each scenario's one step pipelined; return the gradients by parameter name."""
-    import multiprocessing as mp
-
-    from lowbw.launch import _stop, free_port
+    from lowbw.launch import spawned_group
 
     world = max(_schedule(sc).n_ranks for sc in scenarios)
-    with tempfile.TemporaryDirectory() as out:
-        ctx = mp.get_context("spawn")
-        port = free_port()
-        procs = [ctx.Process(target=_worker, args=(r, world, port, scenarios, out)) for r in range(world)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(timeout_s)
-        codes = [p.exitcode for p in procs]
-        _stop(procs, 1.0)
-        if any(c != 0 for c in codes):
-            raise RuntimeError(f"gradient check processes exited with codes {codes}")
+    with spawned_group(_worker, world, (scenarios,), timeout_s, "gradient check") as out:
         results = []
         for i, sc in enumerate(scenarios):
             grads: dict[str, torch.Tensor] = {}
             for r in range(_schedule(sc).n_ranks):
-                grads.update(torch.load(Path(out) / f"scenario{i}_rank{r}.pt", weights_only=True))
+                grads.update(torch.load(out / f"scenario{i}_rank{r}.pt", weights_only=True))
             results.append(grads)
         return results

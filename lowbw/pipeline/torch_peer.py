@@ -77,29 +77,16 @@ def torch_grads(scenarios: list[Scenario], timeout_s: float = 240.0) -> list[dic
 
     All scenarios run in one group of ``scenarios[0].stages`` spawned processes (start-up, and
     importing torch.distributed.pipelining, are the expensive part)."""
-    import multiprocessing as mp
-
-    from lowbw.launch import _stop, free_port
+    from lowbw.launch import spawned_group
 
     world = scenarios[0].stages
     for sc in scenarios:
         _layout(sc, world)
-    with tempfile.TemporaryDirectory() as out:
-        ctx = mp.get_context("spawn")
-        port = free_port()
-        procs = [ctx.Process(target=_worker, args=(r, world, port, scenarios, out)) for r in range(world)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(timeout_s)
-        codes = [p.exitcode for p in procs]
-        _stop(procs, 1.0)
-        if any(c != 0 for c in codes):
-            raise RuntimeError(f"torch.distributed.pipelining processes exited with codes {codes}")
+    with spawned_group(_worker, world, (scenarios,), timeout_s, "torch.distributed.pipelining") as out:
         results = []
         for i in range(len(scenarios)):
             grads: dict[str, torch.Tensor] = {}
             for r in range(world):
-                grads.update(torch.load(Path(out) / f"scenario{i}_rank{r}.pt", weights_only=True))
+                grads.update(torch.load(out / f"scenario{i}_rank{r}.pt", weights_only=True))
             results.append(grads)
         return results
