@@ -34,6 +34,14 @@ def test_int8_both_directions_ends_within_2_percent_of_uncompressed_loss(compose
         assert c["ratio"] == pytest.approx(3.76, rel=0.03) and 0 < c["rel_error"] < 0.02
         assert c["encode_s"] > 0 and c["decode_s"] > 0
     assert ref["compression"]["0.fwd"]["rel_error"] == 0.0 and ref["compression"]["0.fwd"]["ratio"] < 1.0
+    # codec work is compute of the rank that does it: in its busy time, on its timeline
+    events = [json.loads(line) for line in open(tmp_path / "timeline.jsonl")]
+    last = max(e["step"] for e in events)
+    for rank in (0, 1):
+        mine = [e for e in events if e["rank"] == rank and e["step"] == last]
+        codec_s = sum(e["end"] - e["start"] for e in mine if e["kind"] in ("encode", "decode"))
+        busy = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")][last]["busy_s"][rank]
+        assert 0 < codec_s < busy
 
 
 def test_an_aggressive_codec_shows_a_measurably_worse_loss(compose, tmp_path, uncompressed):

@@ -86,8 +86,9 @@ def test_a_stragglers_slowdown_matches_the_configured_factor(compose, tmp_path):
         assert row["busy_s"][1] == pytest.approx(3 * row["busy_s"][0])
 
 
+# Stateful codecs too: their state (error-feedback residuals) must survive the checkpoint.
 RESUMABLE = TINY + ["clock=virtual", "clock.durations=flops", "net=home", "net.jitter_ms=5", "train.steps=6",
-                    "checkpoint.every=2"]
+                    "checkpoint.every=2", "compress/fwd=int8", "compress/bwd=topk", "compress.bwd.ratio=0.1"]
 
 
 def _rows(path):

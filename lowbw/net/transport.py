@@ -1,6 +1,6 @@
 """Real point-to-point messages between ranks over torch.distributed, with the link model on top.
 
-Every message is a fixed 8-int64 header followed by a uint8 body -- the codec's payload, whose
+Every message is a fixed 10-int64 header followed by a uint8 body -- the codec's payload, whose
 length is what the link model charges. One sender thread per (destination, channel) and one
 receiver thread per (source, channel) make sends never block compute and keep a receive posted at
 all times, so a message is taken off the wire as soon as it is sent. Only the main thread touches
