@@ -16,7 +16,7 @@ import torch
 
 from lowbw.errors import ConfigError
 from lowbw.pipeline.actions import Kind, Schedule
-from lowbw.pipeline.executor import PHASE_TRAIN, CodecStats, Executor, StepResult
+from lowbw.pipeline.executor import PHASE_TRAIN, Executor, StepResult
 from lowbw.pipeline.pipedream_2bw import AsyncSchedule
 
 
@@ -54,9 +54,6 @@ class AsyncExecutor(Executor):
         if phase != PHASE_TRAIN or not isinstance(sched, AsyncSchedule):
             return super().run(sched, phase, step, x, y, ids, emulate, measure_error)
         from torch.func import functional_call
-
-        from lowbw.net.transport import CH_BWD, CH_FWD
-        from lowbw.pipeline.validate import peer_of
 
         m, last = sched.n_microbatches, sched.n_stages - 1
         self.batches[step] = (x.chunk(m), y.chunk(m), ids.chunk(m))
@@ -111,28 +108,14 @@ class AsyncExecutor(Executor):
                 if s == 0 or (s - 1) in self.stages:
                     inputs.pop(k, None)
             elif a.kind == Kind.SEND_F:
-                payload = self._encode(st.send_fwd, outputs[k].detach(), idss[i], a, record,
-                                       res.codecs.setdefault(f"{s}.fwd", CodecStats()), measure_error)
-                dst = peer_of(a, sched)
-                self.transport.send(dst, CH_FWD, (phase, b, s + 1, i), payload, emulate)
-                res.bytes_sent[dst] = res.bytes_sent.get(dst, 0) + payload.numel()
-                record("send", self.clock.now(), self.clock.now(), a, payload.numel(), dst)
+                self.send(sched, a, (phase, b, s + 1, i), st.send_fwd, outputs[k].detach(), idss[i], res, record,
+                          emulate, measure_error)
             elif a.kind == Kind.SEND_B:
-                payload = self._encode(st.send_bwd, inputs.pop(k).grad, idss[i], a, record,
-                                       res.codecs.setdefault(f"{s - 1}.bwd", CodecStats()), measure_error)
-                dst = peer_of(a, sched)
-                self.transport.send(dst, CH_BWD, (phase, b, s - 1, i), payload, emulate)
-                res.bytes_sent[dst] = res.bytes_sent.get(dst, 0) + payload.numel()
-                record("send", self.clock.now(), self.clock.now(), a, payload.numel(), dst)
+                self.send(sched, a, (phase, b, s - 1, i), st.send_bwd, inputs.pop(k).grad, idss[i], res, record,
+                          emulate, measure_error)
             elif a.kind in (Kind.RECV_F, Kind.RECV_B):
-                src = peer_of(a, sched)
-                ch = CH_FWD if a.kind == Kind.RECV_F else CH_BWD
-                t0 = self.clock.now()
-                msg = self.transport.recv(src, ch, (phase, b, s, i))
-                self.clock.wait_until(self.transport.delivery_time(msg, emulate))
-                record("recv_wait", t0, self.clock.now(), a, msg.nbytes, src)
-                codec, key = (st.recv_fwd, f"{s - 1}.fwd") if a.kind == Kind.RECV_F else (st.recv_bwd, f"{s}.bwd")
-                tensor = self._decode(codec, msg.payload, idss[i], a, record, res.codecs.setdefault(key, CodecStats()))
+                codec = st.recv_fwd if a.kind == Kind.RECV_F else st.recv_bwd
+                tensor = self.receive(sched, a, (phase, b, s, i), codec, idss[i], res, record, emulate)
                 if a.kind == Kind.RECV_F:
                     inputs[k] = tensor.requires_grad_(True)
                 else:

@@ -131,34 +131,16 @@ class Executor:
                 self._backward(a, st, inputs, outputs, out_grads, last, record)
             elif a.kind == Kind.SEND_F:
                 codec = st.send_fwd if train else st.eval_send_fwd
-                payload = self._encode(codec, outputs[(s, mb)].detach(), idss[mb], a, record,
-                                       res.codecs.setdefault(f"{s}.fwd", CodecStats()), measure_error)
-                dst = peer_of(a, sched)
-                self.transport.send(dst, CH_FWD, (phase, step, s + 1, mb), payload, emulate)
-                res.bytes_sent[dst] = res.bytes_sent.get(dst, 0) + payload.numel()
-                record("send", self.clock.now(), self.clock.now(), a, payload.numel(), dst)
+                self.send(sched, a, (phase, step, s + 1, mb), codec, outputs[(s, mb)].detach(), idss[mb], res,
+                          record, emulate, measure_error)
                 if not train:
                     del outputs[(s, mb)]
             elif a.kind == Kind.SEND_B:
-                grad = inputs.pop((s, mb)).grad
-                payload = self._encode(st.send_bwd, grad, idss[mb], a, record,
-                                       res.codecs.setdefault(f"{s - 1}.bwd", CodecStats()), measure_error)
-                dst = peer_of(a, sched)
-                self.transport.send(dst, CH_BWD, (phase, step, s - 1, mb), payload, emulate)
-                res.bytes_sent[dst] = res.bytes_sent.get(dst, 0) + payload.numel()
-                record("send", self.clock.now(), self.clock.now(), a, payload.numel(), dst)
+                self.send(sched, a, (phase, step, s - 1, mb), st.send_bwd, inputs.pop((s, mb)).grad, idss[mb], res,
+                          record, emulate, measure_error)
             elif a.kind in (Kind.RECV_F, Kind.RECV_B):
-                src = peer_of(a, sched)
-                ch = CH_FWD if a.kind == Kind.RECV_F else CH_BWD
-                t0 = self.clock.now()
-                msg = self.transport.recv(src, ch, (phase, step, s, mb))
-                self.clock.wait_until(self.transport.delivery_time(msg, emulate))
-                record("recv_wait", t0, self.clock.now(), a, msg.nbytes, src)
-                if a.kind == Kind.RECV_F:
-                    codec, key = (st.recv_fwd if train else st.eval_recv_fwd), f"{s - 1}.fwd"
-                else:
-                    codec, key = st.recv_bwd, f"{s}.bwd"
-                tensor = self._decode(codec, msg.payload, idss[mb], a, record, res.codecs.setdefault(key, CodecStats()))
+                codec = (st.recv_fwd if train else st.eval_recv_fwd) if a.kind == Kind.RECV_F else st.recv_bwd
+                tensor = self.receive(sched, a, (phase, step, s, mb), codec, idss[mb], res, record, emulate)
                 if a.kind == Kind.RECV_F:
                     inputs[(s, mb)] = tensor.requires_grad_(train)
                 else:
@@ -197,6 +179,27 @@ class Executor:
             out_grads.pop((s, mb), None)
             if s == 0 or self.stages.get(s - 1) is not None:
                 inputs.pop((s, mb), None)
+
+    def send(self, sched: Schedule, a: Action, key: tuple, codec: Codec, x: torch.Tensor, ids, res: StepResult,
+             record, emulate: bool, measure_error: bool) -> None:
+        """SEND_F / SEND_B: encode (busy), hand the payload to the link, count its bytes."""
+        boundary = f"{a.stage}.fwd" if a.kind == Kind.SEND_F else f"{a.stage - 1}.bwd"
+        payload = self._encode(codec, x, ids, a, record, res.codecs.setdefault(boundary, CodecStats()), measure_error)
+        dst = peer_of(a, sched)
+        self.transport.send(dst, CH_FWD if a.kind == Kind.SEND_F else CH_BWD, key, payload, emulate)
+        res.bytes_sent[dst] = res.bytes_sent.get(dst, 0) + payload.numel()
+        record("send", self.clock.now(), self.clock.now(), a, payload.numel(), dst)
+
+    def receive(self, sched: Schedule, a: Action, key: tuple, codec: Codec, ids, res: StepResult, record,
+                emulate: bool) -> torch.Tensor:
+        """RECV_F / RECV_B: wait for delivery on this rank's clock, then decode (busy)."""
+        src = peer_of(a, sched)
+        t0 = self.clock.now()
+        msg = self.transport.recv(src, CH_FWD if a.kind == Kind.RECV_F else CH_BWD, key)
+        self.clock.wait_until(self.transport.delivery_time(msg, emulate))
+        record("recv_wait", t0, self.clock.now(), a, msg.nbytes, src)
+        boundary = f"{a.stage - 1}.fwd" if a.kind == Kind.RECV_F else f"{a.stage}.bwd"
+        return self._decode(codec, msg.payload, ids, a, record, res.codecs.setdefault(boundary, CodecStats()))
 
     def _encode(self, codec: Codec, x: torch.Tensor, ids, a: Action, record, stats: CodecStats,
                 measure_error: bool) -> torch.Tensor:
