@@ -114,7 +114,7 @@ def train_rank(cfg: Any, rank: int, world: int, run_dir: Optional[Path], local_r
     from lowbw.net.link import LinkModel
     from lowbw.net.topology import Topology
     from lowbw.net.transport import CH_CTRL, Transport
-    from lowbw.pipeline.executor import PHASE_EVAL, PHASE_TRAIN, Executor, StageRuntime
+    from lowbw.pipeline.executor import PHASE_TRAIN, Executor, StageRuntime
     from lowbw.pipeline.partition import partition_layers
     from lowbw.pipeline.schedules import build_schedule, forward_only
 

@@ -8,17 +8,16 @@ waited on). Idle time is what is left of the span: it is derived, never recorded
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 #: Event kinds. Compute kinds count as busy time; the others do not.
 COMPUTE = frozenset({"forward", "backward", "backward_input", "backward_weight", "encode", "decode", "optimizer"})
-COMM = frozenset({"send", "recv_wait"})
 
 
 @dataclass(frozen=True)
 class Event:
     rank: int
-    kind: str  # one of COMPUTE | COMM
+    kind: str  # one of COMPUTE, or "send" / "recv_wait"
     start: float  # s, run clock
     end: float  # s, run clock
     step: int
@@ -47,13 +46,3 @@ class Timeline:
             if e.rank == rank and e.kind in COMPUTE:
                 total += max(0.0, min(e.end, end) - max(e.start, start))
         return total
-
-    def bytes_sent(self, rank: int | None = None) -> int:
-        return sum(e.nbytes for e in self.events if e.kind == "send" and (rank is None or e.rank == rank))
-
-    def to_dicts(self) -> list[dict]:
-        return [asdict(e) for e in self.events]
-
-    @staticmethod
-    def from_dicts(clock: str, n_ranks: int, rows: list[dict]) -> "Timeline":
-        return Timeline(clock, n_ranks, [Event(**r) for r in rows])

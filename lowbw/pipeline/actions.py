@@ -31,7 +31,6 @@ class Kind(str, Enum):
 
 
 COMPUTE_KINDS = frozenset({Kind.FORWARD, Kind.FULL_BACKWARD, Kind.BACKWARD_INPUT, Kind.BACKWARD_WEIGHT})
-COMM_KINDS = frozenset({Kind.SEND_F, Kind.RECV_F, Kind.SEND_B, Kind.RECV_B})
 
 _ACTION_RE = re.compile(r"^(\d+)(SEND_F|RECV_F|SEND_B|RECV_B|F|B|I|W)(\d+)$")
 # torch's compute_comms CSVs also hold FSDP/DP bookkeeping (0UNSHARD, 0RESHARD, 0REDUCE_GRAD): no-ops here.

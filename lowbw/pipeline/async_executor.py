@@ -83,12 +83,7 @@ class AsyncExecutor(Executor):
 
                 def fwd(inp=inp, s=s, b=b, i=i):
                     out = functional_call(self.stages[s].module, self.versions[b][s], (inp,))
-                    if s == last:
-                        loss = self._loss(out, ys[i].to(self.device))
-                        res.loss_sum += float(loss.detach())
-                        res.n_loss += 1
-                        return loss / m
-                    return out
+                    return self.scaled_loss(out, ys[i], m, res) if s == last else out
 
                 out, t0, t1 = self.clock.compute(fwd, self.planned(a))
                 outputs[k] = out
@@ -124,12 +119,6 @@ class AsyncExecutor(Executor):
                 raise ValueError(f"{sched.name}: action {a} is not supported by the asynchronous executor")
         self._apply_delayed(step, m)
         return res
-
-    @staticmethod
-    def _loss(out, y):
-        from lowbw.models.gpt import GPTStage
-
-        return GPTStage.loss(out, y)
 
     def _apply_delayed(self, step: int, m: int) -> None:
         """Hand batch step-1's gradient (computed on version step-1) to the optimizer; drop that version."""

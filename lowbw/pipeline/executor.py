@@ -117,12 +117,7 @@ class Executor:
                 def fwd(inp=inp, s=s, mb=mb):
                     with torch.set_grad_enabled(train):
                         out = self.stages[s].module(inp)
-                        if s == last:
-                            loss = GPTStage.loss(out, ys[mb].to(self.device))
-                            res.loss_sum += float(loss.detach())
-                            res.n_loss += 1
-                            return loss / m
-                        return out
+                        return self.scaled_loss(out, ys[mb], m, res) if s == last else out
 
                 out, t0, t1 = self.clock.compute(fwd, self.planned(a))
                 outputs[(s, mb)] = out
@@ -156,7 +151,6 @@ class Executor:
         if s < last and (s, mb) not in out_grads:  # next stage on this rank: its input's gradient
             grad = inputs[(s + 1, mb)].grad
         inp = inputs.get((s, mb))
-        params = [p for p in st.module.parameters() if p.requires_grad]
 
         if a.kind == Kind.FULL_BACKWARD:
             def run():
@@ -169,7 +163,7 @@ class Executor:
             kind = "backward_input"
         else:
             def run():
-                torch.autograd.backward(out, grad, inputs=params)
+                torch.autograd.backward(out, grad, inputs=[p for p in st.module.parameters() if p.requires_grad])
             kind = "backward_weight"
 
         _, t0, t1 = self.clock.compute(run, self.planned(a))
@@ -179,6 +173,13 @@ class Executor:
             out_grads.pop((s, mb), None)
             if s == 0 or self.stages.get(s - 1) is not None:
                 inputs.pop((s, mb), None)
+
+    def scaled_loss(self, logits: torch.Tensor, targets: torch.Tensor, m: int, res: StepResult) -> torch.Tensor:
+        """Last stage: record the microbatch's loss, return it divided by m (gradients of the batch mean)."""
+        loss = GPTStage.loss(logits, targets.to(self.device))
+        res.loss_sum += float(loss.detach())
+        res.n_loss += 1
+        return loss / m
 
     def send(self, sched: Schedule, a: Action, key: tuple, codec: Codec, x: torch.Tensor, ids, res: StepResult,
              record, emulate: bool, measure_error: bool) -> None:

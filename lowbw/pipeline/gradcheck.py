@@ -10,7 +10,6 @@ Used by the tests; useful to anyone adding a schedule.
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path

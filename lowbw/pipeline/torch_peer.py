@@ -18,7 +18,6 @@ for equal microbatches; they differ only in floating-point rounding.
 from __future__ import annotations
 
 import os
-import tempfile
 from datetime import timedelta
 from pathlib import Path
 
