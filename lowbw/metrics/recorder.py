@@ -187,7 +187,6 @@ class Recorder:
                          clock=self.clock)
         for name, value in report.scalars().items():
             self._tb.add_scalar(name, value, len(self.rows) - 1)
-        self.energy_text = report.summary()
         return report.to_dict()
 
     def _loss_gap(self) -> Optional[float]:
