@@ -22,6 +22,7 @@ from omegaconf import OmegaConf
 
 from lowbw.checkpoint import checkpoint_dir
 from lowbw.errors import PeerError
+from lowbw.models.flops import count_stage_flops
 
 _CTRL_STATS = 2  # phase id of per-step reports on the control channel
 _CTRL_DONE = 3  # phase id of the end-of-run report (measured energy)
@@ -33,32 +34,6 @@ def pick_device(choice: str, local_rank: int) -> torch.device:
     if not torch.cuda.is_available():
         raise RuntimeError("device=cuda but torch sees no CUDA device; use device=cpu or device=auto")
     return torch.device("cuda", local_rank % torch.cuda.device_count())
-
-
-def count_stage_flops(module: torch.nn.Module, inp: torch.Tensor, targets: Optional[torch.Tensor]) -> tuple[float, float]:
-    """(forward, backward) FLOPs of one microbatch through ``module``, by torch.utils.flop_counter.
-
-    Counted on a meta-device copy: on CPU tensors torch dispatches attention to a fused kernel the
-    counter does not see (0 FLOPs), on meta tensors it counts it -- and the copy costs no memory.
-    """
-    import copy
-
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from lowbw.models.gpt import GPTStage
-
-    module = copy.deepcopy(module).to("meta")
-    inp, targets = inp.to("meta"), None if targets is None else targets.to("meta")
-    counter = FlopCounterMode(display=False)
-    inp = inp.detach().requires_grad_(inp.is_floating_point())
-    with counter:
-        out = module(inp)
-        if targets is not None:
-            out = GPTStage.loss(out, targets)
-        fwd = counter.get_total_flops()
-        out.backward(torch.ones_like(out) if targets is None else None)
-        total = counter.get_total_flops()
-    return float(fwd), float(total - fwd)
 
 
 def make_planner(cfg: Any, flops: dict[int, tuple[float, float]], rate: Optional[float] = None) -> Callable:

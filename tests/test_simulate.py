@@ -18,14 +18,15 @@ from lowbw.net.topology import PairLink, Topology
 from lowbw.pipeline.fastplay import Program, play_fast
 from lowbw.pipeline.schedules import build_schedule
 from lowbw.pipeline.validate import play
-from lowbw.simulate import compose, flop_formula, flop_parts, simulate, stage_flops
+from lowbw.models.flops import flop_formula, flop_parts, stage_flops
+from lowbw.simulate import compose, simulate
 
 
 def test_flop_formula_equals_torch_flop_counter_on_real_stages():
     """lowbw-train counts a stage's FLOPs with flop_counter on a meta copy of the real stage (on CPU
     tensors the fused attention kernel would count 0); the simulator's formula must match it exactly."""
     from lowbw.models.gpt import GPTStage
-    from lowbw.runtime import count_stage_flops
+    from lowbw.models.flops import count_stage_flops
 
     cfg = ModelConfig(n_layer=3, n_embd=32, n_head=4, block_size=16)
     mb, T, d = 2, 16, 32

@@ -1,0 +1,120 @@
+"""FLOPs of a model's stages: counted by ``torch.utils.flop_counter`` and in closed form.
+
+The virtual clock's ``durations=flops`` and the simulator both turn FLOPs into seconds with a
+hardware profile's effective rate. :func:`count_stage_flops` counts a real module on a meta-device
+copy; :func:`flop_formula` is the closed form the simulator uses for models too large to build,
+checked against the counter in ``tests/test_simulate.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from typing import Any, Optional
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from lowbw.models.gpt import GPTStage
+from lowbw.pipeline.partition import partition_layers
+
+
+def count_stage_flops(module: torch.nn.Module, inp: torch.Tensor, targets: Optional[torch.Tensor]) -> tuple[float, float]:
+    """(forward, backward) FLOPs of one microbatch through ``module``, by torch.utils.flop_counter.
+
+    Counted on a meta-device copy: on CPU tensors torch dispatches attention to a fused kernel the
+    counter does not see (0 FLOPs), on meta tensors it counts it -- and the copy costs no memory.
+    """
+    module = copy.deepcopy(module).to("meta")
+    inp, targets = inp.to("meta"), None if targets is None else targets.to("meta")
+    counter = FlopCounterMode(display=False)
+    inp = inp.detach().requires_grad_(inp.is_floating_point())
+    with counter:
+        out = module(inp)
+        if targets is not None:
+            out = GPTStage.loss(out, targets)
+        fwd = counter.get_total_flops()
+        out.backward(torch.ones_like(out) if targets is None else None)
+        total = counter.get_total_flops()
+    return float(fwd), float(total - fwd)
+
+
+_FLOP_CACHE: dict[tuple, tuple[tuple[float, float], tuple[float, float], tuple[float, float]]] = {}
+
+
+def flop_formula(model: Any, microbatch: int) -> tuple[tuple[float, float], tuple[float, float], tuple[float, float]]:
+    """Closed form of :func:`flop_parts` (what ``torch.utils.flop_counter`` counts for lowbw's GPT).
+
+    N = microbatch x T tokens, width d: a block's matmuls are 24 N d^2 (qkv 6, proj 2, MLP 16) and
+    attention 4 microbatch T^2 d (flop_counter counts causal SDPA as full); backward is twice the
+    forward. The head is 2 N d V; embeddings, norms, GELU and the loss count 0 (not matmuls).
+    ``tests/test_simulate.py`` checks this against the counter.
+    """
+    N, T, d, V = microbatch * model.block_size, model.block_size, model.n_embd, model.vocab_size
+    block = 24.0 * N * d * d + 4.0 * microbatch * T * T * d
+    head = 2.0 * N * d * V
+    return (block, 2 * block), (0.0, 0.0), (head, 2 * head)
+
+
+def flop_parts(model: Any, microbatch: int) -> tuple[tuple[float, float], tuple[float, float], tuple[float, float]]:
+    """(forward, backward) FLOPs of one microbatch through: one block, the embeddings, the head + loss.
+
+    Counted by ``torch.utils.flop_counter`` (lowbw.runtime.count_stage_flops) on modules of the real
+    shape built on the meta device, so a 1B model costs no memory. A stage's FLOPs are
+    ``n_blocks * block + embeddings (first stage) + head (last stage)``: the counter sums per op.
+    """
+    key = (model.n_layer, model.n_embd, model.n_head, model.block_size, model.vocab_size, microbatch)
+    if key in _FLOP_CACHE:
+        return _FLOP_CACHE[key]
+    T, d = model.block_size, model.n_embd
+    with torch.device("meta"), _no_init():
+        ids = torch.zeros(microbatch, T, dtype=torch.long)
+        act = torch.zeros(microbatch, T, d)
+        block = count_stage_flops(GPTStage(model, 0, 1, False, False, 0), act, None)
+        embed = count_stage_flops(GPTStage(model, 0, 0, True, False, 0), ids, None)
+        head = count_stage_flops(GPTStage(model, 0, 0, False, True, 0), act, ids)
+    _FLOP_CACHE[key] = (block, embed, head)
+    return block, embed, head
+
+
+@contextlib.contextmanager
+def _no_init():
+    """Skip weight initialisation while building meta modules (init on meta costs seconds of imports)."""
+    import torch.nn.init as init
+
+    names = ("normal_", "zeros_", "ones_", "uniform_", "kaiming_uniform_")
+    saved = {n: getattr(init, n) for n in names}
+    try:
+        for n in names:
+            setattr(init, n, lambda t, *a, **k: t)
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(init, n, f)
+
+
+def stage_blocks(n_layer: int, n_stages: int, partition: Optional[list[int]]) -> tuple[list[float], bool]:
+    """Blocks per stage (fractional when there are more stages than blocks); whether it is fractional."""
+    if n_stages <= n_layer or partition is not None:
+        return [float(b - a) for a, b in partition_layers(n_layer, n_stages, partition)], False
+    return [n_layer / n_stages] * n_stages, True
+
+
+def stage_flops(model: Any, n_stages: int, microbatch: int, partition: Optional[list[int]] = None,
+                counter: bool = False) -> tuple[list[tuple[float, float]], bool]:
+    """Per-stage (forward, backward) FLOPs of one microbatch (``counter``: flop_counter, else the formula)."""
+    block, embed, head = (flop_parts if counter else flop_formula)(model, microbatch)
+    blocks, fractional = stage_blocks(model.n_layer, n_stages, partition)
+    out = []
+    for s, nb in enumerate(blocks):
+        f = nb * block[0] + (embed[0] if s == 0 else 0.0) + (head[0] if s == n_stages - 1 else 0.0)
+        b = nb * block[1] + (embed[1] if s == 0 else 0.0) + (head[1] if s == n_stages - 1 else 0.0)
+        out.append((f, b))
+    return out, fractional
+
+
+def n_params(model: Any) -> int:
+    """Parameters of the whole GPT (untied head), closed form."""
+    d, L, V, T = model.n_embd, model.n_layer, model.vocab_size, model.block_size
+    block = 12 * d * d + 13 * d  # qkv 3d^2+3d, proj d^2+d, fc 4d^2+4d, proj 4d^2+d, 2 LayerNorms 4d
+    return V * d + T * d + L * block + 2 * d + d * V + V
