@@ -23,6 +23,7 @@ from omegaconf import OmegaConf
 from lowbw.checkpoint import checkpoint_dir
 from lowbw.errors import PeerError
 from lowbw.models.flops import count_stage_flops
+from lowbw.pipeline.durations import action_seconds
 
 _CTRL_STATS = 2  # phase id of per-step reports on the control channel
 _CTRL_DONE = 3  # phase id of the end-of-run report (measured energy)
@@ -44,16 +45,13 @@ def make_planner(cfg: Any, flops: dict[int, tuple[float, float]], rate: Optional
     if mode == "measured":
         return lambda a: None
     if mode == "fixed":
-        f, b = cfg.clock.forward_s, cfg.clock.backward_s
-        table = {Kind.FORWARD: lambda s: f, Kind.FULL_BACKWARD: lambda s: b,
-                 Kind.BACKWARD_INPUT: lambda s: b / 2, Kind.BACKWARD_WEIGHT: lambda s: b / 2}
+        per_stage = lambda s: (cfg.clock.forward_s, cfg.clock.backward_s)  # noqa: E731
     else:
         rate = cfg.clock.flops_per_s or rate
-        table = {Kind.FORWARD: lambda s: flops[s][0] / rate, Kind.FULL_BACKWARD: lambda s: flops[s][1] / rate,
-                 Kind.BACKWARD_INPUT: lambda s: flops[s][1] / 2 / rate,
-                 Kind.BACKWARD_WEIGHT: lambda s: flops[s][1] / 2 / rate}
+        per_stage = lambda s: (flops[s][0] / rate, flops[s][1] / rate)  # noqa: E731
+    compute = (Kind.FORWARD, Kind.FULL_BACKWARD, Kind.BACKWARD_INPUT, Kind.BACKWARD_WEIGHT)
     # Codec work and the optimizer get 0 s under planned durations (documented in docs/architecture.md).
-    return lambda a: table[a.kind](a.stage) if a.kind in table else 0.0
+    return lambda a: action_seconds(a.kind, *per_stage(a.stage)) if a.kind in compute else 0.0
 
 
 def channels(sched_list: list, rank: int) -> tuple[set, set]:

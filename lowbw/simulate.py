@@ -38,6 +38,7 @@ from lowbw.config import CompressConfig, ModelConfig, NetConfig, PipelineConfig,
 from lowbw.errors import ConfigError, ScheduleError
 from lowbw.metrics.timeline import Event, Timeline
 from lowbw.models.flops import n_params, stage_flops
+from lowbw.pipeline.durations import action_seconds
 
 
 @dataclass
@@ -180,13 +181,10 @@ def simulate(cfg: Any, keep_timeline: bool = False) -> dict:
     if sim.durations == "flops":
         def stage_time(s: int, kind: Kind) -> float:
             rate = profiles[sched.stage_to_rank[s]].effective_flops
-            f, b = flops[s]
-            return {Kind.FORWARD: f, Kind.FULL_BACKWARD: b, Kind.BACKWARD_INPUT: b / 2,
-                    Kind.BACKWARD_WEIGHT: b / 2}[kind] / rate
+            return action_seconds(kind, flops[s][0] / rate, flops[s][1] / rate)
     elif sim.durations == "fixed":
         def stage_time(s: int, kind: Kind) -> float:
-            return {Kind.FORWARD: sim.forward_s, Kind.FULL_BACKWARD: sim.backward_s,
-                    Kind.BACKWARD_INPUT: sim.backward_s / 2, Kind.BACKWARD_WEIGHT: sim.backward_s / 2}[kind]
+            return action_seconds(kind, sim.forward_s, sim.backward_s)
     else:
         if not sim.timeline:
             raise ConfigError("sim.durations=timeline needs sim.timeline=<path of a run's timeline.jsonl>")

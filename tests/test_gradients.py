@@ -2,7 +2,7 @@
 
 import torch
 
-from lowbw.pipeline.gradcheck import Scenario, pipeline_grads, reference_grads
+from lowbw.testing.gradcheck import Scenario, pipeline_grads, reference_grads
 
 SCENARIOS = [
     Scenario("gpipe", stages=2, n_layer=2),

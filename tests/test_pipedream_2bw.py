@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lowbw.errors import ConfigError
-from lowbw.pipeline.gradcheck import Scenario
+from lowbw.testing.gradcheck import Scenario
 from lowbw.pipeline.schedules import add_communication, build_schedule, one_f_one_b
 from lowbw.pipeline.validate import validate_schedule
 
@@ -37,7 +37,7 @@ def test_staleness_is_one_version_and_training_follows_the_2bw_rule():
     wrote); the update at the end of step t applies version t-1's gradient to version t (delay 1);
     backwards cross step boundaries (no flush); the weights equal one process following
     W(t+1) = W(t) - AdamW(grad f(W(t-1)))."""
-    from lowbw.pipeline.async_executor import pipelined_2bw, reference_2bw
+    from lowbw.testing.async_check import pipelined_2bw, reference_2bw
 
     torch.set_num_threads(1)
     sc = Scenario("pipedream_2bw", stages=3, n_layer=3, microbatches=4)

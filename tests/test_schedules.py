@@ -172,7 +172,7 @@ def test_zb_h1_bubble_is_a_third_of_1f1b_with_equal_f_b_w(p, m):
 
 
 def test_interleaved_and_zb_h1_gradients_equal_single_process_gradients():
-    from lowbw.pipeline.gradcheck import Scenario, pipeline_grads, reference_grads
+    from lowbw.testing.gradcheck import Scenario, pipeline_grads, reference_grads
 
     scenarios = [
         Scenario("interleaved_1f1b", stages=2, n_layer=4, params={"virtual_stages": 2}),

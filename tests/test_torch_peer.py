@@ -7,8 +7,8 @@ torch backpropagates each microbatch's unscaled mean loss and divides the gradie
 
 import torch
 
-from lowbw.pipeline.gradcheck import Scenario, pipeline_grads
-from lowbw.pipeline.torch_peer import torch_grads
+from lowbw.testing.gradcheck import Scenario, pipeline_grads
+from lowbw.testing.torch_peer import torch_grads
 
 SCENARIOS = [
     Scenario("gpipe", stages=2, n_layer=4, partition=[1, 3]),

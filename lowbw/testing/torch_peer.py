@@ -1,6 +1,6 @@
 """The same step through ``torch.distributed.pipelining``: a peer to check lowbw's schedules against.
 
-For a :class:`lowbw.pipeline.gradcheck.Scenario` (schedule gpipe, 1f1b or interleaved_1f1b), each
+For a :class:`lowbw.testing.gradcheck.Scenario` (schedule gpipe, 1f1b or interleaved_1f1b), each
 spawned rank builds the same :class:`GPTStage` s lowbw builds (same partition, same seed, hence the
 same weights), wraps them in torch's ``PipelineStage`` and runs one ``step`` of ``ScheduleGPipe``,
 ``Schedule1F1B`` or ``ScheduleInterleaved1F1B`` (stage s on rank s % p, as lowbw places interleaved
@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from lowbw.pipeline.gradcheck import Scenario, _batch
+from lowbw.testing.gradcheck import Scenario, _batch
 
 TORCH_SCHEDULES = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B", "interleaved_1f1b": "ScheduleInterleaved1F1B"}
 
