@@ -1,21 +1,19 @@
 """Typed configuration: one dataclass per Hydra group, every field with its unit.
 
 ``configs/train.yaml`` composes these groups; ``lowbw-train key=value`` overrides any field and
-Hydra checks the types against these dataclasses. :func:`validate` then checks what types cannot
-(ranges, divisibility, names) and raises :class:`~lowbw.errors.ConfigError` before any process
-is spawned.
+Hydra checks the types against these dataclasses. :func:`lowbw.validation.validate` then checks what
+types cannot (ranges, divisibility, names), raising :class:`~lowbw.errors.ConfigError` before any
+process is spawned, and hands what it built to the ranks. This module is a leaf: it imports nothing
+else of lowbw.
 """
 
 from __future__ import annotations
 
-import math
-from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-
-from lowbw.errors import ConfigError
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 
 @dataclass
@@ -85,11 +83,6 @@ class NetConfig:
     emulate: bool = True  # false: no emulated delay on top of the real transport (real WAN runs)
     loss_rate: float = 0.0  # packet loss probability; caps each pair at the Mathis TCP ceiling (lowbw/net/conditions.py)
     mss_bytes: int = 1460  # TCP maximum segment size for the Mathis ceiling, bytes (Ethernet MTU 1500 - 40)
-
-
-@dataclass
-class CodecConfig:
-    name: str = "none"
 
 
 @dataclass
@@ -166,7 +159,6 @@ class LowbwConfig:
     energy: Any = field(default_factory=lambda: {"network": "intensity", "meter": "auto"})  # configs/energy
     seed: int = 1337  # seeds weights, batches and link jitter
     device: str = "auto"  # auto: cuda:LOCAL_RANK when a GPU is there, else cpu | cpu | cuda
-    backend: str = "gloo"  # torch.distributed backend for the stage-to-stage transport
     timeout_s: float = 60.0  # s (wall) a rank waits for a peer before failing with an error naming it
     progress: bool = True  # progress bar on rank 0
     out_dir: Optional[str] = None  # where run files go; null = Hydra's run folder
@@ -177,105 +169,6 @@ def register_configs() -> None:
     cs.store(name="lowbw_schema", node=LowbwConfig)
 
 
-# ---- validation ---------------------------------------------------------------------------
-
-
-def _positive(value: float, name: str, allow_inf: bool = False) -> None:
-    if value is None or math.isnan(value) or value <= 0 or (math.isinf(value) and not allow_inf):
-        raise ConfigError(f"{name}={value} must be a positive number")
-
-
-def validate(cfg: Any, world_size: Optional[int] = None) -> None:
-    """Check a composed config (DictConfig or LowbwConfig); raise ConfigError naming the setting."""
-    from lowbw.net.topology import Topology
-    from lowbw.pipeline.partition import partition_layers
-    from lowbw.pipeline.schedules import build_schedule
-
-    m, p, t = cfg.model, cfg.pipeline, cfg.train
-    for name in ("n_layer", "n_embd", "n_head", "block_size"):
-        _positive(getattr(m, name), f"model.{name}")
-    if m.n_embd % m.n_head:
-        raise ConfigError(f"model.n_head={m.n_head} must divide model.n_embd={m.n_embd}")
-    if m.vocab_size != 256:
-        raise ConfigError(f"model.vocab_size={m.vocab_size}: tokens are bytes, so it must be 256")
-    _positive(p.stages, "pipeline.stages")
-    _positive(p.microbatches, "pipeline.microbatches")
-    _positive(t.batch_size, "train.batch_size")
-    _positive(t.steps, "train.steps")
-    _positive(t.lr, "train.lr")
-    _positive(cfg.timeout_s, "timeout_s")
-    if t.batch_size % p.microbatches:
-        raise ConfigError(
-            f"train.batch_size={t.batch_size} is not divisible by pipeline.microbatches={p.microbatches}; "
-            "pick a batch size that is a multiple of the microbatch count"
-        )
-    if not 0 < cfg.data.val_fraction < 1:
-        raise ConfigError(f"data.val_fraction={cfg.data.val_fraction} must lie in (0, 1)")
-    if world_size is not None and world_size != p.stages:
-        raise ConfigError(
-            f"pipeline.stages={p.stages} but {world_size} processes were started; "
-            f"pass pipeline.stages={world_size} or start {p.stages} processes"
-        )
-    if cfg.clock.name not in ("wall", "virtual"):
-        raise ConfigError(f"clock={cfg.clock.name!r} is not a clock; use clock=wall or clock=virtual")
-    if cfg.clock.durations not in ("measured", "flops", "fixed"):
-        raise ConfigError(f"clock.durations={cfg.clock.durations!r}: use measured, flops or fixed")
-    if cfg.clock.durations == "flops" and cfg.clock.flops_per_s is not None:
-        _positive(cfg.clock.flops_per_s, "clock.flops_per_s")
-    if cfg.clock.durations == "fixed":
-        _positive(cfg.clock.forward_s, "clock.forward_s")
-        _positive(cfg.clock.backward_s, "clock.backward_s")
-    if cfg.device not in ("auto", "cpu", "cuda"):
-        raise ConfigError(f"device={cfg.device!r}: use auto, cpu or cuda")
-    partition_layers(m.n_layer, p.stages, p.partition)
-    Topology.from_config(cfg.net, p.stages, seed=cfg.seed)
-    from lowbw.net.conditions import conditions_from_config
-
-    conditions_from_config(cfg.faults, cfg.net, p.stages)
-    f = cfg.faults
-    if f.straggler_rank >= p.stages or f.crash_rank >= p.stages:
-        raise ConfigError(f"faults name rank {max(f.straggler_rank, f.crash_rank)} but there are {p.stages} ranks (0..{p.stages - 1})")
-    if f.straggler_rank >= 0 and not (f.straggler_factor >= 1 and f.straggler_every >= 0 and f.straggler_burst >= 1):
-        raise ConfigError(f"faults.straggler_factor={f.straggler_factor} must be >= 1, straggler_every >= 0, straggler_burst >= 1")
-    if cfg.checkpoint.every < 0 or cfg.checkpoint.keep < 1:
-        raise ConfigError(f"checkpoint.every={cfg.checkpoint.every} must be >= 0 and checkpoint.keep={cfg.checkpoint.keep} >= 1")
-    sched = build_schedule(cfg.schedule, p.stages, p.microbatches)  # generates and validates
-    if sched.n_stages != p.stages:  # several model chunks per rank (interleaved): every chunk needs a block
-        if sched.n_stages > m.n_layer:
-            raise ConfigError(
-                f"schedule={cfg.schedule.name} cuts the model into {sched.n_stages} chunks (pipeline.stages={p.stages} x "
-                f"schedule.virtual_stages) but model.n_layer={m.n_layer}; use more layers or fewer virtual stages"
-            )
-        partition_layers(m.n_layer, sched.n_stages, p.partition)
-    from lowbw.compress import build_codec
-
-    for direction in ("fwd", "bwd"):
-        spec = cfg.compress[direction] if hasattr(cfg.compress, "__getitem__") else getattr(cfg.compress, direction)
-        try:
-            codec = build_codec(_plain(spec))
-        except ConfigError as e:
-            raise ConfigError(f"compress.{direction}: {e}") from None
-        if direction not in codec.directions:
-            raise ConfigError(
-                f"compress.{direction}: codec {codec.name!r} is for {' and '.join(codec.directions)} only; "
-                f"pick another codec for compress/{direction}"
-            )
-    from lowbw.energy import make_network_model, profiles_for_ranks
-
-    profiles_for_ranks(cfg.hardware, p.stages)
-    make_network_model(cfg.energy)
-    if cfg.compress.error_every < 0:
-        raise ConfigError(f"compress.error_every={cfg.compress.error_every} must be >= 0 (0 = never)")
-    if cfg.compress.baseline_run is not None and not (Path(cfg.compress.baseline_run) / "summary.json").is_file():
-        raise ConfigError(f"compress.baseline_run={cfg.compress.baseline_run!r} holds no summary.json; "
-                          "give the folder of a finished uncompressed run")
-    if cfg.data.path is not None:
-        from lowbw.data.corpus import check_text_file, min_bytes
-
-        check_text_file(cfg.data.path, min_bytes=min_bytes(m.block_size, cfg.data.val_fraction))
-
-
-def _plain(node: Any) -> Any:
-    from omegaconf import DictConfig, OmegaConf
-
-    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+def plain(node: Any) -> Any:
+    """A config node as plain Python containers (a DictConfig/ListConfig resolved; anything else as is)."""
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, (DictConfig, ListConfig)) else node

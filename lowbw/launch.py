@@ -8,16 +8,16 @@ caused it -- the rank that crashed, not the peers that merely noticed. No proces
 
 from __future__ import annotations
 
-import contextlib
 import json
 import multiprocessing as mp
 import socket
-import tempfile
 import time
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
-from lowbw.runtime import run_rank
+from lowbw.metrics.recorder import atomic_write_json
+from lowbw.rank.process import run_rank
+from lowbw.validation import Plan
 
 
 class RunFailed(RuntimeError):
@@ -51,12 +51,12 @@ def _blame(run_dir: Path, failed: dict[int, int]) -> tuple[int, str]:
     return peer, f"rank {peer} stopped answering: {errors[min(failed)]['error']}"
 
 
-def spawn_and_supervise(cfg_dict: dict, world: int, run_dir: Path, meta: dict, grace_s: float = 5.0,
+def spawn_and_supervise(cfg_dict: dict, plan: Plan, world: int, run_dir: Path, meta: dict, grace_s: float = 5.0,
                         settle_s: float = 2.0) -> None:
     ctx = mp.get_context("spawn")
     init = {"addr": "127.0.0.1", "port": free_port()}
     procs = [
-        ctx.Process(target=run_rank, args=(cfg_dict, r, world, str(run_dir), r, meta, init), name=f"lowbw-rank{r}")
+        ctx.Process(target=run_rank, args=(cfg_dict, plan, r, world, str(run_dir), r, meta, init), name=f"lowbw-rank{r}")
         for r in range(world)
     ]
     for p in procs:
@@ -77,33 +77,13 @@ def spawn_and_supervise(cfg_dict: dict, world: int, run_dir: Path, meta: dict, g
                 break
             time.sleep(0.05)
     finally:
-        _stop(procs, grace_s)
+        stop_processes(procs, grace_s)
     if failed:
         rank, message = _blame(run_dir, failed)
         raise RunFailed(rank, message)
 
 
-@contextlib.contextmanager
-def spawned_group(target, world: int, args: tuple, timeout_s: float, what: str) -> Iterator[Path]:
-    """Run ``target(rank, world, port, *args, out_dir)`` in ``world`` spawned processes (a gloo group on a
-    free loopback port); yield the temporary ``out_dir`` they wrote into once all exited cleanly."""
-    with tempfile.TemporaryDirectory() as out:
-        ctx = mp.get_context("spawn")
-        port = free_port()
-        procs = [ctx.Process(target=target, args=(r, world, port, *args, out)) for r in range(world)]
-        for p in procs:
-            p.start()
-        deadline = time.monotonic() + timeout_s
-        for p in procs:
-            p.join(max(0.0, deadline - time.monotonic()))
-        codes = [p.exitcode for p in procs]
-        _stop(procs, 1.0)
-        if any(c != 0 for c in codes):
-            raise RuntimeError(f"{what} processes exited with codes {codes}")
-        yield Path(out)
-
-
-def _stop(procs: list, grace_s: float) -> None:
+def stop_processes(procs: list, grace_s: float) -> None:
     alive = [p for p in procs if p.is_alive()]
     for p in alive:
         p.terminate()
@@ -118,8 +98,6 @@ def _stop(procs: list, grace_s: float) -> None:
 
 def mark_failed(run_dir: Path, rank: Optional[int], message: str) -> None:
     """Record a failure in summary.json, keeping what rank 0 already wrote (never half-written)."""
-    from lowbw.metrics.recorder import atomic_write_json
-
     path = run_dir / "summary.json"
     summary = {}
     if path.is_file():

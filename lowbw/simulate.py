@@ -147,7 +147,7 @@ def simulate(cfg: Any, keep_timeline: bool = False) -> dict:
     ``keep_timeline``: also return the pictured steps' Timeline under the key "_timeline".
     """
     from lowbw.compress import build_codec
-    from lowbw.config import _plain
+    from lowbw.config import plain as _plain
     from lowbw.energy.profiles import profiles_for_ranks
     from lowbw.net.link import LinkModel
     from lowbw.net.topology import Topology

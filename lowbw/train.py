@@ -13,6 +13,7 @@ the Hydra run folder: config.yaml, provenance.json, metrics.jsonl, timeline.json
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import platform
 import socket
@@ -22,12 +23,21 @@ import tempfile
 from pathlib import Path
 
 import hydra
+import torch
+from hydra import compose as hydra_compose
+from hydra import initialize_config_module
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 import lowbw
-from lowbw.config import register_configs, validate
+from lowbw.checkpoint import checkpoint_dir, resume_step
+from lowbw.config import register_configs
 from lowbw.errors import ConfigError, ScheduleError
+from lowbw.launch import RunFailed, mark_failed, spawn_and_supervise
+from lowbw.metrics.recorder import atomic_write_json
+from lowbw.rank.process import run_rank
+from lowbw.validation import validate
 
 
 def under_torchrun() -> bool:
@@ -51,8 +61,6 @@ def _git_commit() -> str | None:
 
 
 def provenance(world: int, launcher: str) -> dict:
-    import torch
-
     return {
         "lowbw_version": lowbw.__version__,
         "git_commit": _git_commit(),
@@ -72,20 +80,13 @@ register_configs()
 
 def compose(overrides: list[str] | None = None) -> DictConfig:
     """The config ``lowbw-train <overrides>`` would run, composed without starting Hydra's app."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_module
-
     with initialize_config_module("lowbw_configs", version_base="1.3"):
         return hydra_compose("train", overrides=list(overrides or []))
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     """Validate, spawn one process per stage, wait; return summary.json. Raises ConfigError / RunFailed."""
-    from lowbw.launch import RunFailed, mark_failed, spawn_and_supervise
-
-    from lowbw.checkpoint import checkpoint_dir, resume_step
-
-    validate(cfg)
+    plan = validate(cfg)
     if cfg.resume:  # every rank's checkpoint must be readable before anything is touched
         resume_step(checkpoint_dir(cfg, run_dir), cfg.pipeline.stages)
     else:
@@ -94,7 +95,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     _write_run_files(cfg, run_dir, cfg.pipeline.stages, "lowbw")
     summary_path = run_dir / "summary.json"
     try:
-        spawn_and_supervise(OmegaConf.to_container(cfg, resolve=True), cfg.pipeline.stages, run_dir,
+        spawn_and_supervise(OmegaConf.to_container(cfg, resolve=True), plan, cfg.pipeline.stages, run_dir,
                             _meta(cfg, cfg.pipeline.stages))
     except RunFailed as e:
         mark_failed(run_dir, e.rank, str(e))
@@ -128,8 +129,6 @@ def _write_run_files(cfg: DictConfig, run_dir: Path, world: int, launcher: str) 
 
 
 def _in_multirun() -> bool:
-    from hydra.types import RunMode
-
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
@@ -156,11 +155,6 @@ def _sweep_job(cfg: DictConfig, run_dir: Path) -> dict:
     """One run of a sweep (lowbw-train -m ...). A folder already holding a completed run of this config is
     skipped (resume: rerun the sweep with hydra.sweep.dir=<its folder>); a failure of any kind is recorded
     in the run's summary.json (status failed, error) and returned, so that the other runs go on."""
-    from lowbw.launch import mark_failed
-    from lowbw.metrics.recorder import atomic_write_json
-
-    import multiprocessing
-
     if multiprocessing.get_start_method(allow_none=True) not in (None, "spawn", "fork", "forkserver"):
         # a joblib (loky) worker: its start method "loky" is unknown to the stage processes spawned below
         multiprocessing.set_start_method("spawn", force=True)
@@ -169,8 +163,6 @@ def _sweep_job(cfg: DictConfig, run_dir: Path) -> dict:
         print(f"lowbw: {run_dir} already holds a completed run of this config; skipped", file=sys.stderr)
         return done
     if cfg.get("resume"):  # `-m ... resume=true`: runs with checkpoints continue, the others start afresh
-        from lowbw.checkpoint import checkpoint_dir, resume_step
-
         try:
             resume_step(checkpoint_dir(cfg, run_dir), cfg.pipeline.stages)
         except ConfigError:
@@ -202,8 +194,6 @@ def _sweep_job(cfg: DictConfig, run_dir: Path) -> dict:
 
 @hydra.main(config_path="pkg://lowbw_configs", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> dict | None:
-    from lowbw.launch import RunFailed
-
     torchrun = under_torchrun()
     world = int(os.environ["WORLD_SIZE"]) if torchrun else cfg.pipeline.stages
     run_dir = Path(cfg.out_dir) if cfg.out_dir else Path(HydraConfig.get().runtime.output_dir)
@@ -212,20 +202,18 @@ def main(cfg: DictConfig) -> dict | None:
     try:
         if not torchrun:
             return run(cfg, run_dir)
-        validate(cfg, world_size=world)
+        plan = validate(cfg, world_size=world)
     except (ConfigError, ScheduleError) as e:
         print(f"lowbw: configuration error: {e}", file=sys.stderr)
         sys.exit(2)
     except RunFailed as e:
         print(f"lowbw: run failed: {e}\n  outputs kept in {run_dir}", file=sys.stderr)
         sys.exit(1)
-    from lowbw.runtime import run_rank
-
     rank = int(os.environ.get("RANK", 0))
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         _write_run_files(cfg, run_dir, world, "torchrun")
-    run_rank(OmegaConf.to_container(cfg, resolve=True), rank, world, str(run_dir) if rank == 0 else None,
+    run_rank(OmegaConf.to_container(cfg, resolve=True), plan, rank, world, str(run_dir) if rank == 0 else None,
              int(os.environ.get("LOCAL_RANK", 0)), _meta(cfg, world))
     return None
 

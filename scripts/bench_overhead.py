@@ -60,7 +60,7 @@ def _torch_rank(rank: int, world: int, port: int, model: dict, schedule: str, st
     from lowbw.models.gpt import GPTStage
     from lowbw.pipeline.partition import partition_layers
 
-    torch.set_num_threads(1)  # as lowbw's ranks (lowbw.runtime.run_rank)
+    torch.set_num_threads(1)  # as lowbw's ranks (lowbw.rank.process.run_rank)
     torch.manual_seed(seed)
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     try:

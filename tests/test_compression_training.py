@@ -53,7 +53,7 @@ def test_an_aggressive_codec_shows_a_measurably_worse_loss(compose, tmp_path, un
 
 
 def test_bad_codec_settings_are_rejected_before_spawning(compose):
-    from lowbw.config import validate
+    from lowbw.validation import validate
     from lowbw.errors import ConfigError
 
     for overrides, match in [

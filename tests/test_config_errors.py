@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from lowbw.config import validate
+from lowbw.validation import validate
 from lowbw.errors import ConfigError
 
 

@@ -100,7 +100,7 @@ def _wall_pair(rank, port, q):
     dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=60))
     t = topo(latency_ms=30.0, uplink_mbps=20.0, downlink_mbps=100.0)
     clock = WallClock(torch.device("cpu"))
-    tr = Transport(rank, LinkModel(t, rank), False, 60.0, clock.now)
+    tr = Transport(rank, LinkModel(t, rank), clock, 60.0)
     tr.open({(1, CH_FWD)} if rank == 0 else set(), {(0, CH_FWD)} if rank == 1 else set())
     dist.barrier()
     if rank == 0:

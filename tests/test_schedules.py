@@ -98,7 +98,7 @@ def test_interleaved_needs_microbatches_divisible_by_stages():
 
 
 def test_interleaved_needs_a_layer_per_chunk(compose):
-    from lowbw.config import validate
+    from lowbw.validation import validate
 
     with pytest.raises(ConfigError, match="model.n_layer=4"):
         validate(compose(["schedule=interleaved_1f1b", "pipeline.stages=4", "model.n_layer=4"]))

@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from lowbw.compress.payload import pack, unpack
 from lowbw.errors import ConfigError
 
 
@@ -101,9 +102,10 @@ def register_codec(cls: type[Codec]) -> type[Codec]:
 
 
 def build_codec(spec: dict[str, Any] | str) -> Codec:
-    """Build a codec from its config node (``{"name": ..., **params}``) or a bare name."""
-    import lowbw.compress  # noqa: F401  (registers the built-in codecs)
+    """Build a codec from its config node (``{"name": ..., **params}``) or a bare name.
 
+    The built-in codecs are registered: importing this module imports the ``lowbw.compress`` package
+    first, whose ``__init__`` imports every codec module."""
     params = {"name": spec} if isinstance(spec, str) else dict(spec)
     name = params.pop("name", None)
     if name not in CODECS:
@@ -124,13 +126,9 @@ class NoCodec(Codec):
         self._dtype: torch.dtype | None = None
 
     def encode(self, x: torch.Tensor, sample_ids: torch.Tensor | None = None) -> torch.Tensor:
-        from lowbw.compress.payload import pack
-
         return pack([x])
 
     def decode(self, payload: torch.Tensor, sample_ids: torch.Tensor | None = None) -> torch.Tensor:
-        from lowbw.compress.payload import unpack
-
         (x,) = unpack(payload)
         return x
 

@@ -11,6 +11,7 @@ the PNG shows the first few steps after warm-up, the trace every step.
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -64,6 +65,8 @@ def select_steps(tl: Timeline, first: int = 0, count: Optional[int] = None) -> T
 
 def plot_gantt(tl: Timeline, path: str | Path, title: str = "", width: float = 14.0) -> Path:
     """Draw ``tl`` as a Gantt chart, one row per rank; return the PNG's path."""
+    # matplotlib is imported here, not at the top: every rank imports this module through the
+    # recorder, only rank 0 draws, once, at the end (the import costs ~1 s of start-up per process).
     import matplotlib
 
     matplotlib.use("Agg")
@@ -189,8 +192,6 @@ def write_run_pictures(run_dir: Path, clock: str, world: int, warmup: int, meta:
 
 
 def main(argv: Optional[Iterable[str]] = None) -> None:
-    import argparse
-
     ap = argparse.ArgumentParser(description="Draw a run's timeline.jsonl as timeline.png and trace.json")
     ap.add_argument("run_dir")
     ap.add_argument("--first", type=int, default=None, help="first step drawn (default: after warm-up)")

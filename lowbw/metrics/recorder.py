@@ -18,6 +18,12 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from tqdm import tqdm
+
+from lowbw.energy import Measurement, account
+from lowbw.metrics.gantt import write_run_pictures
+from lowbw.net.topology import link_key, parse_link_key
+
 
 def atomic_write_json(path: Path, obj: Any) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -39,13 +45,12 @@ class Recorder:
         self._metrics = open(self.metrics_path, "a")
         self._timeline = open(run_dir / "timeline.jsonl", "a")
         self.tb_dir = run_dir / "tb"
+        # Imported here: only rank 0 records, and the import costs every process ~2 s of start-up.
         from torch.utils.tensorboard import SummaryWriter
 
         self._tb = SummaryWriter(str(self.tb_dir))
         self._bar = None
         if progress:
-            from tqdm import tqdm
-
             self._bar = tqdm(total=steps, desc="train", unit="step", dynamic_ncols=True)
         self.rows: list[dict] = []
         self._t_prev = 0.0
@@ -53,7 +58,6 @@ class Recorder:
         self._wall_start = self._wall_prev
         self.val_loss: Optional[float] = None
         self.link_bytes: dict[str, int] = {}
-        self.busy_total = [0.0] * world  # s per rank over the whole run, run clock
         self.codec_totals: dict[str, dict[str, float]] = {}
         self._energy_inputs: Optional[tuple] = None
 
@@ -68,7 +72,8 @@ class Recorder:
         per_link: dict[str, int] = {}
         for r in reports:
             for dst, n in r["bytes_sent"].items():
-                per_link[f"{r['rank']}->{dst}"] = per_link.get(f"{r['rank']}->{dst}", 0) + n
+                key = link_key(r["rank"], int(dst))
+                per_link[key] = per_link.get(key, 0) + n
         for k, n in per_link.items():
             self.link_bytes[k] = self.link_bytes.get(k, 0) + n
         sent = sum(per_link.values())
@@ -89,8 +94,6 @@ class Recorder:
             "busy_s": busy,
             "idle_s": [max(0.0, span - b) for b in busy],
         }
-        for rank, b in enumerate(busy):
-            self.busy_total[rank] += b
         codecs = self._codec_step(reports)
         if codecs:
             row["compression"] = codecs
@@ -142,7 +145,7 @@ class Recorder:
 
     def state_dict(self) -> dict:
         """Running totals a resumed run continues from (rows are re-read from metrics.jsonl)."""
-        return {"t_prev": self._t_prev, "busy_total": list(self.busy_total), "link_bytes": dict(self.link_bytes),
+        return {"t_prev": self._t_prev, "link_bytes": dict(self.link_bytes),
                 "codec_totals": {k: dict(v) for k, v in self.codec_totals.items()}, "val_loss": self.val_loss,
                 "n_rows": len(self.rows)}
 
@@ -162,7 +165,6 @@ class Recorder:
         self._metrics = open(self.metrics_path, "a")
         self._timeline = open(tl, "a")
         self._t_prev = state["t_prev"]
-        self.busy_total = list(state["busy_total"])
         self.link_bytes = dict(state["link_bytes"])
         self.codec_totals = {k: dict(v) for k, v in state["codec_totals"].items()}
         self.val_loss = state["val_loss"]
@@ -173,18 +175,26 @@ class Recorder:
         """Profiles, network model and each rank's measured window (or None), for the energy report."""
         self._energy_inputs = (hardware, energy, measured)
 
+    def measured_rows(self) -> list[dict]:
+        """The steps averaged into throughput and energy: all but the first ``warmup_steps`` (start-up
+        effects), unless there are no more steps than that. lowbw-simulate uses the same window."""
+        return self.rows[self.warmup:] if len(self.rows) > self.warmup else self.rows
+
     def energy(self) -> Optional[dict]:
+        """Energy over the measured steps (evaluation excluded), J/token over their tokens."""
         if self._energy_inputs is None or not self.rows:
             return None
-        from lowbw.energy import Measurement, account
-
         hardware, energy, measured = self._energy_inputs
         meas = [None if m is None else Measurement(m["joules"], m["seconds"], m["meter"], m["scope"]) for m in measured]
-        span = sum(r["step_time_s"] for r in self.rows)  # run clock, evaluation excluded
-        links = {tuple(int(x) for x in k.split("->")): n for k, n in self.link_bytes.items()}
-        report = account([min(b, span) for b in self.busy_total], span, hardware, energy,
-                         tokens=self.tokens_per_step * len(self.rows), link_bytes=links, measured=meas,
-                         clock=self.clock)
+        rows = self.measured_rows()
+        span = sum(r["step_time_s"] for r in rows)  # run clock
+        busy = [sum(r["busy_s"][rank] for r in rows) for rank in range(self.world)]
+        links: dict[tuple[int, int], int] = {}
+        for r in rows:
+            for k, n in r["bytes_per_link"].items():
+                links[parse_link_key(k)] = links.get(parse_link_key(k), 0) + n
+        report = account([min(b, span) for b in busy], span, hardware, energy,
+                         tokens=self.tokens_per_step * len(rows), link_bytes=links, measured=meas, clock=self.clock)
         for name, value in report.scalars().items():
             self._tb.add_scalar(name, value, len(self.rows) - 1)
         return report.to_dict()
@@ -202,7 +212,7 @@ class Recorder:
 
     def summary(self, status: str, error: Optional[str] = None) -> dict:
         rows = self.rows
-        measured = rows[self.warmup:] if len(rows) > self.warmup else rows
+        measured = self.measured_rows()
         t = sum(r["step_time_s"] for r in measured)
         tw = sum(r["step_time_wall_s"] for r in measured)
         tokens = self.tokens_per_step * len(rows)
@@ -244,8 +254,6 @@ class Recorder:
         self._tb.close()
         if self._bar is not None:
             self._bar.close()
-        from lowbw.metrics.gantt import write_run_pictures  # timeline.png + trace.json; never raises
-
         write_run_pictures(self.run_dir, self.clock, self.world, self.warmup, self.meta)
         return summary
 

@@ -9,6 +9,7 @@ waited on). Idle time is what is left of the span: it is derived, never recorded
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Iterable
 
 #: Event kinds. Compute kinds count as busy time; the others do not.
 COMPUTE = frozenset({"forward", "backward", "backward_input", "backward_weight", "encode", "decode", "optimizer"})
@@ -41,8 +42,16 @@ class Timeline:
 
     def busy(self, rank: int, start: float = float("-inf"), end: float = float("inf")) -> float:
         """Seconds of compute on ``rank`` inside [start, end]."""
-        total = 0.0
-        for e in self.events:
-            if e.rank == rank and e.kind in COMPUTE:
-                total += max(0.0, min(e.end, end) - max(e.start, start))
-        return total
+        return busy_seconds((e for e in self.events if e.rank == rank), start, end)
+
+
+def busy_seconds(events: Iterable[Event], start: float = float("-inf"), end: float = float("inf")) -> float:
+    """Seconds of compute among ``events`` (one rank's), inside [start, end]: the rank's busy time.
+
+    A rank computes on one thread, so its compute events never overlap and their sum is their union.
+    """
+    total = 0.0
+    for e in events:
+        if e.kind in COMPUTE:
+            total += max(0.0, min(e.end, end) - max(e.start, start))
+    return total

@@ -13,6 +13,7 @@ import copy
 from typing import Any, Optional
 
 import torch
+import torch.nn.init as init
 from torch.utils.flop_counter import FlopCounterMode
 
 from lowbw.models.gpt import GPTStage
@@ -59,7 +60,7 @@ def flop_formula(model: Any, microbatch: int) -> tuple[tuple[float, float], tupl
 def flop_parts(model: Any, microbatch: int) -> tuple[tuple[float, float], tuple[float, float], tuple[float, float]]:
     """(forward, backward) FLOPs of one microbatch through: one block, the embeddings, the head + loss.
 
-    Counted by ``torch.utils.flop_counter`` (lowbw.runtime.count_stage_flops) on modules of the real
+    Counted by ``torch.utils.flop_counter`` (:func:`count_stage_flops`) on modules of the real
     shape built on the meta device, so a 1B model costs no memory. A stage's FLOPs are
     ``n_blocks * block + embeddings (first stage) + head (last stage)``: the counter sums per op.
     """
@@ -80,8 +81,6 @@ def flop_parts(model: Any, microbatch: int) -> tuple[tuple[float, float], tuple[
 @contextlib.contextmanager
 def _no_init():
     """Skip weight initialisation while building meta modules (init on meta costs seconds of imports)."""
-    import torch.nn.init as init
-
     names = ("normal_", "zeros_", "ones_", "uniform_", "kaiming_uniform_")
     saved = {n: getattr(init, n) for n in names}
     try:

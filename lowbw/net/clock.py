@@ -12,13 +12,15 @@ from __future__ import annotations
 import contextlib
 import time
 from abc import ABC, abstractmethod
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, ClassVar, Iterator, Optional
 
 import torch
 
 
 class Clock(ABC):
-    name: str
+    name: ClassVar[str]
+    #: True for event time: messages carry their arrival, nothing sleeps (the transport reads this).
+    virtual: ClassVar[bool]
 
     def __init__(self, device: torch.device):
         self._sync = device.type == "cuda"  # GPU work is asynchronous: time it to completion
@@ -45,6 +47,7 @@ class Clock(ABC):
 
 class WallClock(Clock):
     name = "wall"
+    virtual = False
 
     def __init__(self, device: torch.device):
         super().__init__(device)
@@ -81,6 +84,7 @@ class WallClock(Clock):
 
 class VirtualClock(Clock):
     name = "virtual"
+    virtual = True
 
     def __init__(self, device: torch.device):
         super().__init__(device)
@@ -124,5 +128,19 @@ class VirtualClock(Clock):
             self._paused -= 1
 
 
+CLOCKS: dict[str, type[Clock]] = {"wall": WallClock, "virtual": VirtualClock}
+
+
 def make_clock(name: str, device: torch.device) -> Clock:
-    return {"wall": WallClock, "virtual": VirtualClock}[name](device)
+    return CLOCKS[name](device)
+
+
+def planned_durations(clock_cfg: Any) -> Optional[str]:
+    """How compute is charged: None (measured: the wall clock, or ``durations=measured``), "flops" or "fixed".
+
+    Under planned durations codec work and the optimizer are charged 0 s: the optimizer is O(params)
+    per step, a microbatch's forward alone O(params x tokens) (docs/architecture.md).
+    """
+    if clock_cfg.name == "wall" or clock_cfg.durations == "measured":
+        return None
+    return clock_cfg.durations

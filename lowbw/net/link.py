@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from lowbw.net.conditions import Conditions
-from lowbw.net.topology import Topology
+from lowbw.net.topology import Topology, link_key, parse_link_key
 
 
 @dataclass(frozen=True)
@@ -103,16 +103,13 @@ class LinkModel:
         return {
             "uplink_free": self.uplink_free,
             "downlink_free": self.downlink_free,
-            "last_arrival": {f"{a}->{b}": v for (a, b), v in self._last_arrival.items()},
-            "jitter": {f"{a}->{b}": [r.getstate()[0], list(r.getstate()[1]), r.getstate()[2]]
+            "last_arrival": {link_key(a, b): v for (a, b), v in self._last_arrival.items()},
+            "jitter": {link_key(a, b): [r.getstate()[0], list(r.getstate()[1]), r.getstate()[2]]
                        for (a, b), r in self._jitter_rng.items()},
         }
 
     def load_state_dict(self, state: dict) -> None:
-        def pair(k: str) -> tuple[int, int]:
-            a, b = k.split("->")
-            return int(a), int(b)
-
+        pair = parse_link_key
         self.uplink_free, self.downlink_free = float(state["uplink_free"]), float(state["downlink_free"])
         self._last_arrival = {pair(k): float(v) for k, v in state["last_arrival"].items()}
         self._jitter_rng = {}

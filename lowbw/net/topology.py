@@ -17,6 +17,17 @@ from lowbw.errors import ConfigError
 MBIT = 1e6  # bits per Mbit/s unit (network convention, SI)
 
 
+def link_key(src: int, dst: int) -> str:
+    """How a directed link between ranks is named in files and reports: ``"src->dst"``."""
+    return f"{src}->{dst}"
+
+
+def parse_link_key(key: str) -> tuple[int, int]:
+    """Invert :func:`link_key`."""
+    a, b = key.split("->")
+    return int(a), int(b)
+
+
 def _get(spec: Any, key: str) -> Any:
     return spec.get(key) if hasattr(spec, "get") else getattr(spec, key, None)
 

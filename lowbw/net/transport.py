@@ -30,12 +30,13 @@ import threading
 import time
 import zlib
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 
 from lowbw.errors import PeerError
+from lowbw.net.clock import Clock
 from lowbw.net.link import LinkModel
 
 # Channels (gloo tags): activations forward, gradients backward, run control (metrics to rank 0).
@@ -74,13 +75,13 @@ class Transport:
         self,
         rank: int,
         link: Optional[LinkModel],
-        virtual: bool,
+        clock: Clock,
         timeout_s: float,
-        now: Callable[[], float],
         group: Optional[dist.ProcessGroup] = None,
     ):
-        self.rank, self.link, self.virtual, self.timeout_s = rank, link, virtual, timeout_s
-        self.now = now  # the run clock (seconds), read only from the main thread
+        self.rank, self.link, self.timeout_s = rank, link, timeout_s
+        self.virtual = clock.virtual
+        self.now = clock.now  # the run clock (seconds), read only from the main thread
         self.group = group
         self._cond = threading.Condition()
         self._inbox: dict[tuple[int, int, tuple], Message] = {}

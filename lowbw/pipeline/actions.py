@@ -7,6 +7,11 @@ receives that input), ``3SEND_B3`` (stage 3 sends the gradient of its input back
 ``2RECV_B3``. A schedule is a ``dict[rank, list[Action]]``; one CSV row per rank, one cell per
 action, reads and writes the same files as torch's ``_dump_csv`` / ``_load_csv`` (torchtitan's
 ``pipeline_parallel_schedule_csv``).
+
+Generators (lowbw.pipeline.schedules) write compute actions only; :func:`add_communication`
+lowers them, placing each receive right before the compute that needs it and each send right
+after the compute that produces it -- the lowering torch.distributed.pipelining applies to its
+"compute_only" CSVs.
 """
 
 from __future__ import annotations
@@ -16,7 +21,9 @@ import re
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
+
+from lowbw.errors import ScheduleError
 
 
 class Kind(str, Enum):
@@ -76,6 +83,9 @@ class Schedule:
     stage_to_rank: tuple[int, ...]
     actions: dict[int, list[Action]]
 
+    #: True when steps overlap (microbatches and weight versions outlive a step): PipeDream-2BW.
+    asynchronous: ClassVar[bool] = False
+
     @property
     def n_ranks(self) -> int:
         return len(self.actions)
@@ -98,10 +108,8 @@ class Schedule:
         """Read a schedule written by :meth:`to_csv` or by torch's ``_dump_csv``.
 
         Rows with compute actions only ("compute_only" format) get their send/receive actions
-        added by :func:`lowbw.pipeline.schedules.add_communication`.
+        added by :func:`add_communication`.
         """
-        from lowbw.pipeline.schedules import add_communication, infer_stage_to_rank
-
         rows: dict[int, list[Action]] = {}
         with open(path, newline="") as f:
             for rank, row in enumerate(csv.reader(f)):
@@ -118,7 +126,80 @@ class Schedule:
         if not has_comm:
             rows = add_communication(rows, stage_to_rank)
         else:  # torch posts receives early and waits at the compute; here a receive waits where it stands
-            from lowbw.pipeline.schedules import place_receives
-
             rows = place_receives(rows, stage_to_rank)
         return Schedule(name or Path(path).stem, n_stages, n_mb, stage_to_rank, rows)
+
+
+# ---- lowering: where sends and receives go -------------------------------------------------
+
+Rows = dict[int, list[Action]]
+
+
+def infer_stage_to_rank(rows: Rows) -> tuple[int, ...]:
+    owner: dict[int, int] = {}
+    for rank, acts in rows.items():
+        for a in acts:
+            if owner.setdefault(a.stage, rank) != rank:
+                raise ScheduleError(f"rank {rank} action {a}: stage {a.stage} also appears on rank {owner[a.stage]}")
+    n = 1 + max(owner) if owner else 0
+    missing = [s for s in range(n) if s not in owner]
+    if missing:
+        raise ScheduleError(f"no rank runs stage(s) {missing}")
+    return tuple(owner[s] for s in range(n))
+
+
+def add_communication(rows: Rows, stage_to_rank: tuple[int, ...]) -> Rows:
+    """Insert RECV_* before and SEND_* after compute actions whose neighbour stage is on another rank."""
+    last = len(stage_to_rank) - 1
+    out: Rows = {}
+    for rank, acts in rows.items():
+        lowered: list[Action] = []
+        for a in acts:
+            s, mb = a.stage, a.microbatch
+            prev_remote = s > 0 and stage_to_rank[s - 1] != rank
+            next_remote = s < last and stage_to_rank[s + 1] != rank
+            if a.kind == Kind.FORWARD:
+                if prev_remote:
+                    lowered.append(Action(s, Kind.RECV_F, mb))
+                lowered.append(a)
+                if next_remote:
+                    lowered.append(Action(s, Kind.SEND_F, mb))
+            elif a.kind in (Kind.FULL_BACKWARD, Kind.BACKWARD_INPUT):
+                if next_remote:
+                    lowered.append(Action(s, Kind.RECV_B, mb))
+                lowered.append(a)
+                if prev_remote:
+                    lowered.append(Action(s, Kind.SEND_B, mb))
+            else:
+                lowered.append(a)
+        out[rank] = lowered
+    return out
+
+
+def place_receives(rows: Rows, stage_to_rank: tuple[int, ...]) -> Rows:
+    """Move each RECV_* to just before the first compute on its rank that needs it.
+
+    torch.distributed.pipelining posts receives early (irecv) and waits for them at the compute; in
+    lowbw a receive blocks where it stands. Placing it right before its consumer gives the same
+    timing. Sends and computes keep their order; a receive with no consumer stays where it was.
+    """
+    out: Rows = {}
+    for rank, acts in rows.items():
+        pending: dict[tuple, Action] = {}
+        lowered: list[Action] = []
+        for a in acts:
+            if a.kind in (Kind.RECV_F, Kind.RECV_B):
+                pending[(a.kind, a.stage, a.microbatch)] = a
+                continue
+            if a.kind == Kind.FORWARD:
+                need = (Kind.RECV_F, a.stage, a.microbatch)
+            elif a.kind in (Kind.FULL_BACKWARD, Kind.BACKWARD_INPUT):
+                need = (Kind.RECV_B, a.stage, a.microbatch)
+            else:
+                need = None
+            if need in pending:
+                lowered.append(pending.pop(need))
+            lowered.append(a)
+        lowered += pending.values()
+        out[rank] = lowered
+    return out

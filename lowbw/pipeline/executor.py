@@ -1,10 +1,17 @@
 """Run one rank's action list on real tensors: the pipeline executor.
 
-For each action of the rank's list, in order: forward or backward of a held stage, or a send or
+For each action of the rank's step, in order: forward or backward of a held stage, or a send or
 receive through the transport. Everything that computes -- forward, backward, codec encode and
-decode, the optimizer -- is timed by the clock and recorded as busy; receives wait for their
-message's delivery time. The rules are those of lowbw.pipeline.validate, so a validated schedule
-cannot deadlock here.
+decode -- is timed by the clock and recorded as busy; receives wait for their message's delivery
+time. The rules are those of the player (lowbw.pipeline.validate), so a validated schedule cannot
+deadlock here.
+
+One engine runs every schedule. A synchronous schedule's step starts and ends empty; an
+asynchronous one (PipeDream-2BW) carries microbatches and weight versions across steps in a
+:class:`~lowbw.pipeline.weight_stash.WeightStash`. Tensors between actions are keyed
+``(stage, batch, microbatch)``; for synchronous schedules the batch is the step. Adjacent stages
+on one rank (interleaved with one rank, V-shaped placements) hand activations and gradients over
+in memory, without a message.
 
 Gradients: each microbatch's loss is divided by the number of microbatches, so that the summed
 gradients of a step equal those of the mean loss over the whole batch in one process.
@@ -23,25 +30,14 @@ from lowbw.models.gpt import GPTStage
 from lowbw.net.clock import Clock
 from lowbw.net.transport import CH_BWD, CH_FWD, Transport
 from lowbw.pipeline.actions import Action, Kind, Schedule
+from lowbw.pipeline.stage import StageRuntime
 from lowbw.pipeline.validate import peer_of
+from lowbw.pipeline.weight_stash import InFlight, WeightStash
 
 PHASE_TRAIN, PHASE_EVAL = 0, 1
-
-
-@dataclass
-class StageRuntime:
-    """A stage held by this rank: its module and the codecs of its two boundaries."""
-
-    index: int
-    module: GPTStage
-    send_fwd: Optional[Codec] = None  # encodes this stage's outputs for stage index+1
-    recv_fwd: Optional[Codec] = None  # decodes this stage's inputs from stage index-1
-    send_bwd: Optional[Codec] = None  # encodes gradients of this stage's inputs for stage index-1
-    recv_bwd: Optional[Codec] = None  # decodes gradients of this stage's outputs from stage index+1
-    # Evaluation uses codec instances of its own, so that validation batches leave no trace in
-    # training state (error-feedback residuals, per-sample caches, warm starts).
-    eval_send_fwd: Optional[Codec] = None
-    eval_recv_fwd: Optional[Codec] = None
+_CHANNEL = {Kind.SEND_F: CH_FWD, Kind.RECV_F: CH_FWD, Kind.SEND_B: CH_BWD, Kind.RECV_B: CH_BWD}
+_BACKWARD_EVENT = {Kind.FULL_BACKWARD: "backward", Kind.BACKWARD_INPUT: "backward_input",
+                   Kind.BACKWARD_WEIGHT: "backward_weight"}
 
 
 @dataclass
@@ -67,6 +63,36 @@ class StepResult:
     codecs: dict[str, CodecStats] = field(default_factory=dict)
 
 
+def channels(schedules: list[Schedule], rank: int) -> tuple[set, set]:
+    """(peer, channel) pairs ``rank`` sends to and receives from in any of these schedules."""
+    out, inc = set(), set()
+    for sched in schedules:
+        for a in sched.actions[rank]:
+            if a.kind in (Kind.SEND_F, Kind.SEND_B):
+                out.add((peer_of(a, sched), _CHANNEL[a.kind]))
+            elif a.kind in (Kind.RECV_F, Kind.RECV_B):
+                inc.add((peer_of(a, sched), _CHANNEL[a.kind]))
+    return out, inc
+
+
+@dataclass
+class _Step:
+    """What one call of :meth:`Executor.run` works on."""
+
+    sched: Schedule
+    phase: int
+    step: int
+    train: bool
+    emulate: bool
+    measure_error: bool
+    batches: dict[int, tuple]  # batch -> (xs, ys, idss) chunked into microbatches
+    state: InFlight
+    res: StepResult
+
+    def record(self, rank: int, kind: str, t0: float, t1: float, a: Action, nbytes: int = 0, peer: int = -1) -> None:
+        self.res.events.append(Event(rank, kind, t0, t1, self.step, str(a), nbytes, peer))
+
+
 class Executor:
     def __init__(
         self,
@@ -76,103 +102,148 @@ class Executor:
         clock: Clock,
         device: torch.device,
         planned: Optional[Callable[[Action], Optional[float]]] = None,
+        stash: Optional[WeightStash] = None,
     ):
         self.rank, self.stages, self.transport, self.clock, self.device = rank, stages, transport, clock, device
         # Planned duration of an action (virtual clock with durations=flops|fixed), None = measure it.
-        # Codec work runs inside send/receive actions; planned timings charge it 0 s (see planner()).
+        # Codec work runs inside send/receive actions; planned timings charge it 0 s (lowbw.rank.build).
         self.planned = planned or (lambda a: None)
+        self.stash = stash  # asynchronous schedules only
 
     def run(self, sched: Schedule, phase: int, step: int, x: torch.Tensor, y: torch.Tensor,
             ids: torch.Tensor, emulate: bool = True, measure_error: bool = False) -> StepResult:
-        """Run this rank's actions of ``sched`` for one batch split into ``sched.n_microbatches``.
+        """Run this rank's actions of ``sched`` for one step on a batch split into ``sched.n_microbatches``.
 
         ``measure_error``: also decode each payload on the sender (outside the clock) to record the
-        relative reconstruction error per boundary.
+        relative reconstruction error per boundary. Evaluation (``PHASE_EVAL``) always runs the
+        synchronous way, on the live weights.
         """
         m, train = sched.n_microbatches, phase == PHASE_TRAIN
-        xs, ys = x.chunk(m), y.chunk(m)
         # Per-sample codecs key their caches on training sample ids; evaluation passes none.
-        idss = ids.chunk(m) if train else [None] * m
-        res = StepResult()
-        inputs: dict[tuple[int, int], torch.Tensor] = {}
-        outputs: dict[tuple[int, int], torch.Tensor] = {}
-        out_grads: dict[tuple[int, int], torch.Tensor] = {}
-        last = sched.n_stages - 1
+        chunks = (x.chunk(m), y.chunk(m), ids.chunk(m) if train else [None] * m)
+        asynchronous = train and sched.asynchronous
+        if asynchronous:
+            self.stash.begin_step(step, chunks)
+            batches, state = self.stash.batches, self.stash.state
+            work = sched.step_actions(self.rank, step, step == self.stash.last_step)
+        else:
+            batches, state = {step: chunks}, InFlight()
+            work = [(a, step, a.microbatch) for a in sched.actions[self.rank]]
+        ctx = _Step(sched, phase, step, train, emulate, measure_error, batches, state, StepResult())
+        for a, b, i in work:
+            self._act(ctx, a, b, i)
+        if asynchronous:
+            self.stash.end_step(step, m)
+        elif train and state:  # evaluation leaves its forwards' outputs: dropped with the step
+            raise RuntimeError(f"rank {self.rank}: schedule {sched.name!r} left {len(state)} tensors in flight "
+                               "at the end of a synchronous step")
+        return ctx.res
 
-        def record(kind: str, t0: float, t1: float, a: Action, nbytes: int = 0, peer: int = -1) -> None:
-            res.events.append(Event(self.rank, kind, t0, t1, step, str(a), nbytes, peer))
+    # ---- actions ----------------------------------------------------------------------------
 
-        for a in sched.actions[self.rank]:
-            s, mb = a.stage, a.microbatch
-            st = self.stages[s]
-            if a.kind == Kind.FORWARD:
-                if s == 0:
-                    inp = xs[mb].to(self.device)
-                elif (s, mb) not in inputs:  # previous stage on this rank: take its output directly
-                    inp = outputs[(s - 1, mb)].detach().requires_grad_(train)
-                else:
-                    inp = inputs[(s, mb)]
-                inputs[(s, mb)] = inp
+    def _act(self, ctx: _Step, a: Action, b: int, i: int) -> None:
+        kind = a.kind
+        if kind == Kind.FORWARD:
+            self._forward(ctx, a, b, i)
+        elif kind in _BACKWARD_EVENT:
+            self._backward(ctx, a, b, i)
+        elif kind in (Kind.SEND_F, Kind.SEND_B):
+            self._send(ctx, a, b, i)
+        else:
+            self._receive(ctx, a, b, i)
 
-                def fwd(inp=inp, s=s, mb=mb):
-                    with torch.set_grad_enabled(train):
-                        out = self.stages[s].module(inp)
-                        return self.scaled_loss(out, ys[mb], m, res) if s == last else out
+    def _forward(self, ctx: _Step, a: Action, b: int, i: int) -> None:
+        s, k, st = a.stage, (a.stage, b, i), ctx.state
+        xs, ys, _ = ctx.batches[b]
+        if s == 0:
+            inp = xs[i].to(self.device)
+        elif k in st.inputs:  # received from the previous stage's rank
+            inp = st.inputs[k]
+        else:  # the previous stage is on this rank: take its output directly
+            inp = st.outputs[(s - 1, b, i)].detach().requires_grad_(ctx.train)
+        st.inputs[k] = inp
+        last = s == ctx.sched.n_stages - 1
+        stashed = self.stash is not None and ctx.train and ctx.sched.asynchronous
 
-                out, t0, t1 = self.clock.compute(fwd, self.planned(a))
-                outputs[(s, mb)] = out
-                record("forward", t0, t1, a)
-            elif a.kind in (Kind.FULL_BACKWARD, Kind.BACKWARD_INPUT, Kind.BACKWARD_WEIGHT):
-                self._backward(a, st, inputs, outputs, out_grads, last, record)
-            elif a.kind == Kind.SEND_F:
-                codec = st.send_fwd if train else st.eval_send_fwd
-                self.send(sched, a, (phase, step, s + 1, mb), codec, outputs[(s, mb)].detach(), idss[mb], res,
-                          record, emulate, measure_error)
-                if not train:
-                    del outputs[(s, mb)]
-            elif a.kind == Kind.SEND_B:
-                self.send(sched, a, (phase, step, s - 1, mb), st.send_bwd, inputs.pop((s, mb)).grad, idss[mb], res,
-                          record, emulate, measure_error)
-            elif a.kind in (Kind.RECV_F, Kind.RECV_B):
-                codec = (st.recv_fwd if train else st.eval_recv_fwd) if a.kind == Kind.RECV_F else st.recv_bwd
-                tensor = self.receive(sched, a, (phase, step, s, mb), codec, idss[mb], res, record, emulate)
-                if a.kind == Kind.RECV_F:
-                    inputs[(s, mb)] = tensor.requires_grad_(train)
-                else:
-                    out_grads[(s, mb)] = tensor
-        return res
+        def fwd():
+            with torch.set_grad_enabled(ctx.train):
+                out = self.stash.forward(s, b, inp) if stashed else self.stages[s].module(inp)
+                return self.scaled_loss(out, ys[i], ctx.sched.n_microbatches, ctx.res) if last else out
 
-    # ---- pieces ---------------------------------------------------------------------------
+        out, t0, t1 = self.clock.compute(fwd, self.planned(a))
+        st.outputs[k] = out
+        ctx.record(self.rank, "forward", t0, t1, a)
+        if stashed:
+            self.stash.log_forward(s, b, i, ctx.step)
 
-    def _backward(self, a, st, inputs, outputs, out_grads, last, record) -> None:
-        s, mb = a.stage, a.microbatch
-        out = outputs[(s, mb)]
-        grad = None if s == last else out_grads[(s, mb)]
-        if s < last and (s, mb) not in out_grads:  # next stage on this rank: its input's gradient
-            grad = inputs[(s + 1, mb)].grad
-        inp = inputs.get((s, mb))
-
+    def _backward(self, ctx: _Step, a: Action, b: int, i: int) -> None:
+        s, k, st = a.stage, (a.stage, b, i), ctx.state
+        out = st.outputs[k]
+        grad = None if s == ctx.sched.n_stages - 1 else st.out_grads[k]
+        inp = st.inputs.get(k)
         if a.kind == Kind.FULL_BACKWARD:
             def run():
                 torch.autograd.backward(out, grad)
-            kind = "backward"
         elif a.kind == Kind.BACKWARD_INPUT:
             def run():
                 if inp is not None and inp.requires_grad:  # stage 0's input is token ids: nothing to do until W
                     torch.autograd.backward(out, grad, inputs=[inp], retain_graph=True)
-            kind = "backward_input"
         else:
             def run():
-                torch.autograd.backward(out, grad, inputs=[p for p in st.module.parameters() if p.requires_grad])
-            kind = "backward_weight"
+                torch.autograd.backward(out, grad, inputs=[p for p in self.stages[s].module.parameters()
+                                                           if p.requires_grad])
 
-        _, t0, t1 = self.clock.compute(run, self.planned(a))
-        record(kind, t0, t1, a)
+        timed = lambda: self.clock.compute(run, self.planned(a))  # noqa: E731
+        if self.stash is not None and ctx.sched.asynchronous:
+            _, t0, t1 = self.stash.backward(s, b, i, ctx.step, timed)
+        else:
+            _, t0, t1 = timed()
+        ctx.record(self.rank, _BACKWARD_EVENT[a.kind], t0, t1, a)
+        prev_local = s > 0 and (s - 1) in self.stages
+        if a.kind != Kind.BACKWARD_WEIGHT and prev_local:  # hand the input's gradient to the stage below
+            st.out_grads[(s - 1, b, i)] = st.inputs.pop(k).grad
         if a.kind != Kind.BACKWARD_INPUT:
-            outputs.pop((s, mb))
-            out_grads.pop((s, mb), None)
-            if s == 0 or self.stages.get(s - 1) is not None:
-                inputs.pop((s, mb), None)
+            st.outputs.pop(k)
+            st.out_grads.pop(k, None)
+            if s == 0:
+                st.inputs.pop(k, None)
+
+    def _send(self, ctx: _Step, a: Action, b: int, i: int) -> None:
+        """SEND_F / SEND_B: encode (busy), hand the payload to the link, count its bytes."""
+        s, k, st = a.stage, (a.stage, b, i), ctx.state
+        if a.kind == Kind.SEND_F:
+            x, key, boundary = st.outputs[k].detach(), (ctx.phase, b, s + 1, i), f"{s}.fwd"
+            if not ctx.train:
+                del st.outputs[k]
+        else:
+            x, key, boundary = st.inputs.pop(k).grad, (ctx.phase, b, s - 1, i), f"{s - 1}.bwd"
+        codec = self.stages[s].codecs.for_action(a.kind, ctx.train)
+        ids = ctx.batches[b][2][i]
+        payload = self._encode(ctx, codec, x, ids, a, ctx.res.codecs.setdefault(boundary, CodecStats()))
+        dst = peer_of(a, ctx.sched)
+        self.transport.send(dst, _CHANNEL[a.kind], key, payload, ctx.emulate)
+        ctx.res.bytes_sent[dst] = ctx.res.bytes_sent.get(dst, 0) + payload.numel()
+        now = self.clock.now()
+        ctx.record(self.rank, "send", now, now, a, payload.numel(), dst)
+
+    def _receive(self, ctx: _Step, a: Action, b: int, i: int) -> None:
+        """RECV_F / RECV_B: wait for delivery on this rank's clock, then decode (busy)."""
+        s, k, st = a.stage, (a.stage, b, i), ctx.state
+        src = peer_of(a, ctx.sched)
+        t0 = self.clock.now()
+        msg = self.transport.recv(src, _CHANNEL[a.kind], (ctx.phase, b, s, i))
+        self.clock.wait_until(self.transport.delivery_time(msg, ctx.emulate))
+        ctx.record(self.rank, "recv_wait", t0, self.clock.now(), a, msg.nbytes, src)
+        boundary = f"{s - 1}.fwd" if a.kind == Kind.RECV_F else f"{s}.bwd"
+        codec = self.stages[s].codecs.for_action(a.kind, ctx.train)
+        tensor = self._decode(ctx, codec, msg.payload, ctx.batches[b][2][i], a,
+                              ctx.res.codecs.setdefault(boundary, CodecStats()))
+        if a.kind == Kind.RECV_F:
+            st.inputs[k] = tensor.requires_grad_(ctx.train)
+        else:
+            st.out_grads[k] = tensor
+
+    # ---- pieces -----------------------------------------------------------------------------
 
     def scaled_loss(self, logits: torch.Tensor, targets: torch.Tensor, m: int, res: StepResult) -> torch.Tensor:
         """Last stage: record the microbatch's loss, return it divided by m (gradients of the batch mean)."""
@@ -181,36 +252,14 @@ class Executor:
         res.n_loss += 1
         return loss / m
 
-    def send(self, sched: Schedule, a: Action, key: tuple, codec: Codec, x: torch.Tensor, ids, res: StepResult,
-             record, emulate: bool, measure_error: bool) -> None:
-        """SEND_F / SEND_B: encode (busy), hand the payload to the link, count its bytes."""
-        boundary = f"{a.stage}.fwd" if a.kind == Kind.SEND_F else f"{a.stage - 1}.bwd"
-        payload = self._encode(codec, x, ids, a, record, res.codecs.setdefault(boundary, CodecStats()), measure_error)
-        dst = peer_of(a, sched)
-        self.transport.send(dst, CH_FWD if a.kind == Kind.SEND_F else CH_BWD, key, payload, emulate)
-        res.bytes_sent[dst] = res.bytes_sent.get(dst, 0) + payload.numel()
-        record("send", self.clock.now(), self.clock.now(), a, payload.numel(), dst)
-
-    def receive(self, sched: Schedule, a: Action, key: tuple, codec: Codec, ids, res: StepResult, record,
-                emulate: bool) -> torch.Tensor:
-        """RECV_F / RECV_B: wait for delivery on this rank's clock, then decode (busy)."""
-        src = peer_of(a, sched)
-        t0 = self.clock.now()
-        msg = self.transport.recv(src, CH_FWD if a.kind == Kind.RECV_F else CH_BWD, key)
-        self.clock.wait_until(self.transport.delivery_time(msg, emulate))
-        record("recv_wait", t0, self.clock.now(), a, msg.nbytes, src)
-        boundary = f"{a.stage - 1}.fwd" if a.kind == Kind.RECV_F else f"{a.stage}.bwd"
-        return self._decode(codec, msg.payload, ids, a, record, res.codecs.setdefault(boundary, CodecStats()))
-
-    def _encode(self, codec: Codec, x: torch.Tensor, ids, a: Action, record, stats: CodecStats,
-                measure_error: bool) -> torch.Tensor:
+    def _encode(self, ctx: _Step, codec: Codec, x: torch.Tensor, ids, a: Action, stats: CodecStats) -> torch.Tensor:
         payload, t0, t1 = self.clock.compute(lambda: codec.encode(x, ids), self.planned(a))
-        record("encode", t0, t1, a)
+        ctx.record(self.rank, "encode", t0, t1, a)
         stats.messages += 1
         stats.raw_bytes += x.numel() * x.element_size()
         stats.wire_bytes += payload.numel()
         stats.encode_s += t1 - t0
-        if measure_error:
+        if ctx.measure_error:
             with self.clock.paused(), torch.no_grad():
                 if codec.name != "none":  # lossless: the error is 0 without decoding
                     x_hat = codec.reconstruction(payload, ids).to(x.dtype)
@@ -219,9 +268,10 @@ class Executor:
                 stats.measured += 1
         return payload
 
-    def _decode(self, codec: Codec, payload: torch.Tensor, ids, a: Action, record, stats: CodecStats) -> torch.Tensor:
+    def _decode(self, ctx: _Step, codec: Codec, payload: torch.Tensor, ids, a: Action,
+                stats: CodecStats) -> torch.Tensor:
         payload = payload.to(self.device)
         x, t0, t1 = self.clock.compute(lambda: codec.decode(payload, ids).clone(), self.planned(a))
-        record("decode", t0, t1, a)
+        ctx.record(self.rank, "decode", t0, t1, a)
         stats.decode_s += t1 - t0
         return x

@@ -1,7 +1,7 @@
 """The same step through ``torch.distributed.pipelining``: a peer to check lowbw's schedules against.
 
-For a :class:`lowbw.testing.gradcheck.Scenario` (schedule gpipe, 1f1b or interleaved_1f1b), each
-spawned rank builds the same :class:`GPTStage` s lowbw builds (same partition, same seed, hence the
+For a :class:`lowbw.testing.spawn.Scenario` (schedule gpipe, 1f1b or interleaved_1f1b), each
+spawned rank builds its stages with lowbw's own builder (same partition, same seed, hence the
 same weights), wraps them in torch's ``PipelineStage`` and runs one ``step`` of ``ScheduleGPipe``,
 ``Schedule1F1B`` or ``ScheduleInterleaved1F1B`` (stage s on rank s % p, as lowbw places interleaved
 stages) on the same batch, split into the same microbatches (both cut the batch with ``chunk`` on
@@ -17,51 +17,44 @@ for equal microbatches; they differ only in floating-point rounding.
 
 from __future__ import annotations
 
-import os
-from datetime import timedelta
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from omegaconf import OmegaConf
+from torch.distributed import pipelining as pp
 
-from lowbw.testing.gradcheck import Scenario, _batch
+from lowbw.models.gpt import GPTStage
+from lowbw.rank.build import build_stages
+from lowbw.testing.gradcheck import batch
+from lowbw.testing.spawn import Scenario, join, scenario_config, spawned_group
 
 TORCH_SCHEDULES = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B", "interleaved_1f1b": "ScheduleInterleaved1F1B"}
 
 
-def _layout(sc: Scenario, world: int) -> tuple[int, int]:
-    """(ranks, stages) of a scenario: interleaved holds virtual_stages stages per rank."""
+def _check(sc: Scenario, world: int) -> None:
     if sc.schedule not in TORCH_SCHEDULES:
         raise ValueError(f"no torch.distributed.pipelining peer for schedule {sc.schedule!r}")
     if sc.stages != world:
         raise ValueError(f"{sc}: torch's schedules use the whole group; all scenarios need stages={world}")
-    v = sc.params.get("virtual_stages", 2) if sc.schedule == "interleaved_1f1b" else 1
-    return sc.stages, sc.stages * v
 
 
-def _worker(rank: int, world: int, port: int, scenarios: list[Scenario], out: str) -> None:
-    from torch.distributed import pipelining as pp
-
-    from lowbw.models.gpt import GPTStage
-    from lowbw.pipeline.partition import partition_layers
-
-    torch.set_num_threads(1)
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
-    for i, sc in enumerate(scenarios):
-        p, n_stages = _layout(sc, world)
-        ranges = partition_layers(sc.n_layer, n_stages, sc.partition)
-        last = n_stages - 1
-        mine = [s for s in range(n_stages) if s % p == rank]
-        modules = {s: GPTStage(sc.model(), *ranges[s], s == 0, s == last, sc.seed) for s in mine}
-        stages = [pp.PipelineStage(modules[s], s, n_stages, torch.device("cpu")) for s in mine]
+def _worker(rank: int, world: int, port: int, scenarios: list[Scenario], configs: list, out: str) -> None:
+    join(rank, world, port)
+    for i, (sc, (cfg_dict, plan)) in enumerate(zip(scenarios, configs)):
+        sched = plan.schedule
+        last = sched.n_stages - 1
+        modules = {s: st.module for s, st in build_stages(OmegaConf.create(cfg_dict), plan, rank,
+                                                             torch.device("cpu")).items()}
+        mine = sorted(modules)
+        stages = [pp.PipelineStage(modules[s], s, sched.n_stages, torch.device("cpu")) for s in mine]
         cls = getattr(pp, TORCH_SCHEDULES[sc.schedule])
         loss_fn = GPTStage.loss  # mean cross-entropy of one microbatch; torch divides the grads by m
         if sc.schedule == "interleaved_1f1b":
             schedule = cls(stages, n_microbatches=sc.microbatches, loss_fn=loss_fn)
         else:
             schedule = cls(stages[0], n_microbatches=sc.microbatches, loss_fn=loss_fn)
-        b = _batch(sc)
+        b = batch(sc)
         args = (b.x,) if 0 in mine else ()
         kwargs = {"target": b.y} if last in mine else {}
         schedule.step(*args, **kwargs)
@@ -76,12 +69,11 @@ def torch_grads(scenarios: list[Scenario], timeout_s: float = 240.0) -> list[dic
 
     All scenarios run in one group of ``scenarios[0].stages`` spawned processes (start-up, and
     importing torch.distributed.pipelining, are the expensive part)."""
-    from lowbw.launch import spawned_group
-
     world = scenarios[0].stages
     for sc in scenarios:
-        _layout(sc, world)
-    with spawned_group(_worker, world, (scenarios,), timeout_s, "torch.distributed.pipelining") as out:
+        _check(sc, world)
+    configs = [scenario_config(sc) for sc in scenarios]
+    with spawned_group(_worker, world, (scenarios, configs), timeout_s, "torch.distributed.pipelining") as out:
         results = []
         for i in range(len(scenarios)):
             grads: dict[str, torch.Tensor] = {}

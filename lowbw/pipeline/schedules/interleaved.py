@@ -16,7 +16,8 @@ from __future__ import annotations
 
 from lowbw.errors import ConfigError
 from lowbw.pipeline.actions import Action, Kind
-from lowbw.pipeline.schedules import Rows, register_schedule
+from lowbw.pipeline.actions import Rows
+from lowbw.pipeline.schedules.registry import register_schedule
 
 
 def _check(p: int, m: int, v: int) -> None:

@@ -36,9 +36,13 @@ batch's gradient is complete one step later.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
+
 from lowbw.errors import ConfigError
-from lowbw.pipeline.actions import Action, Kind, Schedule
-from lowbw.pipeline.schedules import add_communication, one_f_one_b, register_schedule
+from lowbw.pipeline.actions import Action, Kind, Schedule, add_communication
+from lowbw.pipeline.schedules.classic import one_f_one_b
+from lowbw.pipeline.schedules.registry import register_schedule
+from lowbw.pipeline.validate import validate_schedule
 
 
 @dataclass(frozen=True)
@@ -49,7 +53,7 @@ class AsyncSchedule(Schedule):
     actions of one step with each action's microbatch mapped to (batch, microbatch of the batch).
     """
 
-    asynchronous = True  # read by lowbw.runtime (class attribute: not a dataclass field)
+    asynchronous: ClassVar[bool] = True  # the executor keeps state across steps (lowbw.pipeline.weight_stash)
 
     def window(self) -> Schedule:
         """The two-batch window as an ordinary schedule (what the validator plays)."""
@@ -91,8 +95,6 @@ def pipedream_2bw(p: int, m: int) -> AsyncSchedule:
             f"schedule=pipedream_2bw needs pipeline.microbatches >= pipeline.stages (a batch's gradient must be "
             f"complete one step later): microbatches={m}, stages={p}; use pipeline.microbatches={p} or more"
         )
-    from lowbw.pipeline.validate import validate_schedule
-
     rows, stage_to_rank = one_f_one_b(p, 2 * m)
     sched = AsyncSchedule("pipedream_2bw", p, m, stage_to_rank, add_communication(rows, stage_to_rank))
     validate_schedule(sched.window())

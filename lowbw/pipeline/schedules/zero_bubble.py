@@ -17,7 +17,8 @@ activations in flight: p-1-r+1+r = p microbatches on every rank, 1F1B's worst (r
 from __future__ import annotations
 
 from lowbw.pipeline.actions import Action, Kind
-from lowbw.pipeline.schedules import Rows, register_schedule
+from lowbw.pipeline.actions import Rows
+from lowbw.pipeline.schedules.registry import register_schedule
 
 
 def zb_h1_rank_order(p: int, m: int, rank: int) -> list[Action]:

@@ -1,0 +1,119 @@
+"""Build one rank from typed parts: :func:`build_rank` returns a :class:`Rank`.
+
+Every part comes from the config and the :class:`~lowbw.validation.Plan` the launcher validated
+(the schedule, the block partition, the topology and its conditions, the hardware profiles, the
+codec specs), so a rank builds nothing twice and builds nothing the checks have not seen. The same
+builders serve real runs and the check harnesses in lowbw.testing: what is tested is what runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from lowbw.data.corpus import Corpus
+from lowbw.energy import EnergyMeter, HardwareProfile, select_meter
+from lowbw.models.flops import count_stage_flops
+from lowbw.models.gpt import GPTStage
+from lowbw.net.clock import Clock, make_clock, planned_durations
+from lowbw.net.link import LinkModel
+from lowbw.net.transport import Transport
+from lowbw.pipeline.durations import planner
+from lowbw.pipeline.executor import Executor
+from lowbw.pipeline.stage import BoundaryCodecs, StageRuntime
+from lowbw.pipeline.weight_stash import WeightStash
+from lowbw.validation import Plan
+
+
+@dataclass
+class Rank:
+    """Everything one process of a run holds."""
+
+    cfg: Any
+    plan: Plan
+    rank: int
+    world: int
+    device: torch.device
+    stages: dict[int, StageRuntime]  # model stages held by this rank, by stage index
+    clock: Clock
+    link: Optional[LinkModel]  # None: no emulation (net.emulate=false)
+    transport: Transport
+    executor: Executor
+    optimizer: torch.optim.Optimizer
+    corpus: Corpus
+    meter: EnergyMeter
+    #: seconds charged for the optimizer step: None = measured, 0.0 under planned durations
+    optimizer_seconds: Optional[float]
+
+    @property
+    def profile(self) -> HardwareProfile:
+        return self.plan.profiles[self.rank]
+
+
+def pick_device(choice: str, local_rank: int) -> torch.device:
+    if choice == "cpu" or (choice == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("device=cuda but torch sees no CUDA device; use device=cpu or device=auto")
+    return torch.device("cuda", local_rank % torch.cuda.device_count())
+
+
+def build_stages(cfg: Any, plan: Plan, rank: int, device: torch.device) -> dict[int, StageRuntime]:
+    """The model stages this rank holds, with weights seeded per block (the same as in one process)."""
+    last = plan.schedule.n_stages - 1
+    stages = {}
+    for s in plan.schedule.stages_of(rank):
+        module = GPTStage(cfg.model, *plan.ranges[s], is_first=(s == 0), is_last=(s == last), seed=cfg.seed)
+        stages[s] = StageRuntime(s, module.to(device), BoundaryCodecs.build(plan.codecs["fwd"], plan.codecs["bwd"]))
+    return stages
+
+
+def build_link(plan: Plan, rank: int, seed: int) -> Optional[LinkModel]:
+    return LinkModel(plan.topology, rank, seed=seed, conditions=plan.conditions) if plan.topology.emulate else None
+
+
+def stage_seconds(cfg: Any, plan: Plan, rank: int, stages: dict[int, StageRuntime],
+                  device: torch.device) -> Optional[dict[int, tuple[float, float]]]:
+    """(forward_s, backward_s) of one microbatch per held stage under planned durations; None = measured."""
+    mode = planned_durations(cfg.clock)
+    if mode is None:
+        return None
+    if mode == "fixed":
+        return {s: (cfg.clock.forward_s, cfg.clock.backward_s) for s in stages}
+    rate = cfg.clock.flops_per_s or plan.profiles[rank].effective_flops
+    mb, T, last = cfg.train.batch_size // cfg.pipeline.microbatches, cfg.model.block_size, plan.schedule.n_stages - 1
+    out = {}
+    for s, st in stages.items():
+        x = (torch.zeros(mb, T, dtype=torch.long, device=device) if s == 0
+             else torch.zeros(mb, T, cfg.model.n_embd, device=device))
+        y = torch.zeros(mb, T, dtype=torch.long, device=device) if s == last else None
+        f, b = count_stage_flops(st.module, x, y)
+        out[s] = (f / rate, b / rate)
+    return out
+
+
+def build_optimizer(train: Any, modules: list[torch.nn.Module]) -> torch.optim.Optimizer:
+    """The optimizer over the parameters of ``modules`` (a rank's stages, or a whole model in one process)."""
+    params = [q for module in modules for q in module.parameters()]
+    return torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
+
+
+def build_rank(cfg: Any, plan: Plan, rank: int, world: int, local_rank: int = 0) -> Rank:
+    """Build rank ``rank`` of ``world``; the process group must exist already (the transport uses it)."""
+    torch.manual_seed(cfg.seed)
+    device = pick_device(cfg.device, local_rank)
+    clock = make_clock(cfg.clock.name, device)
+    link = build_link(plan, rank, cfg.seed)
+    transport = Transport(rank, link, clock, cfg.timeout_s)
+    stages = build_stages(cfg, plan, rank, device)
+    optimizer = build_optimizer(cfg.train, [st.module for st in stages.values()])
+    corpus = Corpus(cfg.data.path, cfg.model.block_size, cfg.data.val_fraction, cfg.seed)
+    planned = planner(stage_seconds(cfg, plan, rank, stages, device))
+    stash = WeightStash(rank, stages, last_step=cfg.train.steps - 1) if plan.schedule.asynchronous else None
+    executor = Executor(rank, stages, transport, clock, device, planned, stash)
+    meter = select_meter(str(device), cfg.energy.meter)
+    opt_s = None if planned_durations(cfg.clock) is None else 0.0
+    return Rank(cfg, plan, rank, world, device, stages, clock, link, transport, executor, optimizer, corpus,
+                meter, opt_s)

@@ -1,0 +1,101 @@
+"""The step loop of one rank: train, evaluate, report, checkpoint.
+
+The same on every rank; what differs per rank is built in (the :class:`~lowbw.rank.build.Rank`)
+or is a role (lowbw.rank.reporting). One step::
+
+    batch (from the seed, no data messages) -> executor.run(schedule) -> optimizer step (timed)
+    -> report (busy time, end time, bytes, loss, events, codec stats) -> [evaluation] -> [checkpoint]
+
+Evaluation runs a forward-only schedule with the clock paused and emulation off. Checkpoints are
+written with the clock paused too.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch.distributed as dist
+
+from lowbw.checkpoint import checkpoint_dir
+from lowbw.metrics.timeline import Event, busy_seconds
+from lowbw.pipeline.executor import PHASE_EVAL, PHASE_TRAIN
+from lowbw.rank.build import Rank
+from lowbw.rank.faults import RankFaults
+from lowbw.rank.reporting import Reporting
+from lowbw.rank.state import restore_rank, save_rank
+
+
+def train(r: Rank, reporting: Reporting, run_dir: Optional[Path]) -> Optional[dict]:
+    """Run every step of the run on this rank; return the summary on rank 0 (None elsewhere)."""
+    cfg = r.cfg
+    faults = RankFaults(cfg.faults, r.rank, r.clock, r.transport)
+    ckpt_root = checkpoint_dir(cfg, run_dir)
+    try:
+        first_step, resumed_at = restore_rank(r, reporting, ckpt_root) if cfg.resume else (0, 0.0)
+        dist.barrier()  # every rank's clock starts together (at 0, or where the checkpoint left it)
+        r.clock.start(resumed_at)
+        # The meter covers the steps throughput and energy are averaged over (warm-up left out).
+        measure_from = max(first_step, cfg.train.warmup_steps if cfg.train.steps > cfg.train.warmup_steps else 0)
+        metering = False
+        for step in range(first_step, cfg.train.steps):
+            if step == measure_from:
+                r.meter.begin()
+                metering = True
+            faults.before_step(step)
+            report = train_step(r, step)
+            eval_wall = 0.0
+            if step == cfg.train.steps - 1 or (cfg.train.eval_interval and (step + 1) % cfg.train.eval_interval == 0):
+                w0 = time.perf_counter()
+                with r.clock.paused():
+                    report["val_loss"] = evaluate(r, step)
+                eval_wall = time.perf_counter() - w0
+            reporting.submit(step, report, eval_wall)
+            if cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0:
+                with r.clock.paused():
+                    reporting.drain()
+                    save_rank(r, reporting, ckpt_root, step)
+            r.meter.poll()
+        if metering:
+            r.meter.end()
+        measurement = r.meter.measurement()
+        reporting.finish(measurement.to_dict() if measurement is not None else None)
+        r.transport.close()
+    except BaseException as e:
+        reporting.fail(e)
+        raise
+    return reporting.complete()
+
+
+def train_step(r: Rank, step: int) -> dict:
+    """One optimizer step on this rank; returns its report for rank 0."""
+    cfg = r.cfg
+    batch = r.corpus.train_batch(step, cfg.train.batch_size)
+    r.optimizer.zero_grad(set_to_none=True)
+    every = cfg.compress.error_every
+    res = r.executor.run(r.plan.schedule, PHASE_TRAIN, step, batch.x, batch.y, batch.ids,
+                         measure_error=bool(every) and step % every == 0)
+    _, t0, t1 = r.clock.compute(r.optimizer.step, r.optimizer_seconds)
+    res.events.append(Event(r.rank, "optimizer", t0, t1, step, "optimizer"))
+    return {
+        "rank": r.rank, "step": step, "end": r.clock.now(),
+        "busy": busy_seconds(res.events),
+        "bytes_sent": {str(k): v for k, v in res.bytes_sent.items()},
+        "loss_sum": res.loss_sum, "n_loss": res.n_loss,
+        "events": [e.__dict__ for e in res.events],
+        "codecs": {k: v.__dict__ for k, v in res.codecs.items()},
+    }
+
+
+def evaluate(r: Rank, step: int) -> Optional[float]:
+    """Mean validation loss over ``train.eval_batches`` batches (last stage; None elsewhere)."""
+    cfg = r.cfg
+    total, n = 0.0, 0
+    for i in range(cfg.train.eval_batches):
+        b = r.corpus.val_batch(i, cfg.train.batch_size)
+        res = r.executor.run(r.plan.eval_schedule, PHASE_EVAL, step * cfg.train.eval_batches + i, b.x, b.y, b.ids,
+                             emulate=False)
+        total += res.loss_sum
+        n += res.n_loss
+    return total / n if n else None

@@ -1,0 +1,97 @@
+"""Spawn a small gloo group for a check and build its ranks the way real runs do.
+
+:func:`scenario_config` turns a :class:`Scenario` into the same config ``lowbw-train`` would run
+(composed by Hydra from configs/), :func:`lowbw.validation.validate` gives its plan, and each
+spawned worker builds its rank with :func:`lowbw.rank.build.build_rank`: the harnesses test the
+builders, executor and transport of real runs, not copies of them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing as mp
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
+
+from lowbw.config import ModelConfig
+from lowbw.launch import free_port, stop_processes
+from lowbw.pipeline.executor import channels
+from lowbw.rank.build import Rank, build_rank
+from lowbw.train import compose
+from lowbw.validation import Plan, validate
+
+
+@dataclass
+class Scenario:
+    """A small pipeline to check: schedule, ranks, microbatches, layers, partition, seed."""
+
+    schedule: str
+    stages: int  # ranks taking part
+    microbatches: int = 4
+    n_layer: int = 4
+    partition: Optional[list[int]] = None
+    params: dict = field(default_factory=dict)  # extra schedule parameters, e.g. virtual_stages
+    batch_size: int = 8
+    seed: int = 7
+
+    def model(self) -> ModelConfig:
+        return ModelConfig(n_layer=self.n_layer, n_embd=32, n_head=2, block_size=16)
+
+    def overrides(self) -> list[str]:
+        m = self.model()
+        out = [f"schedule={self.schedule}", f"pipeline.stages={self.stages}",
+               f"pipeline.microbatches={self.microbatches}", f"train.batch_size={self.batch_size}",
+               f"model.n_layer={m.n_layer}", f"model.n_embd={m.n_embd}", f"model.n_head={m.n_head}",
+               f"model.block_size={m.block_size}", f"seed={self.seed}", "clock=virtual", "net.emulate=false",
+               "progress=false", "energy.meter=none"]
+        if self.partition is not None:
+            out.append(f"pipeline.partition=[{','.join(map(str, self.partition))}]")
+        return out + [f"schedule.{k}={v}" for k, v in self.params.items()]
+
+
+def scenario_config(sc: Scenario, extra: Optional[list[str]] = None) -> tuple[dict, Plan]:
+    """The plain config and validated plan of ``sc`` (plus ``extra`` overrides)."""
+    cfg = compose(sc.overrides() + list(extra or []))
+    return OmegaConf.to_container(cfg, resolve=True), validate(cfg)
+
+
+def join(rank: int, world: int, port: int) -> None:
+    torch.set_num_threads(1)
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+
+
+def open_rank(cfg_dict: dict, plan: Plan, rank: int) -> Rank:
+    """Build ``rank`` as a run does and open its pipeline channels (no control channel: no rank 0 record)."""
+    r = build_rank(OmegaConf.create(cfg_dict), plan, rank, plan.schedule.n_ranks)
+    r.transport.open(*channels([plan.schedule], rank))
+    return r
+
+
+@contextlib.contextmanager
+def spawned_group(target, world: int, args: tuple, timeout_s: float, what: str) -> Iterator[Path]:
+    """Run ``target(rank, world, port, *args, out_dir)`` in ``world`` spawned processes (a gloo group on a
+    free loopback port); yield the temporary ``out_dir`` they wrote into once all exited cleanly."""
+    with tempfile.TemporaryDirectory() as out:
+        ctx = mp.get_context("spawn")
+        port = free_port()
+        procs = [ctx.Process(target=target, args=(r, world, port, *args, out)) for r in range(world)]
+        for p in procs:
+            p.start()
+        deadline = time.monotonic() + timeout_s
+        for p in procs:
+            p.join(max(0.0, deadline - time.monotonic()))
+        codes = [p.exitcode for p in procs]
+        stop_processes(procs, 1.0)
+        if any(c != 0 for c in codes):
+            raise RuntimeError(f"{what} processes exited with codes {codes}")
+        yield Path(out)

@@ -1,0 +1,167 @@
+"""Check a composed config and build what every rank needs from it: the :class:`Plan`.
+
+:func:`validate` checks what types cannot (ranges, divisibility, names, files) and raises
+:class:`~lowbw.errors.ConfigError` (or ScheduleError) with one sentence naming the setting --
+before any process is spawned. What it builds on the way (the schedules, the block partition, the
+network topology and its conditions, the hardware profiles, the codec specs) is returned as a
+:class:`Plan`, which the launcher hands to every rank, so nothing is built twice. Under torchrun
+each rank validates its own copy of the config and gets the same plan.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from lowbw.compress import build_codec
+from lowbw.config import plain
+from lowbw.data.corpus import check_text_file, min_bytes
+from lowbw.energy import HardwareProfile, make_network_model, profiles_for_ranks
+from lowbw.errors import ConfigError
+from lowbw.net.conditions import Conditions, conditions_from_config
+from lowbw.net.topology import Topology
+from lowbw.pipeline.actions import Schedule
+from lowbw.pipeline.partition import partition_layers
+from lowbw.pipeline.schedules import build_schedule, forward_only
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a validated config resolves to: the same for every rank, built once."""
+
+    schedule: Schedule  # training schedule, validated
+    eval_schedule: Schedule  # forward-only, stages placed as in training
+    ranges: tuple[tuple[int, int], ...]  # [first, last) block of each model stage (schedule.n_stages of them)
+    topology: Topology
+    conditions: Conditions  # outages, bandwidth traces, packet loss
+    profiles: tuple[HardwareProfile, ...]  # one per rank
+    codecs: dict[str, Any]  # "fwd" / "bwd" -> the codec spec (plain dict), checked
+
+
+def positive(value: float, name: str, allow_inf: bool = False) -> None:
+    """ConfigError unless ``value`` is a positive number (inf only when allowed)."""
+    if value is None or math.isnan(value) or value <= 0 or (math.isinf(value) and not allow_inf):
+        raise ConfigError(f"{name}={value} must be a positive number")
+
+
+def validate(cfg: Any, world_size: Optional[int] = None) -> Plan:
+    """Check a composed config (DictConfig or LowbwConfig); return its :class:`Plan`."""
+    _check_model(cfg.model)
+    _check_run_shape(cfg, world_size)
+    _check_clock(cfg)
+    p, m = cfg.pipeline.stages, cfg.pipeline.microbatches
+    topology = Topology.from_config(cfg.net, p, seed=cfg.seed)
+    conditions = conditions_from_config(cfg.faults, cfg.net, p)
+    _check_faults(cfg.faults, p)
+    schedule = build_schedule(cfg.schedule, p, m)  # generates and validates
+    ranges = _partition(cfg, schedule)
+    codecs = {d: _check_codec(cfg.compress, d) for d in ("fwd", "bwd")}
+    profiles = profiles_for_ranks(cfg.hardware, p)
+    make_network_model(cfg.energy)
+    _check_outputs(cfg)
+    if cfg.data.path is not None:
+        check_text_file(cfg.data.path, min_bytes=min_bytes(cfg.model.block_size, cfg.data.val_fraction))
+    eval_schedule = forward_only(schedule.n_stages, m, schedule.stage_to_rank)
+    return Plan(schedule, eval_schedule, tuple(ranges), topology, conditions, tuple(profiles), codecs)
+
+
+def _check_model(m: Any) -> None:
+    for name in ("n_layer", "n_embd", "n_head", "block_size"):
+        positive(getattr(m, name), f"model.{name}")
+    if m.n_embd % m.n_head:
+        raise ConfigError(f"model.n_head={m.n_head} must divide model.n_embd={m.n_embd}")
+    if m.vocab_size != 256:
+        raise ConfigError(f"model.vocab_size={m.vocab_size}: tokens are bytes, so it must be 256")
+
+
+def _check_run_shape(cfg: Any, world_size: Optional[int]) -> None:
+    p, t = cfg.pipeline, cfg.train
+    positive(p.stages, "pipeline.stages")
+    positive(p.microbatches, "pipeline.microbatches")
+    positive(t.batch_size, "train.batch_size")
+    positive(t.steps, "train.steps")
+    positive(t.lr, "train.lr")
+    positive(cfg.timeout_s, "timeout_s")
+    if t.batch_size % p.microbatches:
+        raise ConfigError(
+            f"train.batch_size={t.batch_size} is not divisible by pipeline.microbatches={p.microbatches}; "
+            "pick a batch size that is a multiple of the microbatch count"
+        )
+    if not 0 < cfg.data.val_fraction < 1:
+        raise ConfigError(f"data.val_fraction={cfg.data.val_fraction} must lie in (0, 1)")
+    if world_size is not None and world_size != p.stages:
+        raise ConfigError(
+            f"pipeline.stages={p.stages} but {world_size} processes were started; "
+            f"pass pipeline.stages={world_size} or start {p.stages} processes"
+        )
+    if cfg.device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"device={cfg.device!r}: use auto, cpu or cuda")
+
+
+def _check_clock(cfg: Any) -> None:
+    c = cfg.clock
+    if c.name not in ("wall", "virtual"):
+        raise ConfigError(f"clock={c.name!r} is not a clock; use clock=wall or clock=virtual")
+    if c.durations not in ("measured", "flops", "fixed"):
+        raise ConfigError(f"clock.durations={c.durations!r}: use measured, flops or fixed")
+    if c.durations == "flops" and c.flops_per_s is not None:
+        positive(c.flops_per_s, "clock.flops_per_s")
+    if c.durations == "fixed":
+        positive(c.forward_s, "clock.forward_s")
+        positive(c.backward_s, "clock.backward_s")
+
+
+def _check_faults(f: Any, p: int) -> None:
+    if f.straggler_rank >= p or f.crash_rank >= p:
+        raise ConfigError(f"faults name rank {max(f.straggler_rank, f.crash_rank)} but there are {p} ranks (0..{p - 1})")
+    if f.straggler_rank >= 0 and not (f.straggler_factor >= 1 and f.straggler_every >= 0 and f.straggler_burst >= 1):
+        raise ConfigError(f"faults.straggler_factor={f.straggler_factor} must be >= 1, straggler_every >= 0, "
+                          "straggler_burst >= 1")
+
+
+def _partition(cfg: Any, schedule: Schedule) -> list[tuple[int, int]]:
+    """Block ranges of the schedule's model stages (several per rank for interleaved schedules).
+
+    ``pipeline.partition`` lists blocks per model stage: ``pipeline.stages`` entries, or
+    ``pipeline.stages x schedule.virtual_stages`` for interleaved schedules."""
+    m, p = cfg.model, cfg.pipeline
+    if schedule.n_stages != p.stages and schedule.n_stages > m.n_layer:  # every chunk needs a block
+        raise ConfigError(
+            f"schedule={cfg.schedule.name} cuts the model into {schedule.n_stages} chunks (pipeline.stages="
+            f"{p.stages} x schedule.virtual_stages) but model.n_layer={m.n_layer}; use more layers or fewer "
+            "virtual stages"
+        )
+    return partition_layers(m.n_layer, schedule.n_stages, p.partition)
+
+
+def _check_codec(compress: Any, direction: str) -> Any:
+    spec = plain(compress[direction] if hasattr(compress, "__getitem__") else getattr(compress, direction))
+    try:
+        codec = build_codec(spec)
+    except ConfigError as e:
+        raise ConfigError(f"compress.{direction}: {e}") from None
+    if direction not in codec.directions:
+        raise ConfigError(
+            f"compress.{direction}: codec {codec.name!r} is for {' and '.join(codec.directions)} only; "
+            f"pick another codec for compress/{direction}"
+        )
+    return spec
+
+
+def _check_outputs(cfg: Any) -> None:
+    if cfg.checkpoint.every < 0 or cfg.checkpoint.keep < 1:
+        raise ConfigError(f"checkpoint.every={cfg.checkpoint.every} must be >= 0 and checkpoint.keep="
+                          f"{cfg.checkpoint.keep} >= 1")
+    if cfg.schedule.name == "pipedream_2bw" and (cfg.resume or cfg.checkpoint.every):
+        raise ConfigError(
+            "schedule=pipedream_2bw keeps microbatches and weight versions in flight across steps, which "
+            "checkpoints do not hold yet; use checkpoint.every=0 and resume=false"
+        )
+    if cfg.compress.error_every < 0:
+        raise ConfigError(f"compress.error_every={cfg.compress.error_every} must be >= 0 (0 = never)")
+    base = cfg.compress.baseline_run
+    if base is not None and not (Path(base) / "summary.json").is_file():
+        raise ConfigError(f"compress.baseline_run={base!r} holds no summary.json; "
+                          "give the folder of a finished uncompressed run")
