@@ -3,10 +3,11 @@
 
     python scripts/bench_overhead.py [--steps 30] [--warmup 5] [--rounds 1] [--schedules gpipe 1f1b]
 
-Model: the tiny GPT of REFERENCES.md (6 layers, n_embd 128, 4 heads, block 128, batch 8 = 4
-microbatches of 2 sequences), cut into 2 stages with lowbw.pipeline.partition.partition_layers,
-each stage a lowbw.models.gpt.GPTStage, loss = GPTStage.loss (cross-entropy), AdamW step every
-step; 2 processes on gloo, one thread each, no emulated delay. For each schedule (GPipe, 1F1B):
+Model: a small GPT (6 layers, n_embd 128, 4 heads, block 128, batch 8 = 4 microbatches of 2
+sequences; the model scripts/cpu_rate.py times on one thread), cut into 2 stages with
+lowbw.pipeline.partition.partition_layers, each stage a lowbw.models.gpt.GPTStage, loss =
+GPTStage.loss (cross-entropy), AdamW step every step; 2 processes on gloo, one thread each, no
+emulated delay. For each schedule (GPipe, 1F1B):
 
   (a) lowbw:  lowbw.train.run with net=ideal clock=wall (its executor and transport);
   (b) torch:  torch.distributed.pipelining PipelineStage + ScheduleGPipe / Schedule1F1B.

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lowbw.compress import CODECS, build_codec
-from lowbw.compress.payload import packed_size
+from lowbw.compress.payload import packed_size, unpack
 from lowbw.errors import ConfigError
 
 torch.set_num_threads(1)
@@ -181,6 +181,31 @@ def test_payload_bytes_equal_the_formula(spec, expected):
     assert codec.estimate_ratio(SHAPE, torch.float32) == pytest.approx(4 * N / expected, rel=1e-12)
 
 
+def int8_wire_ratio(shape: tuple[int, ...]) -> tuple[int, int]:
+    """(bytes of the uncompressed float32 payload, bytes of the int8 payload) for a tensor of ``shape``,
+    from the payload layout alone: ``none`` packs the tensor itself; ``int8`` packs an int64 meta
+    ``[dtype, *shape]``, a (min, max) bfloat16 pair per block of 64 entries and one uint8 code an entry."""
+    n = math.prod(shape)
+    blocks = -(-n // 64)
+    raw = packed_size([(torch.float32, shape)])
+    int8 = packed_size([(torch.int64, (1 + len(shape),)), (torch.bfloat16, (blocks, 2)), (torch.uint8, (blocks * 64,))])
+    return raw, int8
+
+
+def test_int8_ratio_at_the_default_boundary_is_the_payload_layout_ratio():
+    # the default run's boundary tensor: 2 sequences (batch 8 / 4 microbatches) x 64 bytes x n_embd 64
+    shape = (2, 64, 64)
+    raw, int8 = int8_wire_ratio(shape)
+    x = real_activations(0, shape)
+    assert build_codec("none").encode(x).numel() == raw
+    assert build_codec("int8").encode(x).numel() == int8
+    assert build_codec("int8").estimate_ratio(shape, torch.float32) == pytest.approx(4 * 8192 / int8, rel=1e-12)
+    # the fixed headers keep a small tensor's ratio below the large-tensor limit 4 * 64 / (64 + 4)
+    assert raw / int8 < 4 * 64 / 68
+    big_raw, big_int8 = int8_wire_ratio(SHAPE)
+    assert raw / int8 < big_raw / big_int8 < 4 * 64 / 68
+
+
 def test_bit_packing_really_stores_int4_in_half_a_byte_and_int2_in_a_quarter():
     x = torch.randn(SHAPE)
     sizes = {b: build_codec({"name": f"int{b}"}).encode(x).numel() for b in (8, 4, 2)}
@@ -278,6 +303,40 @@ def test_powersgd_warm_start_converges_to_the_best_rank_r_approximation():
     errs = [rel_err(y, x) for x, y, _, _ in run({"name": "powersgd", "rank": 4}, m, steps=8)]
     assert errs[0] > 1.02 * best
     assert errs[-1] < 1.02 * best
+
+
+@pytest.mark.parametrize("spec", [{"name": "powersgd", "rank": 4},
+                                  {"name": "powersgd", "rank": 2, "factor_dtype": "bfloat16"}], ids=_id)
+def test_powersgd_bound_is_the_residual_of_the_sent_subspace_and_beats_no_svd(spec):
+    u_f = {"float32": 2.0**-24, "bfloat16": 2.0**-8}[spec.get("factor_dtype", "float32")]
+    r = spec["rank"]
+    rounding = 3 * u_f * (math.sqrt(r) + 1) + 1e-4  # what 16-bit factors can add or take away, with margin
+    for x, y, bound, _ in run(spec, real_activations(), steps=3):
+        err = rel_err(y, x)
+        assert err <= bound <= err + rounding  # tight: the bound is the error up to rounding
+        assert bound < 0.7  # far from the trivial ||x_hat - x|| <= ||x|| of any projection
+        s = torch.linalg.svdvals(x.double().reshape(-1, x.shape[-1]))
+        assert err >= float(s[r:].norm() / s.norm()) - rounding  # Eckart-Young: no rank-r matrix does better
+
+
+def test_powersgd_bound_catches_a_receiver_that_decodes_a_damaged_or_stale_factor():
+    snd = build_codec({"name": "powersgd", "rank": 4})
+    x0 = real_activations(0)
+    x1 = 1.01 * x0 + 0.05 * random_tensor(5)  # the next, slightly different activation
+    for _ in range(3):  # a warm-started sender, as in training
+        old_q = unpack(snd.encode(x0))[2].clone()
+    bound = snd.error_bound(x1)
+    payload = snd.encode(x1)
+    assert rel_err(build_codec("powersgd").decode(payload), x1) <= bound
+    _, _, q = unpack(payload)  # views into the payload
+    fresh_q = q.clone()
+    q[:, -1] = 0  # the weakest direction lost on the way
+    dropped = rel_err(build_codec("powersgd").decode(payload), x1)
+    q.copy_(old_q)  # the previous message's Q with this message's P
+    stale = rel_err(build_codec("powersgd").decode(payload), x1)
+    q.copy_(fresh_q)
+    for wrong in (dropped, stale):
+        assert bound < wrong < 1.0  # caught by the bound; a bound of 1 (any projection) would miss it
 
 
 def test_powersgd_receiver_keeps_no_state_because_payload_carries_p_and_q():

@@ -1,13 +1,20 @@
-"""Energy accounting: arithmetic, bubbles, network models, meter selection (no GPU / RAPL needed)."""
+"""Energy accounting: arithmetic, bubbles, network models, meter selection (no GPU / RAPL needed).
+
+The timelines accounted here are the program's own: schedules from ``build_schedule`` played by the
+player (``lowbw.pipeline.validate.play``) with planned durations, message sizes and link models, as
+lowbw-simulate plays them -- sends are instants on the sender, the time on the link is the receiver's
+``recv_wait``. The expected joules are derived from the schedule and the link formula by hand."""
 
 from __future__ import annotations
 
 import glob
 import json
+import math
 import os
+from types import SimpleNamespace
 
-import numpy as np
 import pytest
+import torch
 
 from lowbw.energy import (
     MEASURED, MODELLED, PROFILES, HardwareProfile, IntensityModel, Measurement, NullMeter, PowerModel,
@@ -15,49 +22,81 @@ from lowbw.energy import (
     select_meter,
 )
 from lowbw.energy.account import timeline_usage, union_length
+from lowbw.compress import build_codec
+from lowbw.config import NetConfig
 from lowbw.energy.meters import find_rapl_zones, rapl_source
 from lowbw.errors import ConfigError
-from lowbw.metrics.timeline import Event, Timeline
+from lowbw.metrics.timeline import Timeline
+from lowbw.net.link import LinkModel
+from lowbw.net.topology import Topology
+from lowbw.pipeline.actions import Kind
+from lowbw.pipeline.durations import action_seconds
+from lowbw.pipeline.schedules import build_schedule
+from lowbw.pipeline.validate import play
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
 
 # A profile with round numbers so the expected joules are obvious.
 TOY = HardwareProfile(name="toy", peak_flops=1e12, mfu=0.5, busy_power_w=100.0, idle_power_w=10.0,
                       memory_bytes=10**9, sources={"all": "test numbers"})
+JOULES_PER_BYTE = 0.06 * 3.6e6 / 1e9  # the intensity model's default: 0.06 kWh/GB = 2.16e-4 J/B
+
+IDEAL = NetConfig(name="ideal", latency_ms=0.0, uplink_mbps=math.inf, downlink_mbps=math.inf)
+# 100 ms one way; 8 Mbit/s up puts 1 MB on the wire in exactly 1 s; a downlink 10x faster never queues
+SLOW = NetConfig(name="slow", latency_ms=100.0, uplink_mbps=8.0, downlink_mbps=80.0)
 
 
-def two_rank_timeline() -> Timeline:
-    """Rank 0 busy 3 s of a 10 s span (one overlap that must count once), rank 1 busy 5 s; rank 0 sends
-    1e6 bytes to rank 1 and rank 1 sends 5e5 back."""
-    tl = Timeline("virtual", 2)
-    tl.add(Event(0, "forward", 0.0, 2.0, 0))
-    tl.add(Event(0, "encode", 1.5, 3.0, 0))  # overlaps the forward by 0.5 s
-    tl.add(Event(0, "send", 3.0, 4.0, 0, nbytes=1_000_000, peer=1))
-    tl.add(Event(1, "recv_wait", 0.0, 4.0, 0, peer=0))
-    tl.add(Event(1, "forward", 4.0, 6.0, 0))
-    tl.add(Event(1, "backward", 6.0, 9.0, 0))
-    tl.add(Event(1, "send", 9.0, 10.0, 0, nbytes=500_000, peer=0))
+def played(name: str, p: int, m: int, net: NetConfig = IDEAL, forward_s: float = 1.0, backward_s: float = 2.0,
+           fwd_bytes: int = 0, bwd_bytes: int = 0, steps: int = 1) -> Timeline:
+    """What lowbw-simulate plays: the registered schedule, each step through the player with planned
+    durations, fixed message sizes per direction and one LinkModel per rank carried from step to step."""
+    sched = build_schedule(SimpleNamespace(name=name, csv=None), p, m)
+    topo = Topology.from_config(net, p)
+    links = {r: LinkModel(topo, r) for r in range(p)}
+    size = {Kind.SEND_F: fwd_bytes, Kind.SEND_B: bwd_bytes}
+    tl = Timeline("virtual", p)
+    start = {r: 0.0 for r in range(p)}
+    for step in range(steps):
+        play(sched, lambda r, a: action_seconds(a.kind, forward_s, backward_s), lambda a: size[a.kind], links,
+             start, step, tl)
+        start = {r: max(e.end for e in tl.events if e.rank == r) for r in range(p)}
     return tl
 
 
+def two_rank_step(t_f: float = 2.0, t_b: float = 3.0, fwd: int = 1_000_000, bwd: int = 500_000) -> Timeline:
+    """GPipe, 2 stages, 1 microbatch over SLOW links: rank 0 sends ``fwd`` bytes of activations, rank 1
+    sends ``bwd`` bytes of gradients back."""
+    return played("gpipe", 2, 1, SLOW, t_f, t_b, fwd, bwd)
+
+
+def two_rank_span(t_f: float = 2.0, t_b: float = 3.0, fwd: int = 1_000_000, bwd: int = 500_000) -> float:
+    """The step by hand: F on rank 0, the activations cross (8 b / uplink + latency), F and B on rank 1,
+    the gradients cross back, B on rank 0; the downlink is fast enough to add nothing."""
+    up, lat = SLOW.uplink_mbps * 1e6, SLOW.latency_ms / 1e3
+    return t_f + (8 * fwd / up + lat) + t_f + t_b + (8 * bwd / up + lat) + t_b
+
+
 # ------------------------------------------------------------------------------------ arithmetic
-def test_accounting_arithmetic_on_hand_built_timeline_gives_known_joules():
-    tl = two_rank_timeline()
+def test_accounting_a_played_step_gives_the_joules_of_its_arithmetic():
+    t_f, t_b = 2.0, 3.0
+    tl = two_rank_step(t_f, t_b)
+    # what the player records: sends are instants on the sender, the link's time is the receiver's wait
+    assert all(e.duration == 0 for e in tl.events if e.kind == "send")
+    assert max(e.duration for e in tl.events if e.kind == "recv_wait") > 0
     rep = account_timeline(tl, TOY, network={"name": "intensity", "kwh_per_gb": 0.06}, tokens=1000)
-    assert rep.span_s == pytest.approx(10.0)
+    span, busy = two_rank_span(t_f, t_b), t_f + t_b
+    assert rep.span_s == pytest.approx(span)
+    for node in rep.nodes:
+        assert (node.busy_s, node.idle_s) == pytest.approx((busy, span - busy))
+        assert node.compute_j == pytest.approx(100.0 * busy) and node.idle_j == pytest.approx(10.0 * (span - busy))
     r0, r1 = rep.nodes
-    assert (r0.busy_s, r0.idle_s) == pytest.approx((3.0, 7.0))
-    assert (r1.busy_s, r1.idle_s) == pytest.approx((5.0, 5.0))
-    assert r0.compute_j == pytest.approx(300.0) and r0.idle_j == pytest.approx(70.0)
-    assert r1.compute_j == pytest.approx(500.0) and r1.idle_j == pytest.approx(50.0)
-    jpb = 0.06 * 3.6e6 / 1e9  # 2.16e-4 J/B
-    assert r0.network_j == pytest.approx(1_000_000 * jpb)  # charged to the sender
-    assert r1.network_j == pytest.approx(500_000 * jpb)
-    assert rep.network_j == pytest.approx(1_500_000 * jpb)
-    expected = 300 + 70 + 500 + 50 + 1_500_000 * jpb
+    assert r0.network_j == pytest.approx(1_000_000 * JOULES_PER_BYTE)  # charged to the sender
+    assert r1.network_j == pytest.approx(500_000 * JOULES_PER_BYTE)
+    assert rep.network_j == pytest.approx(1_500_000 * JOULES_PER_BYTE)
+    expected = 2 * (100.0 * busy + 10.0 * (span - busy)) + 1_500_000 * JOULES_PER_BYTE
     assert rep.total_j == pytest.approx(expected)
     assert rep.j_per_token == pytest.approx(expected / 1000)
-    assert rep.idle_fraction == pytest.approx(12 / 20)
+    assert rep.idle_fraction == pytest.approx((span - busy) / span)
     assert set(rep.source.values()) == {MODELLED} and rep.label == MODELLED
     assert rep.measured_j is None
     d = json.loads(json.dumps(rep.to_dict()))  # JSON-ready for summary.json
@@ -68,22 +107,34 @@ def test_accounting_arithmetic_on_hand_built_timeline_gives_known_joules():
 
 
 def test_account_from_plain_numbers_matches_account_timeline():
-    tl = two_rank_timeline()
+    tl = two_rank_step()
+    span, busy = two_rank_span(), 5.0
     u = timeline_usage(tl)
-    assert u.busy_s == pytest.approx([3.0, 5.0])
+    assert u.busy_s == pytest.approx([busy, busy])
     assert u.link_bytes == {(0, 1): 1_000_000, (1, 0): 500_000}
-    assert u.link_busy_s == {(0, 1): pytest.approx(2.0)}
-    a = account([3.0, 5.0], 10.0, "h100", "intensity", 1000, link_bytes=u.link_bytes)
+    a = account([busy, busy], span, "h100", "intensity", 1000, link_bytes=u.link_bytes)
     b = account_timeline(tl, "h100", "intensity", 1000)
     assert a.total_j == pytest.approx(b.total_j)
     h = PROFILES["h100"]
-    assert a.device_j == pytest.approx(h.busy_power_w * 8 + h.idle_power_w * 12)
+    assert a.device_j == pytest.approx(h.busy_power_w * 2 * busy + h.idle_power_w * 2 * (span - busy))
 
 
 def test_explicit_span_charges_setup_and_tail_as_idle():
-    rep = account_timeline(two_rank_timeline(), TOY, tokens=1, span=(-2.0, 12.0))
-    assert rep.span_s == pytest.approx(14.0)
-    assert rep.nodes[0].idle_s == pytest.approx(11.0)
+    span = two_rank_span()
+    rep = account_timeline(two_rank_step(), TOY, tokens=1, span=(-2.0, span + 1.0))
+    assert rep.span_s == pytest.approx(span + 3.0)
+    assert rep.nodes[0].idle_s == pytest.approx(span + 3.0 - 5.0)
+
+
+@pytest.mark.xfail(strict=True, reason="known defect: sends are instants on the timeline (the link's time is the "
+                   "receiver's recv_wait), so timeline_usage finds no link busy time, and lowbw-train and "
+                   "lowbw-simulate pass none to account(): energy.power.mode=busy charges no fixed power at all")
+def test_power_model_busy_mode_charges_fixed_power_while_a_played_transfer_is_on_the_wire():
+    # 1 MB and 0.5 MB at 8 Mbit/s: the link between ranks 0 and 1 carries bytes for 1.5 s of the step
+    on_wire = 8 * 1_500_000 / (SLOW.uplink_mbps * 1e6)
+    pm = PowerModel(mode="busy", capacity_mbps=None, marginal_j_per_bit=0.0)
+    rep = account_timeline(two_rank_step(), TOY, pm, tokens=1)
+    assert rep.network_j == pytest.approx(pm.link_power_w() * on_wire)
 
 
 def test_heterogeneous_nodes_use_their_own_powers():
@@ -105,67 +156,60 @@ def test_union_length_counts_overlaps_once():
 
 
 # --------------------------------------------------------------------------------------- bubbles
-def gpipe_timeline(p: int, m: int, t_f: float = 1.0, t_b: float = 2.0, nbytes: int = 0) -> Timeline:
-    """GPipe in the virtual clock with fixed durations: all forwards, then all backwards (flush)."""
-    tl = Timeline("virtual", p)
-    f_end = np.zeros((p, m))
-    for s in range(p):
-        for j in range(m):
-            start = max(f_end[s - 1, j] if s else 0.0, f_end[s, j - 1] if j else 0.0)
-            f_end[s, j] = start + t_f
-            tl.add(Event(s, "forward", start, f_end[s, j], 0, label=f"{j}F{s}"))
-            if s + 1 < p and nbytes:
-                tl.add(Event(s, "send", f_end[s, j], f_end[s, j], 0, nbytes=nbytes, peer=s + 1))
-    b_end = np.zeros((p, m))
-    for s in reversed(range(p)):
-        for j in range(m):
-            start = max(b_end[s + 1, j] if s + 1 < p else 0.0, b_end[s, j - 1] if j else 0.0, f_end[s, m - 1])
-            b_end[s, j] = start + t_b
-            tl.add(Event(s, "backward", start, b_end[s, j], 0, label=f"{j}B{s}"))
-    return tl
+def bubble(p: int, m: int) -> float:
+    """GPipe's and 1F1B's idle fraction with equal stage times and free links (Huang et al. 2019;
+    Narayanan et al. 2021): (p - 1) / (m + p - 1)."""
+    return (p - 1) / (m + p - 1)
 
 
+@pytest.mark.parametrize("name", ["gpipe", "1f1b"])
 @pytest.mark.parametrize("p", [2, 4])
-def test_gpipe_idle_fraction_matches_bubble_formula(p):
+def test_idle_fraction_of_a_played_schedule_matches_the_bubble_formula(name, p):
     for m in (1, 2, 16):
-        rep = account_timeline(gpipe_timeline(p, m), TOY, tokens=m * 128)
-        assert rep.span_s == pytest.approx((m + p - 1) * 3.0)
-        assert rep.idle_fraction == pytest.approx((p - 1) / (m + p - 1))
+        rep = account_timeline(played(name, p, m), TOY, tokens=m * 128)
+        assert rep.span_s == pytest.approx((m + p - 1) * (1.0 + 2.0))
+        assert rep.idle_fraction == pytest.approx(bubble(p, m))
 
 
+@pytest.mark.parametrize("name", ["gpipe", "1f1b"])
 @pytest.mark.parametrize("p", [2, 4, 8])
-def test_idle_energy_grows_with_bubble_by_the_formula_ratio(p):
+def test_idle_energy_grows_with_bubble_by_the_formula_ratio(name, p):
     tokens_per_mb = 1024
 
-    def idle_j_per_token(m):
-        rep = account_timeline(gpipe_timeline(p, m), "h100", tokens=m * tokens_per_mb)
+    def per_token(m):
+        rep = account_timeline(played(name, p, m), "h100", tokens=m * tokens_per_mb)
         return rep.idle_j / rep.tokens, rep.compute_j / rep.tokens
 
     def predicted(m):  # idle fraction x span per token; span = (m + p - 1)(t_f + t_b)
-        return (p - 1) / (m + p - 1) * (m + p - 1) / m
+        return bubble(p, m) * (m + p - 1) / m
 
-    few, compute_few = idle_j_per_token(2)
-    many, compute_many = idle_j_per_token(16)
+    few, compute_few = per_token(2)
+    many, compute_many = per_token(16)
     assert few > many
     assert few / many == pytest.approx(predicted(2) / predicted(16))  # = 8 for any p
     assert compute_few == pytest.approx(compute_many)  # busy energy per token does not depend on m
 
 
 # --------------------------------------------------------------------------------------- network
-def test_network_energy_is_proportional_to_bytes_under_intensity_model():
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((8, 128, 256)).astype(np.float32)  # an activation, float32 on the wire
-    scale = np.abs(x).max(axis=-1, keepdims=True) / 127.0
-    q = np.round(x / scale).astype(np.int8)  # int8 payload + one float32 scale per row
-    fp32_bytes = x.nbytes
-    int8_bytes = q.nbytes + scale.astype(np.float32).nbytes
-    p = 4
-    rep32 = account_timeline(gpipe_timeline(p, 8, nbytes=fp32_bytes), TOY, "intensity", tokens=8 * 128)
-    rep8 = account_timeline(gpipe_timeline(p, 8, nbytes=int8_bytes), TOY, "intensity", tokens=8 * 128)
-    assert rep32.network_j == pytest.approx(3 * 8 * fp32_bytes * 0.06 * 3.6e-3)
-    assert rep8.network_j / rep32.network_j == pytest.approx(int8_bytes / fp32_bytes)
-    assert rep8.network_j / rep32.network_j == pytest.approx(0.25, abs=0.01)
-    assert rep8.device_j == pytest.approx(rep32.device_j)  # same timeline, only bytes differ
+def test_network_energy_is_proportional_to_the_bytes_the_codecs_put_on_the_wire():
+    x = torch.randn(8, 128, 256, generator=torch.Generator().manual_seed(0))  # one microbatch's activation
+    wire = {name: build_codec(name).encode(x).numel() for name in ("none", "int8")}
+    p, m = 4, 8
+    messages = 2 * (p - 1) * m  # every boundary, every microbatch, activations forward and gradients back
+
+    def run(codec, net):
+        tl = played("1f1b", p, m, net, 0.05, 0.1, wire[codec], wire[codec], steps=2)
+        return account_timeline(tl, TOY, "intensity", tokens=2 * m * 128)
+
+    full, int8 = run("none", IDEAL), run("int8", IDEAL)
+    assert full.network_j == pytest.approx(2 * messages * wire["none"] * JOULES_PER_BYTE)
+    assert int8.network_j / full.network_j == pytest.approx(wire["int8"] / wire["none"])
+    assert int8.device_j == pytest.approx(full.device_j)  # free links: the same timeline, only bytes differ
+    # on slow links fewer bytes also shorten the waits: the same compute, less idle energy
+    full, int8 = run("none", SLOW), run("int8", SLOW)
+    assert int8.network_j / full.network_j == pytest.approx(wire["int8"] / wire["none"])
+    assert int8.compute_j == pytest.approx(full.compute_j)
+    assert int8.span_s < full.span_s and int8.idle_j < full.idle_j
 
 
 def test_published_example_2kb_per_token_is_044_joules_under_intensity():

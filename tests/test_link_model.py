@@ -31,7 +31,7 @@ def test_virtual_delivery_equals_formula_pipelined():
         timing = sender.send(1, b, t_send)
         assert timing.start == start and timing.tx_done == free
         got.append(receiver.deliver(0, b, timing.arrival))
-        assert got[-1] == free + lat  # DESIGN.md: delivery = uplink_free + latency, exactly
+        assert got[-1] == free + lat  # docs/architecture.md: delivery = uplink_free + latency, exactly
     assert got == [0.4 + lat, 0.8 + lat, 2.4 + lat]
 
 

@@ -13,6 +13,7 @@ from lowbw.errors import ConfigError
 from lowbw.pipeline.actions import Action, Kind, Schedule
 from lowbw.pipeline.schedules import SCHEDULES, build_schedule
 from lowbw.pipeline.validate import play, validate_schedule
+from lowbw.testing import torch_private
 
 # (name, params) of every generated training schedule; interleaved with two chunk counts.
 VARIANTS = [
@@ -222,15 +223,17 @@ def test_csv_reader_skips_torch_bookkeeping_actions(tmp_path):
     validate_schedule(sched)
 
 
+# torch's CSV reader/writer and its "fake" process group are private APIs: lowbw.testing.torch_private
+# checks they are still there; without them these tests skip, saying what torch lacks.
+TORCH_PRIVATE_MISSING = torch_private.unavailable("csv", "fake_process_group")
+needs_torch_private = pytest.mark.skipif(TORCH_PRIVATE_MISSING is not None, reason=TORCH_PRIVATE_MISSING or "")
+
+
 @pytest.fixture(scope="module")
 def fake_group():
     """A 4-rank 'fake' process group in this process: enough for torch to build and dump schedules."""
-    import torch.distributed as dist
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
-    dist.init_process_group("fake", rank=0, world_size=4, store=FakeStore())
-    yield 4
-    dist.destroy_process_group()
+    with torch_private.fake_process_group(4) as world:
+        yield world
 
 
 def _torch_stages(p: int, v: int):
@@ -243,6 +246,7 @@ def _loss(out, target):
     return out.sum()
 
 
+@needs_torch_private
 @pytest.mark.parametrize("torch_cls,name,v", [
     ("ScheduleInterleaved1F1B", "interleaved_1f1b", 2),
     ("ScheduleInterleaved1F1B", "interleaved_1f1b", 3),
@@ -258,28 +262,44 @@ def test_torch_dumped_csv_loads_in_lowbw_as_the_same_schedule(tmp_path, fake_gro
     mine = make(name, p, m, **params)
     for fmt in ("compute_comms", "compute_only"):
         path = tmp_path / f"torch_{fmt}.csv"
-        torch_sched._dump_csv(str(path), format=fmt)
+        torch_private.dump_csv(torch_sched, path, fmt)
         theirs = Schedule.from_csv(path)
         validate_schedule(theirs)
         assert theirs.actions == mine.actions, fmt  # same order, receives placed where lowbw waits for them
         assert max(e.end for e in play(theirs).events) == max(e.end for e in play(mine).events)
 
 
+@needs_torch_private
 @pytest.mark.parametrize("name,params", VARIANTS)
 def test_lowbw_csv_loads_in_torch(tmp_path, fake_group, name, params):
-    from torch.distributed.pipelining.schedules import _PipelineScheduleRuntime
-
     p, v = fake_group, params.get("virtual_stages", 1)
     mine = make(name, p, 8, **params)
     for compute_only in (False, True):
         path = tmp_path / f"mine_{compute_only}.csv"
         mine.to_csv(path, compute_only=compute_only)
-        rt = _PipelineScheduleRuntime(_torch_stages(p, v), 8, loss_fn=_loss)
-        rt._load_csv(str(path), format="compute_only" if compute_only else "compute_comms")
+        rt = torch_private.schedule_runtime(_torch_stages(p, v), 8, _loss)
+        torch_private.load_csv(rt, path, "compute_only" if compute_only else "compute_comms")
         assert rt.stage_index_to_group_rank == dict(enumerate(mine.stage_to_rank))
         back = tmp_path / f"back_{compute_only}.csv"
-        rt._dump_csv(str(back), format="compute_comms")  # torch's own lowering of our schedule
+        torch_private.dump_csv(rt, back, "compute_comms")  # torch's own lowering of our schedule
         assert Schedule.from_csv(back).actions == mine.actions
+
+
+def test_missing_private_torch_api_is_named_in_one_sentence_with_the_versions_checked(monkeypatch):
+    import torch.distributed.pipelining.schedules as ts  # here, not at the top: a slow import few tests need
+
+    monkeypatch.setattr(torch, "__version__", "9.1.0")
+    monkeypatch.setattr(ts._PipelineScheduleRuntime, "_load_csv", lambda self, filename: None)  # format= gone
+    why = torch_private.unavailable("csv")
+    assert why is not None and why.count(". ") == 0
+    assert "torch 9.1.0" in why and "_PipelineScheduleRuntime._load_csv(filename, format=...)" in why
+    assert f"torch {', '.join(torch_private.CHECKED_ON)} only" in why  # the versions it was checked on
+    with pytest.raises(torch_private.PrivateAPIUnavailable, match="_load_csv"):
+        torch_private.schedule_runtime([], 1, _loss)
+    monkeypatch.delattr(ts, "_PipelineScheduleRuntime")
+    assert "pipelining.schedules._PipelineScheduleRuntime" in torch_private.unavailable("csv")
+    monkeypatch.setattr(torch_private, "_FAKE_PG", "torch.testing._internal.distributed.no_such_module")
+    assert "FakeStore" in torch_private.unavailable("fake_process_group")
 
 
 def test_registered_schedules_include_the_new_ones():

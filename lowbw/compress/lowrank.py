@@ -12,11 +12,15 @@ message's ``M``, which the receiver never sees -- so the payload carries ``P`` *
 time, and the receiver keeps no state at all (nothing can drift out of step). The warm start is
 the sender's alone. Bytes: ``(n + d)·r·sizeof(factor_dtype)`` + header, ``r = min(rank, n, d)``.
 
-Bound: ``x̂`` is an orthogonal projection of ``M``, so ``‖x̂ − M‖ ≤ ‖M‖`` always, with equality
-only if ``M`` is orthogonal to everything kept; inputs of rank ≤ r come back exactly (up to float
-rounding), and repeated calls on similar inputs converge to the best rank-r approximation (subspace
-iteration). 16-bit factors add at most ``u·(sqrt(r)+1)·‖M‖`` (u: unit roundoff). This codec only
-pays off when activations are close to low rank; there is no error feedback.
+Bound: ``x̂`` is (up to rounding) the orthogonal projection of ``M`` onto ``span P``, so
+``‖x̂ − M‖ ≤ ‖M‖`` always -- a bound no test can catch failing. :meth:`PowerSGD.error_bound`
+gives the tight one instead: it computes the ``P`` this message would carry (same warm start, same
+float32 operations, state untouched), the residual ``‖M − P·Pᵀ·M‖`` in float64, and adds what
+float32 arithmetic and the casts can add (see :func:`_rounding_slack`). A receiver that decodes
+anything but ``P·Qᵀ`` (a factor dropped, a stale ``Q``) exceeds it. Inputs of rank ≤ r come back
+exactly (up to float rounding), and repeated calls on similar inputs converge to the best rank-r
+approximation (subspace iteration). This codec only pays off when activations are close to low
+rank; there is no error feedback.
 """
 
 from __future__ import annotations
@@ -31,6 +35,40 @@ from lowbw.compress.base import Codec, register_codec
 from lowbw.compress.payload import pack, packed_size, unpack
 
 _UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+# (unit roundoff, half the smallest subnormal) of the final cast to a 16-bit input dtype (IEEE 754 binary16;
+# bfloat16 has float32's exponent range)
+_OUTPUT_ROUNDING = {torch.float16: (2.0**-11, 2.0**-25), torch.bfloat16: (2.0**-8, 2.0**-134)}
+
+
+def _gamma(k: int, u: float) -> float:
+    """Higham's γ_k = k·u / (1 − k·u): relative error bound of a k-term sum or dot product in precision u."""
+    return k * u / (1 - k * u)
+
+
+def _rounding_slack(shape: tuple[int, int], r: int, factor_dtype: torch.dtype, out_dtype: torch.dtype,
+                    m_norm: float, p: torch.Tensor, q_norm: float) -> float:
+    """Upper bound on ‖x̂ − P·(Mᵀ·P)ᵀ‖ (Frobenius) from float32 arithmetic and the casts.
+
+    Standard error analysis (Higham, "Accuracy and Stability of Numerical Algorithms", 2nd ed. 2002,
+    Sec. 3.5: ``|fl(AB) − AB| ≤ γ_k·|A|·|B|`` for inner dimension k), with ``‖ |A|·|B| ‖_F ≤
+    ‖A‖_F·‖B‖_F``: Q = fl(Mᵀ·P) errs by at most ``γ_n·‖M‖·‖P‖_F``; casting P and Q to
+    ``factor_dtype`` by ``u_f`` of each; the receiver's float32 product P·Qᵀ (inner dimension r) by
+    ``γ_r·‖P‖_F·‖Q‖_F``; the cast to a 16-bit input dtype by ``u_out·‖x̂‖`` plus half its smallest
+    subnormal per entry. ``p`` is the float32 P held in float64, ``q_norm`` = ‖Mᵀ·P‖ in float64 (whose
+    own errors are 2^29 times smaller than the float32 terms and covered by them). Assumes float32
+    matmuls really run in float32 (no TF32).
+    """
+    (n, d), u32, u_f = shape, _UNIT_ROUNDOFF[torch.float32], _UNIT_ROUNDOFF[factor_dtype]
+    u_out, tiny = _OUTPUT_ROUNDING.get(out_dtype, (0.0, 0.0))  # float32, float64: no cast after the product
+    p_f = float(p.norm())
+    p_2 = float(torch.linalg.matrix_norm(p, 2)) if p.numel() else 0.0
+    dq_matmul = _gamma(n, u32) * m_norm * p_f
+    q32 = q_norm + dq_matmul  # ‖Q‖ as computed, at most
+    dq_cast, dp_cast = u_f * q32, u_f * p_f
+    factors = dp_cast * q32 * (1 + u_f) + p_2 * (dq_matmul + dq_cast)
+    product = _gamma(r, u32) * p_f * q32 * (1 + u_f) ** 2
+    before_cast = factors + product
+    return before_cast + u_out * (p_2 * q_norm + before_cast) + tiny * math.sqrt(n * d)
 
 
 def _matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
@@ -64,13 +102,17 @@ class PowerSGD(Codec):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + d)
         return torch.randn(d, r, generator=g).to(device)
 
+    def _factors(self, m: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(P, Q) of one power iteration from the current warm start, float32; the state is untouched."""
+        p = torch.linalg.qr(m @ self._warm_start(m.shape[1], r, m.device)).Q
+        return p, m.t() @ p
+
     def encode(self, x: torch.Tensor, sample_ids: torch.Tensor | None = None) -> torch.Tensor:
         _util.check_float(self.name, x)
         n, d = _matrix_shape(tuple(x.shape))
         r = self._r(n, d)
         m = x.detach().reshape(n, d).float()
-        p = torch.linalg.qr(m @ self._warm_start(d, r, x.device)).Q
-        q = m.t() @ p
+        p, q = self._factors(m, r)
         # a zero or non-finite column would stall the iteration forever: restart from random then
         if r and not (torch.isfinite(q).all() and bool((q.norm(dim=0) > 0).all())):
             self._q = None
@@ -93,10 +135,21 @@ class PowerSGD(Codec):
         return _util.numel(shape) * itemsize / self.payload_bytes(tuple(shape))
 
     def error_bound(self, x: torch.Tensor, sample_ids: torch.Tensor | None = None) -> float:
+        """``(‖M − P·Pᵀ·M‖ + ‖x − M‖ + rounding) / ‖x‖`` for the ``P`` the next message would carry."""
+        x64 = x.detach().double()
+        norm = float(x64.norm())
+        if norm == 0.0:
+            return 0.0
         n, d = _matrix_shape(tuple(x.shape))
-        u = _UNIT_ROUNDOFF[self.factor_dtype]
-        out_u = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}.get(x.dtype, 0.0)
-        return 1.0 + u * (math.sqrt(self._r(n, d)) + 1) * (1 + u) + out_u + 1e-4
+        r = self._r(n, d)
+        m = x.detach().reshape(n, d).float()
+        p, _ = self._factors(m, r)
+        m64, p64 = m.double(), p.double()
+        q64 = m64.t() @ p64  # the Q of exact arithmetic from the float32 P
+        residual = float((m64 - p64 @ q64.t()).norm())
+        to_float32 = float((x64.reshape(n, d) - m64).norm())  # nonzero for float64 inputs only
+        slack = _rounding_slack((n, d), r, self.factor_dtype, x.dtype, float(m64.norm()), p64, float(q64.norm()))
+        return (residual + to_float32 + slack) / norm
 
     def state_dict(self) -> dict[str, Any]:
         return {"q": self._q if self._q is not None else torch.zeros(0)}

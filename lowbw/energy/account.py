@@ -251,8 +251,9 @@ def timeline_usage(timeline: Timeline, span: tuple[float, float] | None = None) 
 
     ``span`` defaults to (earliest event start, latest event end) over all ranks. Only sends count
     bytes (a receive is the same bytes seen from the other end). Link busy time is the union of send
-    events in either direction; it is only as good as the send events' durations (the time the link
-    was transferring, in the virtual clock).
+    events in either direction; it is only as good as the send events' durations -- and the executor
+    and the player record sends as instants, so on their timelines it is 0 (a known defect of
+    ``energy.power.mode=busy``, docs/energy.md).
     """
     if span is None:
         if timeline.events:

@@ -172,14 +172,14 @@ register_profile(HardwareProfile(
     name="cpu_local", peak_flops=256e9, mfu=0.20, busy_power_w=7.0, idle_power_w=1.5,
     memory_bytes=24 * GB, precision="fp32", kind="cpu",
     sources={
-        "peak_flops": "derived: 2 vCPUs x 2.0 GHz x 64 fp32 FLOP/cycle (2 AVX-512 FMA units), lscpu of the "
-                      "dev VM (unverified peak; turbo not counted)",
-        "mfu": "rough: tiny GPT (6 layers, d=128) fwd+bwd ~150 ms on one thread (REFERENCES.md) ~ 50 GFLOP/s "
-               "by 6*N*tokens (unverified)",
+        "peak_flops": "derived: 2 vCPUs x 2.0 GHz x 64 fp32 FLOP/cycle (2 AVX-512 FMA units), lscpu of the VM "
+                      "the profile was written on (unverified peak; turbo not counted; other VMs of the class "
+                      "differ: docs/energy.md, cpu_local)",
+        "mfu": "rough: a 6-block GPT (d=128, T=128, batch 8) step ~150 ms on one thread of that VM ~ 50 GFLOP/s "
+               "(unverified); scripts/cpu_rate.py measures it: docs/energy.md, cpu_local",
         "busy_power_w": "Cloud Carbon Footprint methodology, AWS average max 3.5 W per vCPU x 2 vCPUs "
-                        "(unverified; excludes memory, disks, host overhead)",
-        "idle_power_w": "Cloud Carbon Footprint methodology, AWS average min 0.74 W per vCPU x 2 vCPUs "
-                        "(unverified)",
+                        "(excludes memory, disks, host overhead)",
+        "idle_power_w": "Cloud Carbon Footprint methodology, AWS average min 0.74 W per vCPU x 2 vCPUs",
         "memory_bytes": "dev VM MemTotal ~24 GB",
     },
 ))

@@ -14,7 +14,8 @@ Receiver side, in the order the receiver consumes messages (deterministic)::
     delivery      = max(arrival, downlink_free + 8 b / downlink_j)
     downlink_free = delivery
 
-With one incoming flow no faster than the downlink, delivery == arrival (the formula of DESIGN.md).
+With one incoming flow no faster than the downlink, delivery == arrival, which is uplink_free + latency
+when there is no jitter (pipelined; docs/architecture.md, "The link model").
 Times are seconds on whichever clock drives the model (virtual or wall): the model only does
 arithmetic, the clocks decide whether to sleep.
 """
