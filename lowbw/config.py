@@ -73,11 +73,13 @@ class RandomLinksConfig:
 
 @dataclass
 class NetEnergyConfig:
-    """The energy of the preset's link class, read by ``energy.network=link_class`` (docs/energy.md)."""
+    """The energy of the preset's link class, read by ``energy.network=link_class`` (docs/energy.md).
+    Defaults: home broadband, as configs/net/home.yaml, which gives the sources (Malmodin 2020)."""
 
-    link_class: str = "home"  # which kind of link the numbers describe: ideal | datacenter | lan | metro | wan | home
-    access_power_w: float = 18.0  # W per node that exchanges bytes, for the whole run: equipment the node holds (home router + access line + core share, Malmodin 2020)
-    j_per_bit: float = 7.0e-8  # J per bit sent: shared equipment on the path (here 2 access lines + IP core, Malmodin 2020)
+    link_class: str = "home"  # which kind of link the numbers describe: ideal | datacenter | lan | wan | home
+    # W per node that exchanges bytes, for the whole run: equipment the node holds (here a home broadband line)
+    access_power_w: float = 18.0
+    j_per_bit: float = 7.0e-8  # J per bit sent through equipment shared with other traffic (here 2 access lines + core)
     sources: dict[str, str] = field(default_factory=dict)  # number name -> where it comes from
 
 

@@ -14,9 +14,10 @@ The literature disagrees on how to charge network energy, and the choice changes
     because the access equipment is powered for longer.
 
 ``intensity``
-    Energy proportional to bytes: ``E = bytes * kWh/GB``. Default 0.06 kWh/GB, the 2015 estimate of
-    Aslan et al. (2018), which also reports the figure halving about every 2 years (``at_year``
-    extrapolates). Published estimates span 0.0064-136 kWh/GB (Coroama & Hilty 2014).
+    Energy proportional to bytes, whatever the link: ``E = bytes * kWh/GB`` (``energy=intensity``).
+    0.06 kWh/GB, the estimate of Aslan et al. (2018) for the year 2015, which also reports the figure
+    halving about every 2 years (``at_year`` extrapolates). Published estimates span 0.0064-136 kWh/GB
+    (Coroama & Hilty 2014).
 
 ``power``
     Mytton, Lunden & Malmodin (2024) argue network energy is not proportional to data volume:
@@ -25,8 +26,9 @@ The literature disagrees on how to charge network energy, and the choice changes
     ``link_power_w + capacity_w_per_mbps * capacity_mbps`` for as long as the run lasts
     (``mode: span``, the default: the line and its equipment are held by the run whether or not bytes
     flow) or only while a transfer is in flight (``mode: busy``, a lower bound), plus
-    ``marginal_j_per_bit`` for each bit sent. Default numbers from Malmodin (2020) fixed broadband, as
-    reproduced by Mytton et al.: per subscription 16.5 W home router (CPE) idle + 1.5 W fixed
+    ``marginal_j_per_bit`` for each bit sent (``energy=power``). Default numbers from Malmodin (2020)
+    fixed broadband, as reproduced in Mytton's notebook for the 2024 paper (docs/energy.md says where
+    they differ from the paper): per subscription 16.5 W home router (CPE) idle + 1.5 W fixed
     network baseline + 0.03 W per Mbps of line capacity, and 0.02 W per Mbps of traffic (= 2e-8 J/bit);
     a link has two ends: 2 * (16.5 + 1.5) = 36 W, 2 * 0.03 = 0.06 W/Mbps, at 100 Mbps: 42 W.
 
