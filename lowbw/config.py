@@ -70,6 +70,18 @@ class RandomLinksConfig:
 
 
 @dataclass
+class NetEnergyConfig:
+    """The energy of the preset's link class, read by ``energy.network=link_class`` (docs/energy.md).
+    Defaults: home broadband, as configs/net/home.yaml, which gives the sources (Malmodin 2020)."""
+
+    link_class: str = "home"  # which kind of link the numbers describe: ideal | datacenter | lan | wan | home
+    # W per node that exchanges bytes, for the whole run: equipment the node holds (here a home broadband line)
+    access_power_w: float = 18.0
+    j_per_bit: float = 7.0e-8  # J per bit sent through equipment shared with other traffic (here 2 access lines + core)
+    sources: dict[str, str] = field(default_factory=dict)  # number name -> where it comes from
+
+
+@dataclass
 class NetConfig:
     name: str = "home"
     semantics: str = "pipelined"  # pipelined: latencies overlap (open TCP window) | serialized: 8b/B + latency per message
@@ -83,6 +95,7 @@ class NetConfig:
     emulate: bool = True  # false: no emulated delay on top of the real transport (real WAN runs)
     loss_rate: float = 0.0  # packet loss probability; caps each pair at the Mathis TCP ceiling (lowbw/net/conditions.py)
     mss_bytes: int = 1460  # TCP maximum segment size for the Mathis ceiling, bytes (Ethernet MTU 1500 - 40)
+    energy: NetEnergyConfig = field(default_factory=NetEnergyConfig)  # network energy of this link class (W, J/bit)
 
 
 @dataclass

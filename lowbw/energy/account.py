@@ -92,6 +92,16 @@ class EnergyReport:
         return sum(link.total_j for link in self.links)
 
     @property
+    def network_fixed_j(self) -> float:
+        """The network part that grows with the run's duration: power of equipment held for the run."""
+        return sum(link.fixed_j for link in self.links)
+
+    @property
+    def network_per_bit_j(self) -> float:
+        """The network part that grows with the bytes sent."""
+        return sum(link.marginal_j for link in self.links)
+
+    @property
     def device_j(self) -> float:
         return self.compute_j + self.idle_j
 
@@ -135,7 +145,8 @@ class EnergyReport:
     @property
     def source(self) -> dict[str, str]:
         """The label of every total in :meth:`to_dict`."""
-        labels = {k: MODELLED for k in ("compute_j", "idle_j", "network_j", "device_j", "total_j", "j_per_token")}
+        labels = {k: MODELLED for k in ("compute_j", "idle_j", "network_j", "network_fixed_j", "network_per_bit_j",
+                                        "device_j", "total_j", "j_per_token")}
         if self.measured_j is not None:
             labels["measured_j"] = MEASURED
             labels["measured_j_per_token"] = MEASURED
@@ -152,6 +163,7 @@ class EnergyReport:
             "clock": self.clock, "span_s": self.span_s, "tokens": self.tokens,
             "total_j": self.total_j, "j_per_token": self.j_per_token,
             "compute_j": self.compute_j, "idle_j": self.idle_j, "network_j": self.network_j,
+            "network_fixed_j": self.network_fixed_j, "network_per_bit_j": self.network_per_bit_j,
             "device_j": self.device_j, "idle_fraction": self.idle_fraction,
             "measured_j": self.measured_j, "measured_j_per_token": self.measured_j_per_token,
             "label": self.label, "source": self.source,
@@ -166,7 +178,8 @@ class EnergyReport:
         """Flat name -> value for TensorBoard. Measured values appear only when measured."""
         out = {f"{prefix}{k}_modelled": v for k, v in (
             ("total_j", self.total_j), ("compute_j", self.compute_j), ("idle_j", self.idle_j),
-            ("network_j", self.network_j))}
+            ("network_j", self.network_j), ("network_fixed_j", self.network_fixed_j),
+            ("network_per_bit_j", self.network_per_bit_j))}
         if self.j_per_token is not None:
             out[f"{prefix}j_per_token_modelled"] = self.j_per_token
         if self.measured_j is not None:
@@ -192,6 +205,8 @@ class EnergyReport:
             + (f", {jpt:.4g} J/token" if jpt is not None else "") + f" over {self.span_s:.4g} s",
             f"  compute {self.compute_j:.4g} J ({100 * self.compute_j / tot:.1f}%) | idle {self.idle_j:.4g} J "
             f"({100 * self.idle_j / tot:.1f}%) | network {self.network_j:.4g} J ({100 * self.network_j / tot:.1f}%)",
+            f"  network = {self.network_fixed_j:.4g} J fixed (equipment powered for the run) + "
+            f"{self.network_per_bit_j:.4g} J per bit sent",
         ]
         for n in self.nodes:
             s = (f"  rank {n.rank} [{n.hardware}]: busy {n.busy_s:.4g} s, idle {n.idle_s:.4g} s -> "

@@ -1,12 +1,23 @@
 """Network energy models: what moving bytes between nodes costs, selectable by name.
 
 The literature disagrees on how to charge network energy, and the choice changes conclusions
-(docs/energy.md has a worked example), so the model is a setting (``energy.network=intensity|power``):
+(docs/energy.md has a worked example), so the model is a setting
+(``energy.network=link_class|intensity|power``):
+
+``link_class`` (the default)
+    The network preset's own link class (``net.energy`` in configs/net/<preset>.yaml, numbers with
+    sources): ``access_power_w`` for each node that exchanged bytes, for as long as the run lasts
+    (equipment a node holds for itself: a home router and its access line), plus ``j_per_bit`` for
+    every bit sent (equipment shared with other traffic -- a datacenter fabric's NICs, optics and
+    switches, an operator's routers and links -- charged by the bits the run puts through it).
+    So a datacenter link and home broadband cost different joules, and a slower run costs more
+    because the access equipment is powered for longer.
 
 ``intensity``
-    Energy proportional to bytes: ``E = bytes * kWh/GB``. Default 0.06 kWh/GB, the 2015 estimate of
-    Aslan et al. (2018), which also reports the figure halving about every 2 years (``at_year``
-    extrapolates). Published estimates span 0.0064-136 kWh/GB (Coroama & Hilty 2014).
+    Energy proportional to bytes, whatever the link: ``E = bytes * kWh/GB`` (``energy=intensity``).
+    0.06 kWh/GB, the estimate of Aslan et al. (2018) for the year 2015, which also reports the figure
+    halving about every 2 years (``at_year`` extrapolates). Published estimates span 0.0064-136 kWh/GB
+    (Coroama & Hilty 2014).
 
 ``power``
     Mytton, Lunden & Malmodin (2024) argue network energy is not proportional to data volume:
@@ -15,13 +26,15 @@ The literature disagrees on how to charge network energy, and the choice changes
     ``link_power_w + capacity_w_per_mbps * capacity_mbps`` for as long as the run lasts
     (``mode: span``, the default: the line and its equipment are held by the run whether or not bytes
     flow) or only while a transfer is in flight (``mode: busy``, a lower bound), plus
-    ``marginal_j_per_bit`` for each bit sent. Default numbers from Malmodin (2020) fixed broadband, as
-    reproduced by Mytton et al.: per subscription 16.5 W home router (CPE) idle + 1.5 W fixed
+    ``marginal_j_per_bit`` for each bit sent (``energy=power``). Default numbers from Malmodin (2020)
+    fixed broadband, as reproduced in Mytton's notebook for the 2024 paper (docs/energy.md says where
+    they differ from the paper): per subscription 16.5 W home router (CPE) idle + 1.5 W fixed
     network baseline + 0.03 W per Mbps of line capacity, and 0.02 W per Mbps of traffic (= 2e-8 J/bit);
     a link has two ends: 2 * (16.5 + 1.5) = 36 W, 2 * 0.03 = 0.06 W/Mbps, at 100 Mbps: 42 W.
 
 Attribution to nodes: the per-byte part goes to the sending rank; a link's fixed part is split
-equally between its two ends.
+equally between its two ends; a node's own fixed power (``link_class``) goes to that node, booked
+in equal shares on its active links.
 
 Adding a model: subclass :class:`NetworkEnergyModel`, give it a ``name`` and decorate it with
 :func:`register_network_model`.
@@ -29,6 +42,7 @@ Adding a model: subclass :class:`NetworkEnergyModel`, give it a ``name`` and dec
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -68,6 +82,8 @@ class NetworkEnergyModel(ABC):
     name: ClassVar[str] = ""
     #: where the default numbers come from
     source: ClassVar[str] = ""
+    #: the config block that holds the parameters, for error messages ("" = energy.<name>)
+    params_at: ClassVar[str] = ""
 
     @abstractmethod
     def joules_per_byte(self) -> float:
@@ -75,6 +91,11 @@ class NetworkEnergyModel(ABC):
 
     def link_power_w(self) -> float:
         """Fixed power of one active link (W); 0 for volume-proportional models."""
+        return 0.0
+
+    def node_power_w(self) -> float:
+        """Fixed power of each active node (W), charged for the whole span; 0 unless the model
+        charges equipment a node holds for itself (``link_class``)."""
         return 0.0
 
     def active_seconds(self, span_s: float, busy_s: float) -> float:
@@ -87,7 +108,8 @@ class NetworkEnergyModel(ABC):
 
     def describe(self) -> dict[str, Any]:
         return {"model": self.name, "params": self.params(), "source": self.source,
-                "joules_per_byte": self.joules_per_byte(), "link_power_w": self.link_power_w()}
+                "joules_per_byte": self.joules_per_byte(), "link_power_w": self.link_power_w(),
+                "node_power_w": self.node_power_w()}
 
     def bytes_energy_j(self, nbytes: float) -> float:
         return float(nbytes) * self.joules_per_byte()
@@ -119,18 +141,22 @@ class NetworkEnergyModel(ABC):
         for (x, y), s in (link_busy_s or {}).items():
             key = (min(x, y), max(x, y))
             busy[key] = busy.get(key, 0.0) + float(s)
+        active_pairs = {k: v for k, v in sorted(pairs.items()) if sum(v) > 0}
+        degree: dict[int, int] = {}  # active links per node: a node's own power is booked in equal shares
+        for a, b in active_pairs:
+            degree[a] = degree.get(a, 0) + 1
+            degree[b] = degree.get(b, 0) + 1
         out = []
         jpb = self.joules_per_byte()
-        p_fixed = self.link_power_w()
-        for (a, b), (ab, ba) in sorted(pairs.items()):
-            if ab + ba == 0:
-                continue
+        p_link, p_node = self.link_power_w(), self.node_power_w()
+        for (a, b), (ab, ba) in active_pairs.items():
             active = min(span_s, self.active_seconds(span_s, busy.get((a, b), 0.0)))
-            fixed = p_fixed * active
+            node_a, node_b = p_node * span_s / degree[a], p_node * span_s / degree[b]
+            link = p_link * active
             m_a, m_b = ab * jpb, ba * jpb
             out.append(LinkEnergy(
-                a=a, b=b, bytes_ab=ab, bytes_ba=ba, active_s=active, fixed_j=fixed,
-                marginal_j=m_a + m_b, per_rank_j={a: fixed / 2 + m_a, b: fixed / 2 + m_b},
+                a=a, b=b, bytes_ab=ab, bytes_ba=ba, active_s=active, fixed_j=link + node_a + node_b,
+                marginal_j=m_a + m_b, per_rank_j={a: link / 2 + node_a + m_a, b: link / 2 + node_b + m_b},
             ))
         return out
 
@@ -215,12 +241,46 @@ class PowerModel(NetworkEnergyModel):
                 "mode": self.mode, "fixed_w_per_link": self.link_power_w()}
 
 
+@register_network_model
+class LinkClassModel(NetworkEnergyModel):
+    """The network preset's own link class: access power per active node over the run + J per bit.
+
+    Parameters come from ``net.energy`` of the selected preset (configs/net/<preset>.yaml), where each
+    number has its source; ``configs/energy/default.yaml`` points ``energy.link_class`` at that block.
+    """
+
+    name = "link_class"
+    source = "the network preset's net.energy block (configs/net/<preset>.yaml; sources per number in params)"
+    params_at = "net.energy"
+
+    def __init__(self, access_power_w: float, j_per_bit: float, link_class: str = "",
+                 sources: Mapping[str, str] | None = None):
+        for key, value in (("access_power_w", access_power_w), ("j_per_bit", j_per_bit)):
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ConfigError(f"net.energy.{key}={value!r} must be a finite number >= 0")
+        self.access_power_w = float(access_power_w)
+        self.j_per_bit = float(j_per_bit)
+        self.link_class = str(link_class)
+        self.sources = dict(sources or {})
+
+    def node_power_w(self) -> float:
+        return self.access_power_w
+
+    def joules_per_byte(self) -> float:
+        return 8.0 * self.j_per_bit
+
+    def params(self) -> dict[str, Any]:
+        return {"link_class": self.link_class, "access_power_w": self.access_power_w,
+                "j_per_bit": self.j_per_bit, "sources": self.sources}
+
+
 def make_network_model(cfg: Any = "intensity", **overrides: Any) -> NetworkEnergyModel:
     """A network model from a name, a model instance, or the ``energy`` config node.
 
     ``cfg`` shapes: ``"power"``; ``{"network": "power", "power": {...}, "intensity": {...}, ...}``
     (the ``energy`` group, see configs/energy/default.yaml: the block named after the model holds
-    its parameters); or ``{"name": "power", **params}``. ``overrides`` go to the constructor.
+    its parameters; for ``link_class`` that block is an interpolation of ``net.energy``); or
+    ``{"name": "power", **params}``. ``overrides`` go to the constructor.
     """
     if isinstance(cfg, NetworkEnergyModel):
         return cfg
@@ -240,7 +300,8 @@ def make_network_model(cfg: Any = "intensity", **overrides: Any) -> NetworkEnerg
     if name not in NETWORK_MODELS:
         raise ConfigError(f"energy.network={name!r} is not a known model; choose one of {sorted(NETWORK_MODELS)}")
     params.update(overrides)
+    cls = NETWORK_MODELS[name]
     try:
-        return NETWORK_MODELS[name](**params)
+        return cls(**params)
     except TypeError as e:
-        raise ConfigError(f"energy.{name}: bad parameters {sorted(params)} ({e})") from None
+        raise ConfigError(f"{cls.params_at or 'energy.' + name}: bad parameters {sorted(params)} ({e})") from None
