@@ -9,6 +9,7 @@ else of lowbw.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -183,5 +184,8 @@ def register_configs() -> None:
 
 
 def plain(node: Any) -> Any:
-    """A config node as plain Python containers (a DictConfig/ListConfig resolved; anything else as is)."""
-    return OmegaConf.to_container(node, resolve=True) if isinstance(node, (DictConfig, ListConfig)) else node
+    """A config node as plain Python containers: a DictConfig/ListConfig resolved, another mapping as a
+    dict, anything else as it is."""
+    if isinstance(node, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(node, resolve=True)
+    return dict(node) if isinstance(node, Mapping) else node

@@ -64,7 +64,7 @@ def test_link_class_without_the_presets_numbers_or_with_negative_ones_is_rejecte
         make_network_model("link_class")
     with pytest.raises(ConfigError, match="net.energy.j_per_bit"):
         LinkClassModel(access_power_w=1.0, j_per_bit=-1e-9)
-    from lowbw.config import validate
+    from lowbw.validation import validate
 
     with pytest.raises(ConfigError, match="net.energy.access_power_w"):
         validate(train_compose(["net=home", "net.energy.access_power_w=-3"]))

@@ -48,6 +48,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from lowbw.config import plain
 from lowbw.errors import ConfigError
 
 J_PER_KWH = 3.6e6
@@ -284,14 +285,12 @@ def make_network_model(cfg: Any = "intensity", **overrides: Any) -> NetworkEnerg
     """
     if isinstance(cfg, NetworkEnergyModel):
         return cfg
-    from lowbw.energy.profiles import _plain
-
-    cfg = _plain(cfg)
+    cfg = plain(cfg)
     if isinstance(cfg, str):
         name, params = cfg, {}
     elif isinstance(cfg, Mapping) and "network" in cfg:
         name = cfg["network"]
-        params = dict(_plain(cfg.get(name) or {}))
+        params = dict(plain(cfg.get(name) or {}))
     elif isinstance(cfg, Mapping) and "name" in cfg:
         name = cfg["name"]
         params = {k: v for k, v in cfg.items() if k != "name"}

@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
+from lowbw.config import plain
 from lowbw.errors import ConfigError
 
 GB = 10**9
@@ -77,7 +78,7 @@ class HardwareProfile:
     def from_config(cfg: Mapping[str, Any]) -> "HardwareProfile":
         """Build from a mapping (a Hydra ``hardware`` node or a plain dict); unknown keys are an error,
         except ``per_rank`` which belongs to the group, not the profile."""
-        cfg = _plain(cfg)
+        cfg = plain(cfg)
         names = {f.name for f in fields(HardwareProfile)}
         extra = set(cfg) - names - {"per_rank"}
         if extra:
@@ -96,17 +97,6 @@ class HardwareProfile:
                 if kwargs[k] != getattr(builtin, k):
                     kwargs["sources"][k] = f"override (built-in {builtin.name}: {getattr(builtin, k):g})"
         return HardwareProfile(**kwargs)
-
-
-def _plain(cfg: Any) -> Any:
-    """OmegaConf containers -> plain python (without importing omegaconf when it is not needed)."""
-    if hasattr(cfg, "_metadata") and type(cfg).__module__.startswith("omegaconf"):
-        from omegaconf import OmegaConf
-
-        return OmegaConf.to_container(cfg, resolve=True)
-    if isinstance(cfg, Mapping):
-        return dict(cfg)
-    return cfg
 
 
 _ASSUMED_MFU = "assumption: ~40% MFU is typical of well-tuned LLM training on large GPUs (unverified)"
@@ -214,7 +204,7 @@ def profiles_for_ranks(cfg: Any, n_ranks: int) -> list[HardwareProfile]:
         return [cfg] * n_ranks
     if isinstance(cfg, str):
         return [get_profile(cfg)] * n_ranks
-    cfg = _plain(cfg)
+    cfg = plain(cfg)
     if isinstance(cfg, Sequence):
         return _per_rank_list(list(cfg), n_ranks, base=None)
     if not isinstance(cfg, Mapping):
@@ -226,7 +216,7 @@ def profiles_for_ranks(cfg: Any, n_ranks: int) -> list[HardwareProfile]:
     per_rank = cfg.get("per_rank")
     if per_rank is None:
         return [base] * n_ranks
-    return _per_rank_list(list(_plain(per_rank)), n_ranks, base=base)
+    return _per_rank_list(list(plain(per_rank)), n_ranks, base=base)
 
 
 def _per_rank_list(entries: list, n_ranks: int, base: HardwareProfile | None) -> list[HardwareProfile]:
