@@ -3,9 +3,12 @@
 import csv
 import importlib.util
 import json
+import math
+import os
 import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -16,6 +19,8 @@ TINY = ["model.n_layer=2", "model.n_embd=32", "model.n_head=2", "model.block_siz
 # 2 bandwidths x 2 codecs complete; bandwidth 0 is invalid, so its two cells fail (in validation, quickly).
 GRID = ["net.uplink_mbps=0,10,1000", "compress/fwd=none,int8"]
 JOBLIB = importlib.util.find_spec("hydra_plugins.hydra_joblib_launcher") is not None
+SUBMITIT = importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is not None
+RAY = importlib.util.find_spec("hydra_plugins.hydra_ray_launcher") is not None
 LAUNCHER = ["hydra/launcher=lowbw_joblib"] if JOBLIB else []
 # Always empty for these runs: nothing is metered on this machine, and completed runs have no error.
 EMPTY_OK = {"measured_j_per_token", "error"}
@@ -24,6 +29,13 @@ EMPTY_OK = {"measured_j_per_token", "error"}
 def sweep(sweep_dir, launcher=LAUNCHER):
     return subprocess.run([sys.executable, "-m", "lowbw.train", "-m", *launcher, f"hydra.sweep.dir={sweep_dir}",
                            *TINY, *GRID], capture_output=True, text=True, timeout=600, cwd=sweep_dir.parent)
+
+
+def two_run_sweep(sweep_dir, launcher, extra=(), env=None):
+    return subprocess.run([sys.executable, "-m", "lowbw.train", "-m", f"hydra/launcher={launcher}",
+                           f"hydra.sweep.dir={sweep_dir}", *TINY, "compress/fwd=none,int8", *extra],
+                          capture_output=True, text=True, timeout=900, cwd=sweep_dir.parent,
+                          env={**os.environ, **(env or {})})
 
 
 def summaries(sweep_dir):
@@ -76,6 +88,7 @@ def test_sweep_with_a_failing_cell_completes_the_others_and_reports_every_column
     for name in PLOTS.values():
         png = d / name
         assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+        assert png.with_suffix(".pdf").read_bytes()[:5] == b"%PDF-", name  # the vector copy for a paper
     md = (d / "report.md").read_text()
     assert "4 completed, 2 failed" in md and "uplink_mbps" in md
     assert all(f"]({name})" in md for name in PLOTS.values())
@@ -141,7 +154,7 @@ def test_simulator_like_sweep_without_loss_has_no_loss_columns_or_loss_plots(tmp
     rep = write_report(tmp_path)
     assert not {"train_loss", "val_loss", "val_loss_gap"} & set(rep["columns"])
     assert set(rep["plots"]) == {"throughput_vs_bandwidth"}
-    assert set(rep["skipped_plots"]) == {"energy_vs_bandwidth", "val_loss_curves", "pareto_loss_vs_throughput"}
+    assert set(rep["skipped_plots"]) == set(PLOTS) - {"throughput_vs_bandwidth"}
     rows = rep["rows"]
     assert [r["bandwidth_mbps"] for r in rows] == [20.0, 20.0, 100.0]  # bottleneck = min(uplink, downlink)
     assert {r["clock"] for r in rows} == {"simulated"} and rows[0]["stages"] == 4
@@ -172,3 +185,200 @@ def test_search_objective_prefers_throughput_within_the_loss_bound():
     value, gap = objective(too_lossy, base, max_gap=0.05)
     assert value == pytest.approx(-0.30) and value < objective(ok, base, 0.05)[0]
     assert objective({"status": "failed"}, base, 0.05)[0] == FAILED_VALUE
+
+
+# ---- figures: what they show, inspected on the figure objects -------------------------------------------------
+
+def _run_with_config(d, overrides, summary, metrics, compose):
+    """A run folder holding the real config ``lowbw-train <overrides>`` would run, a summary and metrics."""
+    from omegaconf import OmegaConf
+
+    d.mkdir(parents=True)
+    (d / "config.yaml").write_text(OmegaConf.to_yaml(compose(overrides), resolve=True))
+    (d / "summary.json").write_text(json.dumps({"status": "completed", "clock": "virtual", **summary}))
+    (d / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+
+
+def _metrics(step_s, base_loss, steps=6, every=2):
+    return [{"step": s, "loss": base_loss - 0.1 * s, "tokens": 512, "step_time_s": step_s, "busy_s": [0.01, 0.02],
+             "bytes_per_link": {"0->1": 1000, "1->0": 1000},
+             **({"val_loss": base_loss + 0.05 - 0.1 * s} if s % every == every - 1 else {})} for s in range(steps)]
+
+
+@pytest.fixture
+def preset_sweep(tmp_path, compose):
+    """3 network presets x 2 schedules x 2 codecs, as `-m net=datacenter,home,transatlantic ...` makes."""
+    i = 0
+    for net, speed in (("datacenter", 3.0), ("home", 1.0), ("transatlantic", 1.5)):
+        for sched, f in (("gpipe", 1.0), ("1f1b", 0.8)):
+            for codec, g, dl in (("none", 1.0, 0.0), ("int8", 1.2, 0.002)):
+                tps = 1000 * speed * f * g
+                _run_with_config(tmp_path / str(i), [f"net={net}", f"schedule={sched}", f"compress/fwd={codec}",
+                                                     "pipeline.stages=2"],
+                                 {"tokens_per_s": tps, "val_loss": 3.0 + dl, "train_loss": 2.9 + dl,
+                                  "energy": {"total_j": 50.0 / g, "j_per_token": 0.333 + 0.0045 * (g - 1) * 2,
+                                             "tokens": 3072, "label": "modelled"}},
+                                 _metrics(512 / tps, 3.4 + dl), compose)
+                i += 1
+    return collect_runs(tmp_path)
+
+
+def _series(fig):
+    return [ln for ax in fig.axes for ln in ax.get_lines() if ln.get_gid() == "series"]
+
+
+def _legend_texts(fig):
+    return [t.get_text() for leg in fig.legends for t in leg.get_texts()]
+
+
+def test_figures_group_by_every_varied_setting_and_average_nothing(preset_sweep):
+    from lowbw.report.plots import FIGURES
+
+    fig = FIGURES["throughput_vs_bandwidth"](preset_sweep)
+    ax = fig.axes[0]
+    assert "varied: codec (fwd/bwd), schedule, network" in fig._suptitle.get_text()
+    series = _series(fig)
+    # one point per run: the presets differ in latency too, so no line joins two of them
+    assert len(series) == 12 and all(len(ln.get_xdata()) == 1 and ln.get_linestyle() == "None" for ln in series)
+    assert sorted(y for ln in series for y in ln.get_ydata()) == sorted(r["tokens_per_s"] for r in preset_sweep)
+    texts = _legend_texts(fig)
+    assert {"codec (fwd/bwd)", "none/none", "int8/none", "schedule", "gpipe", "1f1b"} <= set(texts)
+    assert {t.get_text() for t in ax.texts} == {"datacenter", "home", "transatlantic"}  # named above their x
+    assert ax.get_xscale() == "log" and "log scale" in ax.get_xlabel()  # 20 .. 400,000 Mbit/s
+    assert ax.get_yscale() == "linear" and ax.get_ylim()[0] == 0.0 and "tokens/s" in ax.get_ylabel()
+
+
+def test_a_bandwidth_sweep_draws_one_line_per_codec_and_a_one_percent_difference_looks_small(tmp_path, compose):
+    for i, (bw, codec) in enumerate((b, c) for b in (10, 100, 1000, 10000) for c in ("none", "int8")):
+        _run_with_config(tmp_path / str(i), [f"net.uplink_mbps={bw}", f"net.downlink_mbps={bw}", "net.name=wan",
+                                             f"compress/fwd={codec}", "pipeline.stages=2"],
+                         {"tokens_per_s": 100.0 * math.log10(bw) + (50 if codec == "int8" else 0),
+                          "energy": {"total_j": 1.0, "j_per_token": 0.333 + (0.0045 if codec == "int8" else 0),
+                                     "tokens": 512, "label": "modelled"}}, _metrics(0.1, 3.0), compose)
+    rows = collect_runs(tmp_path)
+    from lowbw.report.plots import FIGURES
+
+    fig = FIGURES["throughput_vs_bandwidth"](rows)
+    series = _series(fig)
+    assert len(series) == 2 and all(list(ln.get_xdata()) == [10, 100, 1000, 10000] for ln in series)
+    assert all(ln.get_linestyle() == "-" for ln in series)  # 4 bandwidths: joined
+    assert "varied: codec (fwd/bwd)" in fig._suptitle.get_text() and "net." not in fig._suptitle.get_text()
+    energy = FIGURES["energy_vs_bandwidth"](rows).axes[0]
+    assert energy.get_ylim()[0] == 0.0 and energy.get_yscale() == "linear"  # 0.333 vs 0.3375: from zero
+
+
+def test_runs_differing_only_in_seed_stay_apart(tmp_path, compose):
+    for i, seed in enumerate((1, 2)):
+        _run_with_config(tmp_path / str(i), [f"seed={seed}", "pipeline.stages=2"],
+                         {"tokens_per_s": 100.0 + seed, "val_loss": 3.0 + seed / 10}, _metrics(0.1, 3.0 + seed / 10),
+                         compose)
+    from lowbw.report.plots import FIGURES
+
+    rows = collect_runs(tmp_path)
+    fig = FIGURES["pareto_loss_vs_throughput"](rows)
+    assert "varied: seed" in fig._suptitle.get_text()
+    assert len(_series(fig)) == 2 and {"1", "2"} <= set(_legend_texts(fig))
+    assert len(_series(FIGURES["loss_vs_time"](rows))) == 2
+
+
+def test_pareto_front_is_drawn_and_labelled_inside_the_plot(preset_sweep):
+    from lowbw.report.plots import FIGURES
+    from lowbw.report.style import BREAK_GID
+
+    fig = FIGURES["pareto_loss_vs_throughput"](preset_sweep)
+    assert "Pareto front: no run both\nfaster and lower-loss" in _legend_texts(fig)
+    fig.canvas.draw()
+    for ax in fig.axes:
+        front = [ln for ln in ax.get_lines() if ln.get_gid() == "pareto-front"]
+        assert len(front) == 1 and front[0].get_marker() == "o" and len(front[0].get_xdata()) >= 1
+        inside = ax.get_window_extent()
+        labels = [t for t in ax.texts]
+        assert len(labels) == len(front[0].get_xdata())
+        for t in labels:  # every label within the axes, none on top of another
+            bb = t.get_window_extent()
+            assert inside.x0 <= bb.x0 and bb.x1 <= inside.x1 and inside.y0 <= bb.y0 and bb.y1 <= inside.y1, t
+        boxes = [t.get_window_extent() for t in labels]
+        assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+        assert ax.get_ylim()[0] > 0 and any(ln.get_gid() == BREAK_GID for ln in ax.get_lines())  # loss: marked break
+    assert [ax.get_title() for ax in fig.axes] == ["network datacenter", "network home", "network transatlantic"]
+
+
+def test_loss_curves_one_per_run_against_the_runs_clock_and_joules(swept):
+    from lowbw.report.plots import FIGURES
+
+    d, out = swept
+    assert out.returncode == 0
+    rows = collect_runs(d)
+    done = [r for r in rows if r["status"] == "completed"]
+    time_fig, energy_fig = FIGURES["loss_vs_time"](rows), FIGURES["loss_vs_energy"](rows)
+    assert len(_series(time_fig)) == len(_series(energy_fig)) == len(done) == 4
+    assert "virtual clock" in time_fig.axes[0].get_xlabel() and "J, modelled" in energy_fig.axes[0].get_xlabel()
+    for ln_t, ln_e in zip(_series(time_fig), _series(energy_fig)):
+        # the last point of every curve: the run's whole clock time and its modelled joules from summary.json
+        x_t, x_e = ln_t.get_xdata()[-1], ln_e.get_xdata()[-1]
+        run = next(r for r in done if abs(sum(m["step_time_s"] for m in r["_metrics"]) - x_t) < 1e-9)
+        assert x_e == pytest.approx(run["_energy_total_j"], rel=1e-9)
+        assert list(ln_t.get_ydata()) == [m["val_loss"] for m in run["_metrics"] if "val_loss" in m]
+
+
+# ---- launchers that launch, and a sweep's progress ---------------------------------------------------------------
+
+def _completed_with_progress(d, out):
+    assert out.returncode == 0, out.stderr[-3000:]
+    s = summaries(d)
+    assert sorted(s) == ["0", "1"] and all(v["status"] == "completed" for v in s.values())
+    assert {v["compress_fwd"] for v in s.values()} == {"none", "int8"}
+    progress = json.loads((d / "progress.json").read_text())
+    assert progress["done"] == progress["total"] == 2 and progress["skipped"] == 0
+
+
+@pytest.mark.skipif(not SUBMITIT, reason="needs hydra-submitit-launcher (pip install -e '.[test]')")
+def test_submitit_launcher_runs_each_run_of_a_two_run_sweep_as_a_submitit_job(tmp_path):
+    d = tmp_path / "s"
+    out = two_run_sweep(d, "lowbw_submitit_local")
+    _completed_with_progress(d, out)
+    assert "Submitit 'local' sweep output dir" in out.stdout  # Hydra's log
+    jobs = [j for j in (d / ".submitit").iterdir() if j.name != "%j"]
+    assert len(jobs) == 2  # one job folder per run, each with submitit's pickled result and the run's log
+    for j in jobs:
+        assert list(j.glob("*_result.pkl")) and "lowbw run completed" in "".join(
+            p.read_text() for p in j.glob("*_log.out"))
+
+
+@pytest.mark.skipif(not RAY, reason="needs hydra-ray-launcher (pip install -e '.[test]')")
+def test_ray_launcher_runs_a_two_run_sweep_on_a_local_ray_instance(tmp_path):
+    d = tmp_path / "s"
+    # Ray's session folder holds unix sockets, whose paths must stay under ~107 bytes: a short folder in /tmp
+    ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    try:
+        out = two_run_sweep(d, "lowbw_ray", [f"+hydra.launcher.ray.init._temp_dir={ray_tmp}",
+                                             "+hydra.launcher.ray.init.num_cpus=2",
+                                             "+hydra.launcher.ray.init.include_dashboard=false"],
+                            env={"RAY_AUTH_MODE": "disabled"})  # a local instance: no token written to ~/.ray
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    _completed_with_progress(d, out)
+    assert "Ray Launcher is launching 2 jobs" in out.stdout  # Hydra's log
+    assert "lowbw sweep: 2/2 runs done" in out.stderr  # the runs' progress, forwarded from Ray's workers
+
+
+def test_sweep_progress_counts_runs_done_skipped_and_left(tmp_path):
+    from omegaconf import OmegaConf
+
+    from lowbw.report.progress import DONE_FILE, START_FILE, count_jobs, progress, progress_line
+
+    cfg = OmegaConf.create({"hydra": {"sweeper": {"_target_": "hydra._internal.core_plugins.basic_sweeper."
+                                                                "BasicSweeper", "params": {"schedule": "gpipe,1f1b"}},
+                                      "overrides": {"task": ["net=home,lan,metro", "train.steps=3", "seed=1,2"]}}})
+    assert count_jobs(cfg) == 12  # 2 schedules x 3 networks x 2 seeds
+    cfg.hydra.overrides.task.append("schedule=zb_h1")  # the command line replaces the params' axis
+    assert count_jobs(cfg) == 6
+    (tmp_path / START_FILE).write_text(json.dumps({"start": 1000.0, "total": 6}))
+    (tmp_path / DONE_FILE).write_text("".join(json.dumps(r) + "\n" for r in [
+        {"job": 0, "ran": False, "status": "completed"},  # skipped on resume: takes no time
+        {"job": 1, "ran": True, "status": "completed"}, {"job": 2, "ran": True, "status": "failed"}]))
+    p = progress(tmp_path, now=1100.0)
+    assert (p["done"], p["skipped"], p["failed"], p["elapsed_s"]) == (3, 1, 1, 100.0)
+    assert p["left_s"] == pytest.approx(150.0)  # 100 s for 2 runs that ran, 3 runs left
+    assert progress_line(p) == ("lowbw sweep: 3/6 runs done (1 skipped: already completed, 1 failed), "
+                                "1m40s elapsed, about 2m30s left")
