@@ -382,3 +382,43 @@ def test_sweep_progress_counts_runs_done_skipped_and_left(tmp_path):
     assert p["left_s"] == pytest.approx(150.0)  # 100 s for 2 runs that ran, 3 runs left
     assert progress_line(p) == ("lowbw sweep: 3/6 runs done (1 skipped: already completed, 1 failed), "
                                 "1m40s elapsed, about 2m30s left")
+
+
+@pytest.mark.skipif(not SUBMITIT, reason="needs hydra-submitit-launcher (pip install -e '.[test]')")
+def test_slurm_launcher_config_submits_one_job_per_run_with_a_core_per_stage(tmp_path, monkeypatch):
+    """The plugin's own launch() on lowbw_slurm, stopped at the submission (no Slurm here): what sbatch gets."""
+    import submitit
+    from hydra import compose, initialize_config_module
+    from hydra.utils import instantiate
+    from omegaconf import open_dict
+
+    import lowbw.train  # noqa: F401 -- registers the config schema train.yaml builds on
+
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "srun").write_text("#!/bin/sh\nexit 0\n")  # submitit's "is this a Slurm node" probe
+    (tmp_path / "bin" / "srun").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    with initialize_config_module("lowbw_configs", version_base="1.3"):
+        cfg = compose("train", overrides=["hydra/launcher=lowbw_slurm", "hydra.launcher.partition=gpu",
+                                          "pipeline.stages=3", f"hydra.sweep.dir={tmp_path / 's'}"],
+                      return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.job.name = "train"
+    launcher = instantiate(cfg.hydra.launcher)
+    launcher.config = cfg
+    submitted = {}
+
+    def submit(executor, fn, *args):
+        submitted["runs"] = len(args[0])
+        submitted["sbatch"] = executor._executor._make_submission_file_text("python -m submitit.core._submit X", "u")
+        submitted["array"] = executor._executor.parameters.get("array_parallelism")
+        return []
+
+    monkeypatch.setattr(submitit.AutoExecutor, "map_array", submit)
+    launcher.launch([["compress/fwd=none"], ["compress/fwd=int8"]], initial_job_idx=0)
+    assert submitted["runs"] == 2 and submitted["array"] == 64
+    sbatch = submitted["sbatch"]
+    for line in ("--cpus-per-task=3", "--ntasks-per-node=1", "--nodes=1", "--partition=gpu", "--time=60",
+                 "--mem=8GB", "--signal=USR2@120", f"--output={tmp_path / 's'}/.submitit/%j/%j_0_log.out"):
+        assert f"#SBATCH {line}\n" in sbatch, line
+    assert "srun --unbuffered" in sbatch and "submitit.core._submit" in sbatch
