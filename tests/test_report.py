@@ -109,7 +109,8 @@ def test_rerun_into_the_same_sweep_dir_completes_only_the_missing_runs(swept, tm
     after = summaries(d)
     assert after[victim]["status"] == "completed"
     assert {k: (d / k / "summary.json").stat().st_mtime_ns for k in kept} == kept  # untouched
-    assert again.stderr.count("skipped") == len(kept)
+    assert again.stderr.count("already holds a completed run") == len(kept)
+    assert f"6/6 runs done ({len(kept)} skipped: already completed, 2 failed)" in again.stderr  # the progress line
     assert sum(v["status"] == "failed" for v in after.values()) == 2  # still failing, still recorded
 
 
