@@ -1,14 +1,13 @@
-"""Sweeps and their report: a small real sweep (with a failing cell), resume, and the report's pieces."""
+"""Sweeps and their report: a small real sweep (with a failing cell), resume, the report's pieces, and its figures
+inspected as figure objects (series, legends, axes, labels)."""
 
 import csv
 import importlib.util
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
-import tempfile
 
 import pytest
 
@@ -19,8 +18,6 @@ TINY = ["model.n_layer=2", "model.n_embd=32", "model.n_head=2", "model.block_siz
 # 2 bandwidths x 2 codecs complete; bandwidth 0 is invalid, so its two cells fail (in validation, quickly).
 GRID = ["net.uplink_mbps=0,10,1000", "compress/fwd=none,int8"]
 JOBLIB = importlib.util.find_spec("hydra_plugins.hydra_joblib_launcher") is not None
-SUBMITIT = importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is not None
-RAY = importlib.util.find_spec("hydra_plugins.hydra_ray_launcher") is not None
 LAUNCHER = ["hydra/launcher=lowbw_joblib"] if JOBLIB else []
 # Always empty for these runs: nothing is metered on this machine, and completed runs have no error.
 EMPTY_OK = {"measured_j_per_token", "error"}
@@ -29,13 +26,6 @@ EMPTY_OK = {"measured_j_per_token", "error"}
 def sweep(sweep_dir, launcher=LAUNCHER):
     return subprocess.run([sys.executable, "-m", "lowbw.train", "-m", *launcher, f"hydra.sweep.dir={sweep_dir}",
                            *TINY, *GRID], capture_output=True, text=True, timeout=600, cwd=sweep_dir.parent)
-
-
-def two_run_sweep(sweep_dir, launcher, extra=(), env=None):
-    return subprocess.run([sys.executable, "-m", "lowbw.train", "-m", f"hydra/launcher={launcher}",
-                           f"hydra.sweep.dir={sweep_dir}", *TINY, "compress/fwd=none,int8", *extra],
-                          capture_output=True, text=True, timeout=900, cwd=sweep_dir.parent,
-                          env={**os.environ, **(env or {})})
 
 
 def summaries(sweep_dir):
@@ -320,106 +310,3 @@ def test_loss_curves_one_per_run_against_the_runs_clock_and_joules(swept):
         run = next(r for r in done if abs(sum(m["step_time_s"] for m in r["_metrics"]) - x_t) < 1e-9)
         assert x_e == pytest.approx(run["_energy_total_j"], rel=1e-9)
         assert list(ln_t.get_ydata()) == [m["val_loss"] for m in run["_metrics"] if "val_loss" in m]
-
-
-# ---- launchers that launch, and a sweep's progress ---------------------------------------------------------------
-
-def _completed_with_progress(d, out):
-    assert out.returncode == 0, out.stderr[-3000:]
-    s = summaries(d)
-    assert sorted(s) == ["0", "1"] and all(v["status"] == "completed" for v in s.values())
-    assert {v["compress_fwd"] for v in s.values()} == {"none", "int8"}
-    progress = json.loads((d / "progress.json").read_text())
-    assert progress["done"] == progress["total"] == 2 and progress["skipped"] == 0
-
-
-@pytest.mark.skipif(not SUBMITIT, reason="needs hydra-submitit-launcher (pip install -e '.[test]')")
-def test_submitit_launcher_runs_each_run_of_a_two_run_sweep_as_a_submitit_job(tmp_path):
-    d = tmp_path / "s"
-    out = two_run_sweep(d, "lowbw_submitit_local")
-    _completed_with_progress(d, out)
-    assert "Submitit 'local' sweep output dir" in out.stdout  # Hydra's log
-    jobs = [j for j in (d / ".submitit").iterdir() if j.name != "%j"]
-    assert len(jobs) == 2  # one job folder per run, each with submitit's pickled result and the run's log
-    for j in jobs:
-        assert list(j.glob("*_result.pkl")) and "lowbw run completed" in "".join(
-            p.read_text() for p in j.glob("*_log.out"))
-
-
-@pytest.mark.skipif(not RAY, reason="needs hydra-ray-launcher (pip install -e '.[test]')")
-def test_ray_launcher_runs_a_two_run_sweep_on_a_local_ray_instance(tmp_path):
-    d = tmp_path / "s"
-    # Ray's session folder holds unix sockets, whose paths must stay under ~107 bytes: a short folder in /tmp
-    ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
-    try:
-        out = two_run_sweep(d, "lowbw_ray", [f"+hydra.launcher.ray.init._temp_dir={ray_tmp}",
-                                             "+hydra.launcher.ray.init.num_cpus=2",
-                                             "+hydra.launcher.ray.init.include_dashboard=false"],
-                            env={"RAY_AUTH_MODE": "disabled"})  # a local instance: no token written to ~/.ray
-    finally:
-        shutil.rmtree(ray_tmp, ignore_errors=True)
-    _completed_with_progress(d, out)
-    assert "Ray Launcher is launching 2 jobs" in out.stdout  # Hydra's log
-    assert "lowbw sweep: 2/2 runs done" in out.stderr  # the runs' progress, forwarded from Ray's workers
-
-
-def test_sweep_progress_counts_runs_done_skipped_and_left(tmp_path):
-    from omegaconf import OmegaConf
-
-    from lowbw.report.progress import DONE_FILE, START_FILE, count_jobs, progress, progress_line
-
-    cfg = OmegaConf.create({"hydra": {"sweeper": {"_target_": "hydra._internal.core_plugins.basic_sweeper."
-                                                                "BasicSweeper", "params": {"schedule": "gpipe,1f1b"}},
-                                      "overrides": {"task": ["net=home,lan,metro", "train.steps=3", "seed=1,2"]}}})
-    assert count_jobs(cfg) == 12  # 2 schedules x 3 networks x 2 seeds
-    cfg.hydra.overrides.task.append("schedule=zb_h1")  # the command line replaces the params' axis
-    assert count_jobs(cfg) == 6
-    (tmp_path / START_FILE).write_text(json.dumps({"start": 1000.0, "total": 6}))
-    (tmp_path / DONE_FILE).write_text("".join(json.dumps(r) + "\n" for r in [
-        {"job": 0, "ran": False, "status": "completed"},  # skipped on resume: takes no time
-        {"job": 1, "ran": True, "status": "completed"}, {"job": 2, "ran": True, "status": "failed"}]))
-    p = progress(tmp_path, now=1100.0)
-    assert (p["done"], p["skipped"], p["failed"], p["elapsed_s"]) == (3, 1, 1, 100.0)
-    assert p["left_s"] == pytest.approx(150.0)  # 100 s for 2 runs that ran, 3 runs left
-    assert progress_line(p) == ("lowbw sweep: 3/6 runs done (1 skipped: already completed, 1 failed), "
-                                "1m40s elapsed, about 2m30s left")
-
-
-@pytest.mark.skipif(not SUBMITIT, reason="needs hydra-submitit-launcher (pip install -e '.[test]')")
-def test_slurm_launcher_config_submits_one_job_per_run_with_a_core_per_stage(tmp_path, monkeypatch):
-    """The plugin's own launch() on lowbw_slurm, stopped at the submission (no Slurm here): what sbatch gets."""
-    import submitit
-    from hydra import compose, initialize_config_module
-    from hydra.utils import instantiate
-    from omegaconf import open_dict
-
-    import lowbw.train  # noqa: F401 -- registers the config schema train.yaml builds on
-
-    (tmp_path / "bin").mkdir()
-    (tmp_path / "bin" / "srun").write_text("#!/bin/sh\nexit 0\n")  # submitit's "is this a Slurm node" probe
-    (tmp_path / "bin" / "srun").chmod(0o755)
-    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
-    with initialize_config_module("lowbw_configs", version_base="1.3"):
-        cfg = compose("train", overrides=["hydra/launcher=lowbw_slurm", "hydra.launcher.partition=gpu",
-                                          "pipeline.stages=3", f"hydra.sweep.dir={tmp_path / 's'}"],
-                      return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.hydra.job.name = "train"
-    launcher = instantiate(cfg.hydra.launcher)
-    launcher.config = cfg
-    submitted = {}
-
-    def submit(executor, fn, *args):
-        submitted["runs"] = len(args[0])
-        submitted["sbatch"] = executor._executor._make_submission_file_text("python -m submitit.core._submit X", "u")
-        submitted["array"] = executor._executor.parameters.get("array_parallelism")
-        return []
-
-    monkeypatch.setattr(submitit.AutoExecutor, "map_array", submit)
-    launcher.launch([["compress/fwd=none"], ["compress/fwd=int8"]], initial_job_idx=0)
-    assert submitted["runs"] == 2 and submitted["array"] == 64
-    sbatch = submitted["sbatch"]
-    for line in ("--cpus-per-task=3", "--ntasks-per-node=1", "--nodes=1", "--partition=gpu", "--time=60",
-                 "--mem=8GB", "--signal=USR2@120", f"--output={tmp_path / 's'}/.submitit/%j/%j_0_log.out"):
-        assert f"#SBATCH {line}\n" in sbatch, line
-    assert "srun --unbuffered" in sbatch and "submitit.core._submit" in sbatch
