@@ -57,6 +57,7 @@ class SimConfig:
     timeline: Optional[str] = None  # durations=timeline: a run's timeline.jsonl
     activation_dtype: str = "bfloat16"  # dtype of activations and gradients before the codec (lowbw-train: float32)
     picture_steps: int = 2  # steps after warm-up drawn in timeline.png / trace.json; 0 = no pictures
+    picture_ranks: int = 32  # ranks drawn in timeline.png (the first ones); 0 = no PNG; trace.json has all
 
 
 @dataclass
@@ -343,19 +344,36 @@ def format_simulation(s: dict) -> str:
     return "\n".join(lines)
 
 
-def write_outputs(summary: dict, out: Path) -> None:
-    from lowbw.metrics.gantt import chrome_trace, plot_gantt, run_title
+def write_outputs(summary: dict, out: Path, picture_ranks: int = 32) -> list[str]:
+    """summary.json, trace.json (every rank) and timeline.png (the first ``picture_ranks`` ranks) in ``out``.
+
+    Returns the console lines saying which files were written and, when the picture was cut to its first
+    ranks or left out, so."""
+    from lowbw.metrics.gantt import chrome_trace, plot_gantt, ranks_note, run_title, select_ranks
     from lowbw.metrics.recorder import atomic_write_json
 
+    if picture_ranks < 0:
+        raise ConfigError(f"sim.picture_ranks={picture_ranks} must be >= 0 (ranks drawn in timeline.png; 0 = none)")
     out.mkdir(parents=True, exist_ok=True)
     tl = summary.pop("_timeline", None)
     summary["run_dir"] = str(out)
     atomic_write_json(out / "summary.json", summary)
+    files, notes = ["summary.json"], []
     if tl is not None and tl.events:
         title = "simulated: " + run_title({**summary, "world_size": summary["stages"]}, "virtual")
         chrome_trace(tl, out / "trace.json", title)
-        if summary["stages"] <= 32:  # a Gantt chart of more rows is unreadable; the trace has them all
-            plot_gantt(tl, out / "timeline.png", title)
+        files.append("trace.json")
+        (out / "timeline.png").unlink(missing_ok=True)  # never leave an older run's picture behind
+        if picture_ranks > 0:
+            plot_gantt(select_ranks(tl, picture_ranks), out / "timeline.png", title, of_ranks=tl.n_ranks)
+            files.append("timeline.png")
+            cut = ranks_note(min(picture_ranks, tl.n_ranks), tl.n_ranks)
+            if cut:
+                notes.append(f"  picture      timeline.png shows {cut} (sim.picture_ranks={picture_ranks}); "
+                             "trace.json has every rank")
+        else:
+            notes.append("  picture      no timeline.png (sim.picture_ranks=0); trace.json has every rank")
+    return [f"  outputs      {out}  ({', '.join(files)})"] + notes
 
 
 register_simulate_config()
@@ -370,12 +388,12 @@ try:
         out = Path(cfg.out_dir) if cfg.out_dir else Path(HydraConfig.get().runtime.output_dir)
         try:
             summary = simulate(cfg, keep_timeline=cfg.sim.picture_steps > 0)
+            lines = write_outputs(summary, out, cfg.sim.picture_ranks)
         except (ConfigError, ScheduleError) as e:
             print(f"lowbw-simulate: configuration error: {e}", file=sys.stderr)
             sys.exit(2)
-        write_outputs(summary, out)
         print(format_simulation(summary))
-        print(f"  outputs      {out}  (summary.json, trace.json, timeline.png)")
+        print("\n".join(lines))
         return summary
 except ImportError:  # pragma: no cover
     pass

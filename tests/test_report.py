@@ -1,8 +1,10 @@
-"""Sweeps and their report: a small real sweep (with a failing cell), resume, and the report's pieces."""
+"""Sweeps and their report: a small real sweep (with a failing cell), resume, the report's pieces, and its figures
+inspected as figure objects (series, legends, axes, labels)."""
 
 import csv
 import importlib.util
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -12,7 +14,8 @@ import pytest
 from lowbw.report import KEYS, PLOTS, collect_runs, pareto_front, write_report
 
 TINY = ["model.n_layer=2", "model.n_embd=32", "model.n_head=2", "model.block_size=16", "pipeline.stages=2",
-        "train.steps=2", "train.eval_batches=1", "clock=virtual", "progress=false", "net=lan"]
+        "train.steps=2", "train.eval_batches=1", "clock=virtual", "progress=false", "net=lan",
+        "train.warmup_steps=0"]  # summary energy then covers every step, as the loss-vs-joules curves do
 # 2 bandwidths x 2 codecs complete; bandwidth 0 is invalid, so its two cells fail (in validation, quickly).
 GRID = ["net.uplink_mbps=0,10,1000", "compress/fwd=none,int8"]
 JOBLIB = importlib.util.find_spec("hydra_plugins.hydra_joblib_launcher") is not None
@@ -76,6 +79,7 @@ def test_sweep_with_a_failing_cell_completes_the_others_and_reports_every_column
     for name in PLOTS.values():
         png = d / name
         assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+        assert png.with_suffix(".pdf").read_bytes()[:5] == b"%PDF-", name  # the vector copy for a paper
     md = (d / "report.md").read_text()
     assert "4 completed, 2 failed" in md and "uplink_mbps" in md
     assert all(f"]({name})" in md for name in PLOTS.values())
@@ -96,7 +100,8 @@ def test_rerun_into_the_same_sweep_dir_completes_only_the_missing_runs(swept, tm
     after = summaries(d)
     assert after[victim]["status"] == "completed"
     assert {k: (d / k / "summary.json").stat().st_mtime_ns for k in kept} == kept  # untouched
-    assert again.stderr.count("skipped") == len(kept)
+    assert again.stderr.count("already holds a completed run") == len(kept)
+    assert f"6/6 runs done ({len(kept)} skipped: already completed, 2 failed)" in again.stderr  # the progress line
     assert sum(v["status"] == "failed" for v in after.values()) == 2  # still failing, still recorded
 
 
@@ -141,7 +146,7 @@ def test_simulator_like_sweep_without_loss_has_no_loss_columns_or_loss_plots(tmp
     rep = write_report(tmp_path)
     assert not {"train_loss", "val_loss", "val_loss_gap"} & set(rep["columns"])
     assert set(rep["plots"]) == {"throughput_vs_bandwidth"}
-    assert set(rep["skipped_plots"]) == {"energy_vs_bandwidth", "val_loss_curves", "pareto_loss_vs_throughput"}
+    assert set(rep["skipped_plots"]) == set(PLOTS) - {"throughput_vs_bandwidth"}
     rows = rep["rows"]
     assert [r["bandwidth_mbps"] for r in rows] == [20.0, 20.0, 100.0]  # bottleneck = min(uplink, downlink)
     assert {r["clock"] for r in rows} == {"simulated"} and rows[0]["stages"] == 4
@@ -172,3 +177,137 @@ def test_search_objective_prefers_throughput_within_the_loss_bound():
     value, gap = objective(too_lossy, base, max_gap=0.05)
     assert value == pytest.approx(-0.30) and value < objective(ok, base, 0.05)[0]
     assert objective({"status": "failed"}, base, 0.05)[0] == FAILED_VALUE
+
+
+# ---- figures: what they show, inspected on the figure objects -------------------------------------------------
+
+def _run_with_config(d, overrides, summary, metrics, compose):
+    """A run folder holding the real config ``lowbw-train <overrides>`` would run, a summary and metrics."""
+    from omegaconf import OmegaConf
+
+    d.mkdir(parents=True)
+    (d / "config.yaml").write_text(OmegaConf.to_yaml(compose(overrides), resolve=True))
+    (d / "summary.json").write_text(json.dumps({"status": "completed", "clock": "virtual", **summary}))
+    (d / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+
+
+def _metrics(step_s, base_loss, steps=6, every=2):
+    return [{"step": s, "loss": base_loss - 0.1 * s, "tokens": 512, "step_time_s": step_s, "busy_s": [0.01, 0.02],
+             "bytes_per_link": {"0->1": 1000, "1->0": 1000},
+             **({"val_loss": base_loss + 0.05 - 0.1 * s} if s % every == every - 1 else {})} for s in range(steps)]
+
+
+@pytest.fixture
+def preset_sweep(tmp_path, compose):
+    """3 network presets x 2 schedules x 2 codecs, as `-m net=datacenter,home,transatlantic ...` makes."""
+    i = 0
+    for net, speed in (("datacenter", 3.0), ("home", 1.0), ("transatlantic", 1.5)):
+        for sched, f in (("gpipe", 1.0), ("1f1b", 0.8)):
+            for codec, g, dl in (("none", 1.0, 0.0), ("int8", 1.2, 0.002)):
+                tps = 1000 * speed * f * g
+                _run_with_config(tmp_path / str(i), [f"net={net}", f"schedule={sched}", f"compress/fwd={codec}",
+                                                     "pipeline.stages=2"],
+                                 {"tokens_per_s": tps, "val_loss": 3.0 + dl, "train_loss": 2.9 + dl,
+                                  "energy": {"total_j": 50.0 / g, "j_per_token": 0.333 + 0.0045 * (g - 1) * 2,
+                                             "tokens": 3072, "label": "modelled"}},
+                                 _metrics(512 / tps, 3.4 + dl), compose)
+                i += 1
+    return collect_runs(tmp_path)
+
+
+def _series(fig):
+    return [ln for ax in fig.axes for ln in ax.get_lines() if ln.get_gid() == "series"]
+
+
+def _legend_texts(fig):
+    return [t.get_text() for leg in fig.legends for t in leg.get_texts()]
+
+
+def test_figures_group_by_every_varied_setting_and_average_nothing(preset_sweep):
+    from lowbw.report.plots import FIGURES
+
+    fig = FIGURES["throughput_vs_bandwidth"](preset_sweep)
+    ax = fig.axes[0]
+    assert "varied: codec (fwd/bwd), schedule, network" in fig._suptitle.get_text()
+    series = _series(fig)
+    # one point per run: the presets differ in latency too, so no line joins two of them
+    assert len(series) == 12 and all(len(ln.get_xdata()) == 1 and ln.get_linestyle() == "None" for ln in series)
+    assert sorted(y for ln in series for y in ln.get_ydata()) == sorted(r["tokens_per_s"] for r in preset_sweep)
+    texts = _legend_texts(fig)
+    assert {"codec (fwd/bwd)", "none/none", "int8/none", "schedule", "gpipe", "1f1b"} <= set(texts)
+    assert {t.get_text() for t in ax.texts} == {"datacenter", "home", "transatlantic"}  # named above their x
+    assert ax.get_xscale() == "log" and "log scale" in ax.get_xlabel()  # 20 .. 400,000 Mbit/s
+    assert ax.get_yscale() == "linear" and ax.get_ylim()[0] == 0.0 and "tokens/s" in ax.get_ylabel()
+
+
+def test_a_bandwidth_sweep_draws_one_line_per_codec_and_a_one_percent_difference_looks_small(tmp_path, compose):
+    for i, (bw, codec) in enumerate((b, c) for b in (10, 100, 1000, 10000) for c in ("none", "int8")):
+        _run_with_config(tmp_path / str(i), [f"net.uplink_mbps={bw}", f"net.downlink_mbps={bw}", "net.name=wan",
+                                             f"compress/fwd={codec}", "pipeline.stages=2"],
+                         {"tokens_per_s": 100.0 * math.log10(bw) + (50 if codec == "int8" else 0),
+                          "energy": {"total_j": 1.0, "j_per_token": 0.333 + (0.0045 if codec == "int8" else 0),
+                                     "tokens": 512, "label": "modelled"}}, _metrics(0.1, 3.0), compose)
+    rows = collect_runs(tmp_path)
+    from lowbw.report.plots import FIGURES
+
+    fig = FIGURES["throughput_vs_bandwidth"](rows)
+    series = _series(fig)
+    assert len(series) == 2 and all(list(ln.get_xdata()) == [10, 100, 1000, 10000] for ln in series)
+    assert all(ln.get_linestyle() == "-" for ln in series)  # 4 bandwidths: joined
+    assert "varied: codec (fwd/bwd)" in fig._suptitle.get_text() and "net." not in fig._suptitle.get_text()
+    energy = FIGURES["energy_vs_bandwidth"](rows).axes[0]
+    assert energy.get_ylim()[0] == 0.0 and energy.get_yscale() == "linear"  # 0.333 vs 0.3375: from zero
+
+
+def test_runs_differing_only_in_seed_stay_apart(tmp_path, compose):
+    for i, seed in enumerate((1, 2)):
+        _run_with_config(tmp_path / str(i), [f"seed={seed}", "pipeline.stages=2"],
+                         {"tokens_per_s": 100.0 + seed, "val_loss": 3.0 + seed / 10}, _metrics(0.1, 3.0 + seed / 10),
+                         compose)
+    from lowbw.report.plots import FIGURES
+
+    rows = collect_runs(tmp_path)
+    fig = FIGURES["pareto_loss_vs_throughput"](rows)
+    assert "varied: seed" in fig._suptitle.get_text()
+    assert len(_series(fig)) == 2 and {"1", "2"} <= set(_legend_texts(fig))
+    assert len(_series(FIGURES["loss_vs_time"](rows))) == 2
+
+
+def test_pareto_front_is_drawn_and_labelled_inside_the_plot(preset_sweep):
+    from lowbw.report.plots import FIGURES
+    from lowbw.report.style import BREAK_GID
+
+    fig = FIGURES["pareto_loss_vs_throughput"](preset_sweep)
+    assert "Pareto front: no run both\nfaster and lower-loss" in _legend_texts(fig)
+    fig.canvas.draw()
+    for ax in fig.axes:
+        front = [ln for ln in ax.get_lines() if ln.get_gid() == "pareto-front"]
+        assert len(front) == 1 and front[0].get_marker() == "o" and len(front[0].get_xdata()) >= 1
+        inside = ax.get_window_extent()
+        labels = [t for t in ax.texts]
+        assert len(labels) == len(front[0].get_xdata())
+        for t in labels:  # every label within the axes, none on top of another
+            bb = t.get_window_extent()
+            assert inside.x0 <= bb.x0 and bb.x1 <= inside.x1 and inside.y0 <= bb.y0 and bb.y1 <= inside.y1, t
+        boxes = [t.get_window_extent() for t in labels]
+        assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+        assert ax.get_ylim()[0] > 0 and any(ln.get_gid() == BREAK_GID for ln in ax.get_lines())  # loss: marked break
+    assert [ax.get_title() for ax in fig.axes] == ["network datacenter", "network home", "network transatlantic"]
+
+
+def test_loss_curves_one_per_run_against_the_runs_clock_and_joules(swept):
+    from lowbw.report.plots import FIGURES
+
+    d, out = swept
+    assert out.returncode == 0
+    rows = collect_runs(d)
+    done = [r for r in rows if r["status"] == "completed"]
+    time_fig, energy_fig = FIGURES["loss_vs_time"](rows), FIGURES["loss_vs_energy"](rows)
+    assert len(_series(time_fig)) == len(_series(energy_fig)) == len(done) == 4
+    assert "virtual clock" in time_fig.axes[0].get_xlabel() and "J, modelled" in energy_fig.axes[0].get_xlabel()
+    for ln_t, ln_e in zip(_series(time_fig), _series(energy_fig)):
+        # the last point of every curve: the run's whole clock time and its modelled joules from summary.json
+        x_t, x_e = ln_t.get_xdata()[-1], ln_e.get_xdata()[-1]
+        run = next(r for r in done if abs(sum(m["step_time_s"] for m in r["_metrics"]) - x_t) < 1e-9)
+        assert x_e == pytest.approx(run["_energy_total_j"], rel=1e-9)
+        assert list(ln_t.get_ydata()) == [m["val_loss"] for m in run["_metrics"] if "val_loss" in m]

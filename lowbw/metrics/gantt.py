@@ -1,12 +1,13 @@
 """Pictures of a timeline: a PNG Gantt chart and a Chrome-trace JSON (opens in Perfetto / chrome://tracing).
 
-    python -m lowbw.metrics.gantt RUN_DIR [--steps 2] [--first 1]     # timeline.png + trace.json from timeline.jsonl
+    python -m lowbw.metrics.gantt RUN_DIR [--steps 2] [--first 1] [--ranks 32]   # timeline.png + trace.json
 
 One row per rank. Forward, backward, input-gradient (I), weight-gradient (W), codec work and the
 optimizer are coloured bars; a receive's wait is a hatched bar; a send (handing a message to the
 link, instantaneous on the rank) is a tick; idle time is the light background left uncovered.
 Every finished run leaves both files in its folder (rank 0 draws them in ``Recorder.finish``):
-the PNG shows the first few steps after warm-up, the trace every step.
+the PNG shows the first few steps after warm-up, the trace every step. The PNG draws at most
+:data:`MAX_RANKS_DRAWN` ranks (the first ones) and says so in its title; the trace has every rank.
 """
 
 from __future__ import annotations
@@ -47,6 +48,11 @@ LABELS = {
 }
 
 
+#: Ranks a Gantt PNG draws by default: at 0.55 inch a row, 32 rows make an 18-inch-tall chart, the most
+#: that still reads on a screen; the Chrome trace holds every rank.
+MAX_RANKS_DRAWN = 32
+
+
 def load_timeline(path: str | Path, clock: str = "virtual", n_ranks: Optional[int] = None) -> Timeline:
     """Read a ``timeline.jsonl`` (one Event per line, all ranks, all steps)."""
     events = [Event(**json.loads(line)) for line in Path(path).read_text().splitlines() if line.strip()]
@@ -63,8 +69,21 @@ def select_steps(tl: Timeline, first: int = 0, count: Optional[int] = None) -> T
     return Timeline(tl.clock, tl.n_ranks, keep)
 
 
-def plot_gantt(tl: Timeline, path: str | Path, title: str = "", width: float = 14.0) -> Path:
-    """Draw ``tl`` as a Gantt chart, one row per rank; return the PNG's path."""
+def select_ranks(tl: Timeline, count: int) -> Timeline:
+    """The events of ranks 0 .. count-1 (a timeline of that many ranks)."""
+    n = max(0, min(count, tl.n_ranks))
+    return Timeline(tl.clock, n, [e for e in tl.events if e.rank < n])
+
+
+def ranks_note(n_drawn: int, n_ranks: int) -> str:
+    """What a picture cut to its first ranks says about it ("" when it shows them all)."""
+    return "" if n_drawn >= n_ranks else f"ranks 0-{n_drawn - 1} of {n_ranks}"
+
+
+def plot_gantt(tl: Timeline, path: str | Path, title: str = "", width: float = 14.0,
+               of_ranks: Optional[int] = None) -> Path:
+    """Draw ``tl`` as a Gantt chart, one row per rank; return the PNG's path. ``of_ranks``: how many ranks the
+    run had, when ``tl`` holds only the first of them (see :func:`select_ranks`); the title says so."""
     # matplotlib is imported here, not at the top: every rank imports this module through the
     # recorder, only rank 0 draws, once, at the end (the import costs ~1 s of start-up per process).
     import matplotlib
@@ -116,6 +135,8 @@ def plot_gantt(tl: Timeline, path: str | Path, title: str = "", width: float = 1
     ax.set_xlabel(f"time (s, {tl.clock} clock)")
     steps = sorted({e.step for e in events})
     step_txt = f"step {steps[0]}" if len(steps) == 1 else f"steps {steps[0]}-{steps[-1]}"
+    cut = ranks_note(R, of_ranks) if of_ranks else ""
+    step_txt += f", {cut}" if cut else ""
     ax.set_title(f"{title}  ({step_txt})" if title else step_txt, fontsize=10)
     order = [k for k in COLORS if k in used]
     handles = [Patch(facecolor=COLORS[k], hatch="////" if k == "recv_wait" else None,
@@ -174,8 +195,10 @@ def run_title(meta: dict, clock: str) -> str:
     return ", ".join(parts) + f" ({clock} clock)"
 
 
-def write_run_pictures(run_dir: Path, clock: str, world: int, warmup: int, meta: dict, steps: int = 2) -> None:
-    """timeline.png (``steps`` steps after warm-up) and trace.json (all steps) from a run's timeline.jsonl.
+def write_run_pictures(run_dir: Path, clock: str, world: int, warmup: int, meta: dict, steps: int = 2,
+                       ranks: int = MAX_RANKS_DRAWN) -> None:
+    """timeline.png (``steps`` steps after warm-up, the first ``ranks`` ranks) and trace.json (all steps, all
+    ranks) from a run's timeline.jsonl.
 
     Never raises: a picture that cannot be drawn is reported on stderr and the run stays completed.
     """
@@ -186,7 +209,11 @@ def write_run_pictures(run_dir: Path, clock: str, world: int, warmup: int, meta:
         tl = load_timeline(src, clock, world)
         title = run_title(meta, clock)
         chrome_trace(tl, Path(run_dir) / "trace.json", title)
-        plot_gantt(select_steps(tl, warmup, steps), Path(run_dir) / "timeline.png", title)
+        plot_gantt(select_ranks(select_steps(tl, warmup, steps), ranks), Path(run_dir) / "timeline.png", title,
+                   of_ranks=tl.n_ranks)
+        if ranks < tl.n_ranks:
+            print(f"lowbw: timeline.png shows {ranks_note(ranks, tl.n_ranks)} (trace.json has them all)",
+                  file=sys.stderr)
     except Exception as e:  # noqa: BLE001 -- pictures are a convenience, never a failure of the run
         print(f"lowbw: could not draw the timeline of {run_dir}: {type(e).__name__}: {e}", file=sys.stderr)
 
@@ -196,6 +223,7 @@ def main(argv: Optional[Iterable[str]] = None) -> None:
     ap.add_argument("run_dir")
     ap.add_argument("--first", type=int, default=None, help="first step drawn (default: after warm-up)")
     ap.add_argument("--steps", type=int, default=2, help="steps drawn in the PNG")
+    ap.add_argument("--ranks", type=int, default=MAX_RANKS_DRAWN, help="ranks drawn in the PNG (the first ones)")
     ap.add_argument("--out", default=None, help="PNG path (default RUN_DIR/timeline.png)")
     a = ap.parse_args(list(argv) if argv is not None else None)
     run = Path(a.run_dir)
@@ -205,8 +233,10 @@ def main(argv: Optional[Iterable[str]] = None) -> None:
     first = a.first if a.first is not None else (summary.get("steps_completed", 0) - summary.get("measured_steps", 0))
     title = run_title(summary, clock)
     chrome_trace(tl, run / "trace.json", title)
-    out = plot_gantt(select_steps(tl, first, a.steps), a.out or run / "timeline.png", title)
-    print(f"wrote {out} and {run / 'trace.json'}")
+    out = plot_gantt(select_ranks(select_steps(tl, first, a.steps), a.ranks), a.out or run / "timeline.png", title,
+                     of_ranks=tl.n_ranks)
+    cut = ranks_note(min(a.ranks, tl.n_ranks), tl.n_ranks)
+    print(f"wrote {out}" + (f" ({cut})" if cut else "") + f" and {run / 'trace.json'}")
 
 
 if __name__ == "__main__":

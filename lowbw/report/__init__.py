@@ -1,164 +1,28 @@
-"""lowbw-report: one table and four figures from a sweep folder.
+"""lowbw-report: one table and six figures (PNG, with a PDF of each beside it) from a sweep folder.
 
     lowbw-train -m net=datacenter,home compress/fwd=none,int8 schedule=gpipe,1f1b
-    lowbw-report multirun/2025-01-31/12-00-00            # -> report.md, report.csv, *.png in that folder
+    lowbw-report multirun/2025-01-31/12-00-00            # -> report.md, report.csv, *.png, *.pdf in that folder
     lowbw-report multirun/... --out reports/first-sweep  # elsewhere
 
 Reads every run folder under the sweep (summary.json, config.yaml, metrics.jsonl, .hydra/overrides.yaml),
-training and simulator sweeps alike; see docs/sweeps.md for the columns.
+training and simulator sweeps alike; see docs/sweeps.md for the columns and figures.
+
+The names below load on first use: every ``lowbw-train`` start loads this package's sweep-progress callback
+(:mod:`lowbw.report.progress`), which must not pay for matplotlib.
 """
 
 from __future__ import annotations
 
-import argparse
-import csv
-import math
-import sys
-from pathlib import Path
-from typing import Any, Optional
+from importlib import import_module
+from typing import Any
 
-from lowbw.report.collect import COLUMNS, KEYS, collect_runs, find_run_dirs
-from lowbw.report.plots import PLOTS, loss_column, pareto_front, write_plots
-
-__all__ = ["COLUMNS", "KEYS", "PLOTS", "collect_runs", "find_run_dirs", "main", "pareto_front", "write_report"]
-
-LOSS_KEYS = ("train_loss", "val_loss", "train_loss_gap", "val_loss_gap", "baseline_run")
-_FMT = dict((k, f) for k, _, f in COLUMNS)
-_HEAD = dict((k, h) for k, h, _ in COLUMNS)
-# report.md's main table; report.csv has every column
-MAIN = ["run", "status", "network", "bandwidth_mbps", "codec", "schedule", "tokens_per_s", "j_per_token",
-        "compute_j_per_token", "idle_j_per_token", "network_j_per_token", "bytes_per_token", "bubble_fraction",
-        "train_loss", "val_loss", "val_loss_gap"]
-CODEC = ["run", "codec", "fwd_ratio", "fwd_rel_error", "fwd_encode_ms", "fwd_decode_ms", "bwd_ratio",
-         "bwd_rel_error", "bwd_encode_ms", "bwd_decode_ms"]
-
-GLOSSARY = {
-    "run": "run folder, relative to the sweep folder (Hydra job number)",
-    "status": "completed | failed (see error) | incomplete (no summary.json: interrupted or still running)",
-    "network": "net preset name (net.name)",
-    "bandwidth_mbps": "bottleneck bandwidth of the links the pipeline uses (stage i <-> i+1), Mbit/s, from the run's net config",
-    "latency_ms": "mean one-way latency of those links, ms",
-    "codec_fwd / codec_bwd": "codec of forward activations / backward activation-gradients (compress/fwd, compress/bwd)",
-    "codec": "fwd/bwd label; a codec's parameters are shown when they vary within the sweep",
-    "tokens_per_s": "training throughput, tokens/s on the run's clock (virtual = event time, wall = real time); "
-                    "warm-up steps excluded. tokens_per_s_wall: the same on the wall clock",
-    "j_per_token": "energy per token, J (compute + idle + network); energy_source says modelled or measured. "
-                   "measured_j_per_token: metered device energy (compute + idle only), when measured",
-    "bytes_per_token": "bytes sent over all links per training token",
-    "bubble_fraction": "share of rank-seconds not spent computing (0 = no bubble)",
-    "train_loss / val_loss": "final training / validation cross-entropy, nats/token",
-    "train_loss_gap / val_loss_gap": "loss minus the loss of the uncompressed run (both codecs none) with the same "
-                                     "training config (network, schedule, seed, model, steps) in this sweep "
-                                     "(baseline_run); positive = compression hurt",
-    "fwd_* / bwd_*": "codec statistics, message-weighted mean over pipeline boundaries: ratio (raw/wire bytes), "
-                     "rel_error (relative reconstruction error), encode/decode ms per message",
-    "overrides": "the run's Hydra overrides",
-}
+_WHERE = {"COLUMNS": "collect", "KEYS": "collect", "collect_runs": "collect", "find_run_dirs": "collect",
+          "PLOTS": "plots", "pareto_front": "plots", "write_plots": "plots", "main": "write",
+          "write_report": "write"}
+__all__ = sorted(_WHERE)
 
 
-def _cell(v: Any, spec: str) -> str:
-    if v is None or v == "":
-        return ""
-    if isinstance(v, float) and math.isinf(v):
-        return "inf" if v > 0 else "-inf"
-    if spec == "s":
-        return str(v)
-    try:
-        return format(int(v), spec) if spec == "d" else format(float(v), spec)
-    except (TypeError, ValueError):
-        return str(v)
-
-
-def _md_escape(s: str, limit: Optional[int] = None) -> str:
-    s = s.replace("|", "\\|").replace("\n", " ")
-    return s if limit is None or len(s) <= limit else s[: limit - 1] + "…"
-
-
-def _md_table(rows: list[dict], keys: list[str], heads: dict[str, str]) -> list[str]:
-    out = ["| " + " | ".join(heads.get(k, _HEAD.get(k, k)) for k in keys) + " |",
-           "|" + "|".join("---" if _FMT.get(k, "s") == "s" else "---:" for k in keys) + "|"]
-    for r in rows:
-        out.append("| " + " | ".join(_md_escape(_cell(r.get(k), _FMT.get(k, "s")), 120) for k in keys) + " |")
-    return out
-
-
-def write_report(root: Path, out: Optional[Path] = None, plots: bool = True) -> dict:
-    """Write report.csv, report.md and the PNG figures for the sweep folder ``root`` (into ``out``, default
-    ``root``). Returns {"rows", "columns", "csv", "md", "plots", "skipped_plots"}."""
-    root = Path(root)
-    out = Path(out) if out is not None else root
-    out.mkdir(parents=True, exist_ok=True)
-    rows = collect_runs(root)
-    has_loss = loss_column(rows) is not None or any(r.get("train_loss") is not None or r.get("val_loss") is not None
-                                                   for r in rows)
-    columns = [k for k in KEYS if has_loss or k not in LOSS_KEYS]
-
-    csv_path = out / "report.csv"
-    with open(csv_path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(columns)
-        for r in rows:
-            w.writerow(["" if r.get(k) is None else r[k] for k in columns])
-
-    written, skipped = write_plots(rows, out) if plots else ({}, {})
-
-    clocks = sorted({r["clock"] for r in rows if r.get("clock")})
-    sources = sorted({r["energy_source"] for r in rows if r.get("energy_source")})
-    n = {s: sum(r["status"] == s for r in rows) for s in ("completed", "failed", "incomplete")}
-    heads = {"tokens_per_s": f"tokens/s ({'/'.join(clocks) or '?'} clock)",
-             "j_per_token": f"J/token ({'/'.join(sources) or 'n/a'})"}
-    md = [f"# lowbw sweep report: `{root}`", "",
-          f"{len(rows)} runs: {n['completed']} completed, {n['failed']} failed, {n['incomplete']} incomplete. "
-          f"Clock: {', '.join(clocks) or 'n/a'}. Energy: {', '.join(sources) or 'not recorded'}. "
-          f"Every column of every run is in `{csv_path.name}`.", ""]
-    main_keys = [k for k in MAIN if k in columns]
-    md += ["## Runs", ""] + _md_table(rows, main_keys, heads) + [""]
-    if any(r.get(k) is not None for r in rows for k in CODEC[2:]):
-        md += ["## Compression (mean over pipeline boundaries)", ""] + _md_table(rows, CODEC, {}) + [""]
-    failed = [r for r in rows if r["status"] != "completed"]
-    if failed:
-        md += ["## Runs that did not complete", ""]
-        for r in failed:
-            what = f"{r.get('network')} / {r.get('codec')} / {r.get('schedule')}"
-            md.append(f"- `{r['run']}` ({what}): **{r['status']}**"
-                      + (f" -- {_md_escape(str(r['error']))}" if r.get("error") else "")
-                      + (f"  \n  overrides: `{r['overrides']}`" if r.get("overrides") else ""))
-        md.append("")
-    if written or skipped:
-        md += ["## Figures", ""]
-        for name, path in written.items():
-            md += [f"![{name.replace('_', ' ')}]({Path(path).relative_to(out).as_posix()})", ""]
-        for name, why in skipped.items():
-            md += [f"- {PLOTS[name]} not drawn: {why}", ""]
-    md += ["## Columns", ""] + [f"- `{k}`: {v}" for k, v in GLOSSARY.items()
-                                if has_loss or not any(x in k for x in ("loss",))] + [""]
-    md_path = out / "report.md"
-    md_path.write_text("\n".join(md))
-    return {"rows": rows, "columns": columns, "csv": csv_path, "md": md_path, "plots": written,
-            "skipped_plots": skipped}
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="lowbw-report", description="Report of a lowbw sweep: report.md, report.csv "
-                                 "and PNG figures from every run folder under SWEEP.")
-    ap.add_argument("sweep", type=Path, help="sweep folder (e.g. multirun/2025-01-31/12-00-00) or one run folder")
-    ap.add_argument("--out", type=Path, default=None, help="where to write the report (default: the sweep folder)")
-    ap.add_argument("--no-plots", action="store_true", help="write the tables only")
-    args = ap.parse_args(argv)
-    if not args.sweep.is_dir():
-        print(f"lowbw-report: {args.sweep} is not a folder", file=sys.stderr)
-        return 2
-    if not find_run_dirs(args.sweep):
-        print(f"lowbw-report: no run folders (summary.json, metrics.jsonl, config.yaml) under {args.sweep}",
-              file=sys.stderr)
-        return 1
-    rep = write_report(args.sweep, args.out, plots=not args.no_plots)
-    rows = rep["rows"]
-    n_ok = sum(r["status"] == "completed" for r in rows)
-    print(f"lowbw-report: {len(rows)} runs ({n_ok} completed, {len(rows) - n_ok} not)")
-    print(f"  {rep['md']}\n  {rep['csv']}")
-    for p in rep["plots"].values():
-        print(f"  {p}")
-    for name, why in rep["skipped_plots"].items():
-        print(f"  ({PLOTS[name]} not drawn: {why})")
-    return 0
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        return getattr(import_module(f"lowbw.report.{_WHERE[name]}"), name)
+    raise AttributeError(f"module 'lowbw.report' has no attribute {name!r}")

@@ -261,6 +261,9 @@ def load_run(run_dir: Path, root: Path) -> dict:
     row["_twin_key"] = (json.dumps(sorted((k, repr(v)) for k, v in flat.items() if not k.startswith(_NOT_TRAINING)))
                         if flat else json.dumps([row["network"], row["bandwidth_mbps"], row["schedule"], row["seed"]]))
     row["_metrics"] = metrics
+    row["_cfg"] = cfg
+    row["_flat"] = flat
+    row["_energy_total_j"] = _num(energy.get("total_j")) if isinstance(energy, dict) else None
     return row
 
 

@@ -1,29 +1,45 @@
-"""The report's figures (PNG). A figure with nothing to show (e.g. a simulator sweep without losses, runs
-without energy) is not written; :func:`write_plots` returns why, and report.md says so."""
+"""The report's figures: PNG for report.md and PDF beside it, one look (:mod:`lowbw.report.style`).
+
+Every figure shows each run on its own -- nothing is averaged -- and shows what the sweep varied by colour,
+marker and panels (:mod:`lowbw.report.facets`); its title names those settings. A figure with nothing to show
+(a simulator sweep has no loss, old runs no energy) is not written: :func:`write_plots` returns why, and
+report.md says so.
+"""
 
 from __future__ import annotations
 
 import math
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
+
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+
+from lowbw.report.curves import Curve, run_curve
+from lowbw.report.facets import Layout, layout
+from lowbw.report.style import (broken_axis, colour, figure_style, header_handle, linestyle, marker, new_figure,
+                                place_labels, quantity_axis, save)
 
 PLOTS = {
     "throughput_vs_bandwidth": "throughput_vs_bandwidth.png",
     "energy_vs_bandwidth": "energy_vs_bandwidth.png",
-    "val_loss_curves": "val_loss_curves.png",
     "pareto_loss_vs_throughput": "pareto_loss_vs_throughput.png",
+    "loss_vs_step": "loss_vs_step.png",
+    "loss_vs_time": "loss_vs_time.png",
+    "loss_vs_energy": "loss_vs_energy.png",
 }
-_MARKERS = "osD^vP*Xh<>"
+#: gids of the artists tests and readers count: one "series" line per group of runs, the Pareto front.
+SERIES_GID = "series"
+FRONT_GID = "pareto-front"
+#: Points of one series are joined by a line only from three x values on: a line between two samples
+#: decades apart claims a shape nobody measured.
+MIN_POINTS_FOR_LINE = 3
+_PANEL_W, _PANEL_H, _LEGEND_W = 4.4, 3.3, 2.4  # inches
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+class NoData(Exception):
+    """The figure has nothing to show; the message says why."""
 
 
 def _finite(v: Any) -> bool:
@@ -35,136 +51,6 @@ def _clock(rows: list[dict]) -> str:
     return "/".join(clocks) if clocks else "unknown"
 
 
-def _series_key(rows: list[dict]) -> tuple[callable, str]:
-    """Lines are per codec; when the sweep also varies the schedule (or the network name at one bandwidth),
-    those are part of the line's label too."""
-    parts = ["codec"]
-    if len({r.get("schedule") for r in rows}) > 1:
-        parts.append("schedule")
-    return (lambda r: " | ".join(str(r.get(p)) for p in parts)), " | ".join(parts)
-
-
-class NoData(Exception):
-    """The figure has nothing to show; the message says why."""
-
-
-def _empty(ax, title: str, why: str) -> None:
-    _plt().close(ax.figure)
-    raise NoData(why)
-
-
-def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    _plt().close(fig)
-    return path
-
-
-def _styles(labels: list[str]) -> dict[str, dict]:
-    plt = _plt()
-    cmap = plt.get_cmap("tab10" if len(labels) <= 10 else "tab20")
-    return {lab: {"color": cmap(i % cmap.N), "marker": _MARKERS[i % len(_MARKERS)]} for i, lab in enumerate(labels)}
-
-
-def _vs_bandwidth(rows: list[dict], value: str, path: Path, title: str, ylabel: str, why_empty: str) -> Path:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    pts = [r for r in rows if r["status"] == "completed" and _finite(r.get("bandwidth_mbps"))
-           and _finite(r.get(value))]
-    if not pts:
-        _empty(ax, title, why_empty)
-        return _save(fig, path)
-    key, legend_title = _series_key(pts)
-    series: dict[str, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for r in pts:
-        series[key(r)][r["bandwidth_mbps"]].append(r[value])
-    styles = _styles(sorted(series))
-    for lab in sorted(series):
-        xs = sorted(series[lab])
-        ys = [sum(series[lab][x]) / len(series[lab][x]) for x in xs]
-        ax.plot(xs, ys, label=lab, linewidth=1.5, markersize=6, **styles[lab])
-    ax.set_xscale("log")
-    ys_all = [r[value] for r in pts if r[value] > 0]
-    if ys_all and max(ys_all) / min(ys_all) > 100:
-        ax.set_yscale("log")
-    ax.set_xlabel("bottleneck link bandwidth (Mbit/s, log scale)")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(title=legend_title, fontsize=8, title_fontsize=8, loc="best")
-    return _save(fig, path)
-
-
-def throughput_vs_bandwidth(rows: list[dict], path: Path) -> Path:
-    clock = _clock(rows)
-    return _vs_bandwidth(rows, "tokens_per_s", path,
-                         f"Training throughput vs link bandwidth, per codec ({clock} clock)",
-                         f"throughput (tokens/s, {clock} clock)",
-                         "no completed run has both a throughput and a finite link bandwidth")
-
-
-def energy_vs_bandwidth(rows: list[dict], path: Path) -> Path:
-    labels = sorted({r["energy_source"] for r in rows if r.get("energy_source")})
-    src = "/".join(labels) if labels else "modelled"
-    return _vs_bandwidth(rows, "j_per_token", path,
-                         f"Energy per token vs link bandwidth, per codec ({src}, {_clock(rows)} clock)",
-                         f"energy (J/token, {src}: compute + idle + network)",
-                         "no completed run recorded energy (summary.json has no 'energy')")
-
-
-def val_loss_curves(rows: list[dict], path: Path) -> Path:
-    plt = _plt()
-    title = "Validation loss during training, per codec"
-    fig, ax = plt.subplots(figsize=(11, 4.8))
-    done = [r for r in rows if r["status"] == "completed" and r.get("_metrics")]
-    val: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
-    train: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for r in done:
-        for m in r["_metrics"]:
-            step = m.get("step")
-            if not isinstance(step, int):
-                continue
-            if _finite(m.get("val_loss")):
-                val[r["codec"]][step].append(m["val_loss"])
-            if _finite(m.get("loss")):
-                train[r["codec"]][step].append(m["loss"])
-    if not val and not train:
-        _empty(ax, title, "no completed run recorded a loss (metrics.jsonl has no loss)")
-        return _save(fig, path)
-    styles = _styles(sorted(set(val) | set(train)))
-    for lab in sorted(set(val) | set(train)):
-        st = styles[lab]
-        if lab in val:
-            xs = sorted(val[lab])
-            mean = [sum(val[lab][x]) / len(val[lab][x]) for x in xs]
-            ax.plot(xs, mean, label=f"{lab} (validation)", color=st["color"], marker=st["marker"], linewidth=1.8)
-            lo, hi = [min(val[lab][x]) for x in xs], [max(val[lab][x]) for x in xs]
-            if any(a != b for a, b in zip(lo, hi)):
-                ax.fill_between(xs, lo, hi, color=st["color"], alpha=0.15)
-        if lab in train:
-            xs = sorted(train[lab])
-            mean = [sum(train[lab][x]) / len(train[lab][x]) for x in xs]
-            ax.plot(xs, mean, label=f"{lab} (training)", color=st["color"], linestyle="--", linewidth=0.9, alpha=0.8)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("cross-entropy loss (nats/token)")
-    ax.ticklabel_format(axis="y", useOffset=False, style="plain")
-    ax.set_title(title + ("" if val else " (no validation points: training loss only)"))
-    ax.grid(True, alpha=0.3)
-    ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.legend(title="codec fwd/bwd\nsolid: validation (mean; band: min-max over runs)\ndashed: training",
-              fontsize=7, title_fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    return _save(fig, path)
-
-
-def pareto_front(points: list[tuple[float, float]]) -> list[int]:
-    """Indices of the points not dominated when maximising x (throughput) and minimising y (loss)."""
-    front = []
-    for i, (x, y) in enumerate(points):
-        if not any((x2 >= x and y2 <= y) and (x2 > x or y2 < y) for j, (x2, y2) in enumerate(points) if j != i):
-            front.append(i)
-    return sorted(front, key=lambda i: points[i][0])
-
-
 def loss_column(rows: list[dict]) -> Optional[str]:
     done = [r for r in rows if r["status"] == "completed"]
     for col in ("val_loss", "train_loss"):
@@ -173,54 +59,235 @@ def loss_column(rows: list[dict]) -> Optional[str]:
     return None
 
 
-def pareto_loss_vs_throughput(rows: list[dict], path: Path) -> Path:
-    plt = _plt()
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points not dominated when maximising x (throughput) and minimising y (loss), by x."""
+    front = []
+    for i, (x, y) in enumerate(points):
+        if not any((x2 >= x and y2 <= y) and (x2 > x or y2 < y) for j, (x2, y2) in enumerate(points) if j != i):
+            front.append(i)
+    return sorted(front, key=lambda i: points[i][0])
+
+
+# ---- the frame every figure shares: panels, legend, title ---------------------------------------------------
+
+
+def _panels(rows: list[dict], lay: Layout, title: str):
+    """(figure, [(axes, rows of that panel)]) with one panel per combination of ``lay.panels``."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        groups[lay.panel_key(r)].append(r)
+    keys = sorted(groups)
+    ncols = min(len(keys), 3)
+    nrows = -(-len(keys) // ncols)
+    fig = new_figure(_PANEL_W * ncols + _LEGEND_W, _PANEL_H * nrows + 0.8)
+    axes = fig.subplots(nrows, ncols, squeeze=False, sharex=True, sharey=True)
+    for ax in axes.flat[len(keys):]:
+        ax.set_visible(False)
+    out = []
+    for ax, key in zip(axes.flat, keys):
+        if lay.panels:
+            ax.set_title(lay.panel_title(key), fontsize=9)
+        out.append((ax, groups[key]))
+    varied = lay.varied_text()
+    fig.suptitle(f"{title}\n" + (f"varied: {varied}" if varied else "one configuration"), fontsize=10)
+    return fig, out
+
+
+def _legend(fig, lay: Layout, lines: bool, extra: tuple = ()) -> None:
+    """One legend at the right: a section per styled setting (colour, then marker / line style)."""
+    handles, labels = [], []
+    headers = {d.label for d in (lay.colour, lay.style) if d is not None}
+    if lay.colour is not None:
+        h, t = header_handle(lay.colour.label)
+        handles.append(h), labels.append(t)
+        for i, v in enumerate(lay.colour_values):
+            handles.append(Line2D([], [], color=colour(i), marker=None if lay.style else marker(0),
+                                  linestyle="-" if lines or lay.style else "none"))
+            labels.append(v)
+    if lay.style is not None:
+        h, t = header_handle(lay.style.label)
+        handles.append(h), labels.append(t)
+        for i, v in enumerate(lay.style_values):
+            handles.append(Line2D([], [], color="0.35", marker=None if lines else marker(i),
+                                  linestyle=linestyle(i) if lines else "none"))
+            labels.append(v)
+    for h, t in extra:
+        handles.append(h), labels.append(t)
+    if handles:
+        leg = fig.legend(handles, labels, loc="upper left", frameon=False, handlelength=2.2,
+                         bbox_to_anchor=(1 - _LEGEND_W / fig.get_figwidth() + 0.01, 0.88))
+        for t in leg.get_texts():
+            if t.get_text() in headers:
+                t.set_fontweight("bold")
+
+
+def _finish(fig) -> Figure:
+    shown = {(a.get_subplotspec().rowspan.start, a.get_subplotspec().colspan.start) for a in fig.axes
+             if a.get_visible()}
+    for ax in fig.axes:  # shared axes: axis labels and tick labels on the outer panels only
+        row, col = ax.get_subplotspec().rowspan.start, ax.get_subplotspec().colspan.start
+        if col > 0:
+            ax.set_ylabel("")
+            ax.tick_params(labelleft=False)
+        if (row + 1, col) in shown:
+            ax.set_xlabel("")
+            ax.tick_params(labelbottom=False)
+    fig.tight_layout(rect=(0, 0, 1 - _LEGEND_W / fig.get_figwidth(), 1))
+    return fig
+
+
+# ---- run-per-point figures -------------------------------------------------------------------------------------
+
+
+def _points(ax, rows: list[dict], lay: Layout, x: str, y: str) -> None:
+    """Each group of runs (equal in every varied setting but x) as one series; joined from 3 x values on."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        groups[lay.group_key(r)].append(r)
+    for key in sorted(groups):
+        g = sorted(groups[key], key=lambda r: r[x])
+        joined = len({r[x] for r in g}) >= MIN_POINTS_FOR_LINE
+        ax.plot([r[x] for r in g], [r[y] for r in g], color=colour(lay.colour_index(g[0])),
+                marker=marker(lay.style_index(g[0])), linestyle="-" if joined else "none", markeredgecolor="white",
+                markeredgewidth=0.6, alpha=0.9,
+                label=lay.series_label(g[0]), gid=SERIES_GID)
+
+
+def _name_along_x(ax, rows: list[dict], lay: Layout, x: str) -> None:
+    """Write the settings that go one-to-one with x (a network preset's name) above their x position."""
+    if not lay.along_x:
+        return
+    names = {r[x]: ", ".join(d.text(r) for d in lay.along_x) for r in rows}
+    for xv, text in sorted(names.items()):
+        ax.annotate(text, (xv, 1.0), xycoords=ax.get_xaxis_transform(), xytext=(0, 3), textcoords="offset points",
+                    ha="center", va="bottom", fontsize=7, color="0.25")
+        ax.axvline(xv, color="0.8", linewidth=0.6, linestyle=":", zorder=0)
+
+
+def _vs_bandwidth(rows: list[dict], value: str, title: str, ylabel: str, why_empty: str) -> Figure:
+    pts = [r for r in rows if r["status"] == "completed" and _finite(r.get("bandwidth_mbps"))
+           and _finite(r.get(value))]
+    if not pts:
+        raise NoData(why_empty)
+    if len({r["bandwidth_mbps"] for r in pts}) < 2:
+        raise NoData(f"every run has the same bandwidth ({pts[0]['bandwidth_mbps']:g} Mbit/s): nothing to plot against")
+    lay = layout(pts, x_key="bandwidth_mbps", force_panels=("clock",))
+    with figure_style():
+        fig, panels = _panels(pts, lay, title)
+        for ax, sel in panels:
+            _points(ax, sel, lay, "bandwidth_mbps", value)
+            quantity_axis(ax, [r["bandwidth_mbps"] for r in pts], "x", "bottleneck link bandwidth (Mbit/s)")
+            quantity_axis(ax, [r[value] for r in pts], "y", ylabel)
+            _name_along_x(ax, sel, lay, "bandwidth_mbps")
+        _legend(fig, lay, lines=False)
+        return _finish(fig)
+
+
+def throughput_vs_bandwidth(rows: list[dict]) -> Figure:
+    clock = _clock(rows)
+    return _vs_bandwidth(rows, "tokens_per_s", f"Training throughput vs link bandwidth ({clock} clock)",
+                         f"throughput (tokens/s, {clock} clock)",
+                         "no completed run has both a throughput and a finite link bandwidth")
+
+
+def energy_vs_bandwidth(rows: list[dict]) -> Figure:
+    labels = sorted({r["energy_source"] for r in rows if r.get("energy_source")})
+    src = "/".join(labels) if labels else "modelled"
+    return _vs_bandwidth(rows, "j_per_token", f"Energy per token vs link bandwidth ({src})",
+                         f"energy (J/token, {src})",
+                         "no completed run recorded energy (summary.json has no 'energy')")
+
+
+def pareto_loss_vs_throughput(rows: list[dict]) -> Figure:
     col = loss_column(rows)
-    which = "validation" if col == "val_loss" else "training"
-    title = f"Loss vs throughput: Pareto front ({_clock(rows)} clock)"
-    fig, ax = plt.subplots(figsize=(11, 4.8))
     pts = [r for r in rows if col and r["status"] == "completed" and _finite(r.get("tokens_per_s"))
            and _finite(r.get(col))]
     if not pts:
-        _empty(ax, title, "no completed run has both a throughput and a loss")
-        return _save(fig, path)
-    key, legend_title = _series_key(pts)
-    styles = _styles(sorted({key(r) for r in pts}))
-    for lab in sorted(styles):
-        sel = [r for r in pts if key(r) == lab]
-        ax.scatter([r["tokens_per_s"] for r in sel], [r[col] for r in sel], label=lab, s=36,
-                   color=styles[lab]["color"], marker=styles[lab]["marker"])
-    xy = [(r["tokens_per_s"], r[col]) for r in pts]
-    front = pareto_front(xy)
-    ax.step([xy[i][0] for i in front], [xy[i][1] for i in front], where="pre", color="black", linewidth=1.2,
-            label="Pareto front (no run is both faster and lower-loss)")
-    for i in front:
-        r = pts[i]
-        bw = r.get("bandwidth_mbps")
-        note = r["codec"] + (f" @ {bw:g} Mbit/s" if _finite(bw) else "")
-        ax.annotate(note, xy[i], textcoords="offset points", xytext=(4, 4), fontsize=6)
-    ax.set_xscale("log" if max(x for x, _ in xy) / max(min(x for x, _ in xy), 1e-12) > 100 else "linear")
-    ax.set_xlabel(f"throughput (tokens/s, {_clock(pts)} clock)")
-    ax.set_ylabel(f"final {which} loss (nats/token)")
-    ax.ticklabel_format(axis="y", useOffset=False, style="plain")
-    ax.set_title(title)
-    ax.grid(True, alpha=0.3)
-    ax.legend(title=legend_title, fontsize=7, title_fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    return _save(fig, path)
+        raise NoData("no completed run has both a throughput and a loss")
+    which = "validation" if col == "val_loss" else "training"
+    lay = layout(pts, force_panels=("clock",))
+    with figure_style():
+        fig, panels = _panels(pts, lay, f"Final {which} loss vs throughput, Pareto front ({_clock(pts)} clock)")
+        for ax, sel in panels:
+            _points(ax, sel, lay, "tokens_per_s", col)
+            xy = [(r["tokens_per_s"], r[col]) for r in sel]
+            front = pareto_front(xy)
+            fx, fy = [xy[i][0] for i in front], [xy[i][1] for i in front]
+            # the staircase bounding the region no run reaches; hollow rings mark the runs on it
+            ax.plot(fx, fy, drawstyle="steps-post", color="black", linewidth=1.0, marker="o", markersize=11,
+                    markerfacecolor="none", markeredgewidth=1.0, zorder=1, gid=FRONT_GID)
+            quantity_axis(ax, [r["tokens_per_s"] for r in pts], "x", f"throughput (tokens/s, {_clock(pts)} clock)")
+            broken_axis(ax, [r[col] for r in pts], f"final {which} loss (nats/token)")
+            ax.margins(x=0.08)
+            place_labels(fig, ax, [xy[i] for i in front], [", ".join(d.describe(sel[i]) for d in lay.dims
+                                                                     if d not in lay.panels) or sel[i]["run"]
+                                                           for i in front])
+        front_handle = Line2D([], [], color="black", linewidth=1.0, marker="o", markersize=9, markerfacecolor="none")
+        _legend(fig, lay, lines=False, extra=(header_handle(""), (front_handle, "Pareto front: no run both\n"
+                                                                                "faster and lower-loss")))
+        return _finish(fig)
+
+
+# ---- run-per-curve figures -------------------------------------------------------------------------------------
+
+
+def _loss_curves(rows: list[dict], x: Callable[[Curve], Optional[list[float]]], what: str, xlabel: str,
+                 why_empty: str) -> Figure:
+    done = [(r, run_curve(r)) for r in rows if r["status"] == "completed"]
+    done = [(r, c) for r, c in done if c is not None and x(c)]
+    if not done:
+        raise NoData(why_empty)
+    kinds = {c.kind for _, c in done}
+    kind = "validation" if kinds == {"validation"} else "/".join(sorted(kinds))
+    lay = layout([r for r, _ in done], force_panels=("clock",))
+    curve_of = {id(r): c for r, c in done}
+    with figure_style():
+        fig, panels = _panels([r for r, _ in done], lay, f"{kind.capitalize()} loss vs {what}, one curve per run")
+        for ax, sel in panels:
+            for r in sel:
+                c = curve_of[id(r)]
+                ax.plot(x(c), c.loss, color=colour(lay.colour_index(r)), linestyle=linestyle(lay.style_index(r)),
+                        marker="o" if len(c.loss) < 30 else None, markersize=3.5, label=lay.series_label(r),
+                        gid=SERIES_GID)
+            quantity_axis(ax, [v for _, c in done for v in x(c)], "x", xlabel.format(clock=_clock(sel)))
+            broken_axis(ax, [v for _, c in done for v in c.loss], f"{kind} loss (nats/token)")
+        _legend(fig, lay, lines=True)
+        return _finish(fig)
+
+
+def loss_vs_step(rows: list[dict]) -> Figure:
+    return _loss_curves(rows, lambda c: [float(s) for s in c.step], "optimizer step", "optimizer step",
+                        "no completed run recorded a loss in metrics.jsonl")
+
+
+def loss_vs_time(rows: list[dict]) -> Figure:
+    return _loss_curves(rows, lambda c: c.time_s, "training time", "training time (s, {clock} clock)",
+                        "no completed run recorded a loss in metrics.jsonl")
+
+
+def loss_vs_energy(rows: list[dict]) -> Figure:
+    return _loss_curves(rows, lambda c: c.joules, "energy", "energy spent (J, modelled)",
+                        "no completed run recorded both a loss and its energy")
+
+
+#: name -> the function drawing that figure from the report's rows (raises NoData when it has nothing to show)
+FIGURES: dict[str, Callable[[list[dict]], Figure]] = {
+    "throughput_vs_bandwidth": throughput_vs_bandwidth, "energy_vs_bandwidth": energy_vs_bandwidth,
+    "pareto_loss_vs_throughput": pareto_loss_vs_throughput, "loss_vs_step": loss_vs_step,
+    "loss_vs_time": loss_vs_time, "loss_vs_energy": loss_vs_energy,
+}
 
 
 def write_plots(rows: list[dict], out: Path) -> tuple[dict[str, Path], dict[str, str]]:
-    """Write every figure that has data: ({name: path written}, {name: why it was not written})."""
+    """Write every figure that has data (PNG + PDF): ({name: PNG written}, {name: why it was not written})."""
     out.mkdir(parents=True, exist_ok=True)
-    fns = {"throughput_vs_bandwidth": throughput_vs_bandwidth, "energy_vs_bandwidth": energy_vs_bandwidth,
-           "val_loss_curves": val_loss_curves, "pareto_loss_vs_throughput": pareto_loss_vs_throughput}
     written, skipped = {}, {}
     for name, fname in PLOTS.items():
-        stale = out / fname
+        png = out / fname
         try:
-            written[name] = fns[name](rows, stale)
+            written[name] = save(FIGURES[name](rows), png)
         except NoData as e:
             skipped[name] = str(e)
-            if stale.is_file():  # left by an earlier report of this folder: no longer true
-                stale.unlink()
+            for stale in (png, png.with_suffix(".pdf")):  # left by an earlier report of this folder
+                stale.unlink(missing_ok=True)
     return written, skipped
