@@ -91,7 +91,7 @@ def pipedream_2bw(p: int, m: int) -> AsyncSchedule:
             f"schedule=pipedream_2bw needs pipeline.microbatches >= pipeline.stages (a batch's gradient must be "
             f"complete one step later): microbatches={m}, stages={p}; use pipeline.microbatches={p} or more"
         )
-    from lowbw.pipeline.validate import validate_schedule
+    from lowbw.pipeline.player import validate_schedule
 
     rows, stage_to_rank = one_f_one_b(p, 2 * m)
     sched = AsyncSchedule("pipedream_2bw", p, m, stage_to_rank, add_communication(rows, stage_to_rank))

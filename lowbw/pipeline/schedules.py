@@ -4,7 +4,7 @@ Each generator writes compute actions only (F, B, I, W); :func:`add_communicatio
 placing a receive right before the compute that needs a remote input and a send right after the
 compute that produces a remote output (the same lowering torch.distributed.pipelining applies to
 its "compute_only" CSVs). :func:`build_schedule` then validates the result by running it on the
-schedule model (lowbw.pipeline.validate) before anything is spawned.
+schedule model (lowbw.pipeline.player) before anything is spawned.
 """
 
 from __future__ import annotations
@@ -134,7 +134,7 @@ def place_receives(rows: Rows, stage_to_rank: tuple[int, ...]) -> Rows:
 
 def build_schedule(cfg: Any, p: int, m: int) -> Schedule:
     """Generate (or read from CSV), lower and validate the training schedule named by ``cfg.name``."""
-    from lowbw.pipeline.validate import validate_schedule
+    from lowbw.pipeline.player import validate_schedule
 
     name = cfg.name
     if name == "csv":
