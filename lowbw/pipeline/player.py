@@ -111,28 +111,33 @@ def _check_held(sched: Schedule, r: int) -> None:
             raise ScheduleError(f"rank {r} action {a}: microbatch {a.microbatch} outside 0..{M - 1}")
 
 
+# Per code of a send or receive: (receiving stage - this stage, direction 0 = F / 1 = B) of its message,
+# and the other end's stage - this stage.
+_MESSAGE = {4: (1, 0), 5: (-1, 1), 6: (0, 0), 7: (0, 1)}
+_OTHER_END = {4: 1, 5: -1, 6: -1, 7: 1}
+
+
 def _messages(sched: Schedule, r: int, codes: list) -> tuple[list, list, list]:
-    """Rank r's sends and receives: their indices, and per action its message number (direction,
-    receiving stage, microbatch) and the rank on the other end (-1: none, for a stage with no neighbour)."""
+    """Rank r's sends and receives: their indices, and per action its message number (2 x (receiving stage
+    x microbatches + microbatch) + direction) and the rank on the other end; -1 for computes and for a
+    stage with no neighbour (such a send breaks the rules before its number is used)."""
     S, M, to_rank, acts = sched.n_stages, sched.n_microbatches, sched.stage_to_rank, sched.actions[r]
     comm = [i for i, c in enumerate(codes) if c >= 4]
-    mids, peers = [-1] * len(acts), [-1] * len(acts)
+    mids = [-1] * len(acts)
+    peers = [-1] * len(acts)
     for i in comm:
-        s, _, mb = acts[i]
-        c = codes[i]
-        nb = s + 1 if c == 4 or c == 7 else s - 1
-        if c >= 6:
-            mids[i] = 2 * (s * M + mb) + c - 6
-        elif 0 <= nb < S:
-            mids[i] = 2 * (nb * M + mb) + c - 4
-        if 0 <= nb < S:
-            peers[i] = to_rank[nb]
+        (s, _, mb), c = acts[i], codes[i]
+        (d, k), other = _MESSAGE[c], s + _OTHER_END[c]
+        if 0 <= s + d < S:
+            mids[i] = 2 * ((s + d) * M + mb) + k
+        if 0 <= other < S:
+            peers[i] = to_rank[other]
     return comm, mids, peers
 
 
 def _scan_rank(sched: Schedule, r: int, have: bytearray) -> tuple[list, list, list, list, tuple]:
-    """Rank r's actions in list order: codes, message numbers, peers, indices of sends and receives, and
-    the first action that breaks a rank-local rule as (index, why), or (len, 0)."""
+    """Rank r's actions in list order: their codes, the :func:`_messages` of the rank, and the first action
+    that breaks a rank-local rule as (index, why), or (len, 0). ``have``: the flags, set as actions run."""
     S, M, to_rank, acts = sched.n_stages, sched.n_microbatches, sched.stage_to_rank, sched.actions[r]
     row, last = _SLOTS * M, S - 1
     codes = [_CODE[a[1]] for a in acts]
@@ -153,8 +158,10 @@ def _scan_rank(sched: Schedule, r: int, have: bytearray) -> tuple[list, list, li
                 ready = have[f + 2]
             else:
                 ready = have[f] and (s == last or have[f + row + _GRAD if to_rank[s + 1] == r else f + _GOT_B])
-            why = 0 if ready and not have[f + c] else _TWICE if ready else \
-                _NO_GRADIENT if c in (1, 2) and have[f] else _NOT_READY
+            if not ready:
+                why = _NO_GRADIENT if c in (1, 2) and have[f] else _NOT_READY
+            else:
+                why = _TWICE if have[f + c] else 0
             have[f + c] = 1
             if c == 1 or c == 2:
                 have[f + _GRAD] = 1
@@ -178,8 +185,8 @@ def _sweep(sched: Schedule, codes: list, mids: list, comm: list, fails: list,
         progressed = False
         for r in range(R):
             ops, j, (fail_at, why), code, mid = comm[r], cpc[r], fails[r], codes[r], mids[r]
-            end = len(code)
-            while j < len(ops):
+            end, n_ops = len(code), len(ops)
+            while j < n_ops:
                 i = ops[j]
                 if fail_at <= i:
                     _raise_broken(sched, r, fail_at, why)
@@ -195,7 +202,7 @@ def _sweep(sched: Schedule, codes: list, mids: list, comm: list, fails: list,
                     end = i  # blocked until some rank sends it
                     break
                 j += 1
-            if j == len(ops) and fail_at < end:
+            if j == n_ops and fail_at < end:
                 _raise_broken(sched, r, fail_at, why)
             if end > pc[r]:
                 segments.append((r, pc[r], end))
@@ -389,12 +396,12 @@ class Player:
 
     def _sends(self, r: int, nbytes: Callable) -> None:
         """Sizes of rank r's messages, and the bytes and messages per link they make."""
-        acts, code, mids, peers, sizes = self.prog.sched.actions[r], self.prog.code[r], self.prog.mid[r], \
-            self.prog.peer[r], self.sizes
+        prog, sizes = self.prog, self.sizes
+        acts, code, mids, peers = prog.sched.actions[r], prog.code[r], prog.mid[r], prog.peer[r]
+        sends = [i for i in prog.comm[r] if code[i] < 6]
         sent: dict[int, int] = {}
-        sends = [i for i in self.prog.comm[r] if code[i] < 6]
-        for i in sends:
-            size = sizes[mids[i]] = nbytes(acts[i])
+        for i, size in zip(sends, map(nbytes, [acts[i] for i in sends])):
+            sizes[mids[i]] = size
             sent[peers[i]] = sent.get(peers[i], 0) + size
         self.link_bytes.update(((r, peer), n) for peer, n in sent.items())
         self.messages += len(sends)
@@ -412,7 +419,7 @@ class Player:
                else (_RECV, mid, receive[(peer, sizes[mid])])
                for a, c, mid, peer in zip(prog.sched.actions[r], codes, mids, peers)]
         # busy seconds summed left to right in list order (reduce: sum() may compensate rounding)
-        self.busy[r] = functools.reduce(operator.add, (op[1] for op in ops if op[0] == _COMPUTE), 0.0)
+        self.busy[r] = functools.reduce(operator.add, [op[1] for op in ops if op[0] == _COMPUTE], 0.0)
         return ops
 
     def play(self, start: Optional[dict[int, float]] = None, step: int = 0, record: bool = False) -> StepResult:
