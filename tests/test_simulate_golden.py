@@ -91,6 +91,12 @@ def _numbers(summary: dict) -> dict:
     return out
 
 
+def _one_case_a_line(data: dict) -> str:
+    """The golden file: one case per line, so that a regenerated file's diff names the cases that moved."""
+    lines = [f"{json.dumps(k)}: {json.dumps(data[k], sort_keys=True)}" for k in sorted(data)]
+    return "{\n" + ",\n".join(lines) + "\n}\n"
+
+
 def _run(case: str, tmp_path: Path) -> dict:
     if case == TIMELINE_CASE:
         path = tmp_path / "timeline.jsonl"
@@ -132,6 +138,6 @@ def test_simulations_reproduce_their_golden_numbers(case, golden, tmp_path):
         data = json.loads(GOLDEN.read_text()) if GOLDEN.exists() else {}
         data[case] = got
         GOLDEN.parent.mkdir(exist_ok=True)
-        GOLDEN.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+        GOLDEN.write_text(_one_case_a_line(data))
         return
     _assert_close(got, golden[case], case)
