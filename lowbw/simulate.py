@@ -7,13 +7,22 @@
 
 The same pieces a real run uses, without the tensors: the schedule comes from the registered
 generators (``lowbw.pipeline.schedules.build_schedule``, validated), each step is played by
-``lowbw.pipeline.validate.play`` with one ``LinkModel`` per rank (uplink queues, latency, downlink,
-jitter carried from step to step as in a run), compute durations are FLOPs (counted by
-``torch.utils.flop_counter`` on the real module shapes on the meta device: no memory) divided by
-the hardware profile's ``peak_flops * mfu``, and message sizes are the activation shape times the
-wire dtype divided by the codec's ``estimate_ratio``. Output: summary.json in the Hydra run folder
-(step time, tokens/s, bubble fraction, bytes per token, bytes per link and step, ...), plus
-timeline.png and trace.json of a few steps.
+:class:`lowbw.pipeline.player.Player` with one ``LinkModel`` per rank (uplink queues, latency, downlink,
+jitter, the packet-loss ceiling, carried from step to step as in a run), compute durations are FLOPs
+(closed form, or ``torch.utils.flop_counter`` on the real module shapes on the meta device) divided by
+the hardware profile's ``peak_flops * mfu``, and message sizes are the activation shape times the wire
+dtype divided by the codec's ``estimate_ratio``. Output: summary.json in the Hydra run folder (step
+time, tokens/s, bubble fraction, bytes per token, bytes per link and step, ...), plus timeline.png and
+trace.json of a few steps.
+
+Steady state: when nothing varies between steps (durations from FLOPs or fixed, no jitter), the steps
+are played until one repeats the previous one shifted in time; the rest are extrapolated, and the
+summary says how many were played (``steps_played``) and extrapolated (``steps_extrapolated``).
+:func:`_repeats` proves why the extrapolated steps are the ones a full play would give.
+
+Averages and energy cover the measured steps: ``sim.warmup_steps`` leading steps are left out (all
+steps when there are no more than that). Energy is J/token over that window: busy and idle power of
+every rank over the measured steps' span, plus the network energy of their bytes -- always modelled.
 
 ``sim.durations=timeline sim.timeline=RUN/timeline.jsonl`` replays the compute durations a run
 recorded (per step and action where the step exists, else the mean per stage and kind), for
@@ -26,19 +35,41 @@ cuts between whole blocks), stated in the summary as ``fractional_partition: tru
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import math
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
-from lowbw.config import CompressConfig, ModelConfig, NetConfig, PipelineConfig, ScheduleConfig
+import hydra
+import torch
+from hydra import compose as hydra_compose
+from hydra import initialize_config_module
+from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from lowbw.compress import build_codec
+from lowbw.config import CompressConfig, FaultsConfig, ModelConfig, NetConfig, PipelineConfig, ScheduleConfig, plain
+from lowbw.energy import account
+from lowbw.energy.profiles import HardwareProfile, profiles_for_ranks
 from lowbw.errors import ConfigError, ScheduleError
-from lowbw.metrics.timeline import Event, Timeline
+from lowbw.metrics.gantt import chrome_trace, plot_gantt, ranks_note, run_title, select_ranks
+from lowbw.metrics.recorder import atomic_write_json
+from lowbw.metrics.timeline import Timeline
 from lowbw.models.flops import n_params, stage_flops
+from lowbw.net.conditions import conditions_from_config
+from lowbw.net.link import LinkModel
+from lowbw.net.topology import Topology, link_key
+from lowbw.pipeline.actions import Action, Kind, Schedule
 from lowbw.pipeline.durations import action_seconds
+from lowbw.pipeline.player import Player, Program, compile_schedule
+from lowbw.pipeline.stepping import Steps, play_steps
+from lowbw.pipeline.schedules import build_schedule
 
 
 @dataclass
@@ -48,8 +79,8 @@ class SimTrainConfig:
 
 @dataclass
 class SimConfig:
-    steps: int = 10  # optimizer steps played (link queues carry over between steps, as in a run)
-    warmup_steps: int = 1  # leading steps left out of the averages (as train.warmup_steps)
+    steps: int = 10  # optimizer steps simulated (link queues carry over between steps, as in a run)
+    warmup_steps: int = 1  # leading steps left out of the averages and the energy (as train.warmup_steps)
     durations: str = "flops"  # flops: FLOPs / (hardware peak x mfu) | fixed: forward_s, backward_s | timeline
     flops: str = "formula"  # formula: closed form (checked against flop_counter in the tests) | counter: flop_counter on meta modules
     forward_s: float = 1.0  # durations=fixed: s per forward of one microbatch on one stage
@@ -58,6 +89,7 @@ class SimConfig:
     activation_dtype: str = "bfloat16"  # dtype of activations and gradients before the codec (lowbw-train: float32)
     picture_steps: int = 2  # steps after warm-up drawn in timeline.png / trace.json; 0 = no pictures
     picture_ranks: int = 32  # ranks drawn in timeline.png (the first ones); 0 = no PNG; trace.json has all
+    extrapolate: bool = True  # when a step repeats the previous one, extrapolate the rest; false = play every step
 
 
 @dataclass
@@ -76,9 +108,27 @@ class SimulateConfig:
 
 
 def register_simulate_config() -> None:
-    from hydra.core.config_store import ConfigStore
-
     ConfigStore.instance().store(name="simulate_schema", node=SimulateConfig)
+
+
+def _check(cfg: Any) -> None:
+    """The settings a simulation needs, each error naming its setting."""
+    pipe, sim, B = cfg.pipeline, cfg.sim, cfg.train.batch_size
+    for name, v in (("pipeline.stages", pipe.stages), ("pipeline.microbatches", pipe.microbatches),
+                    ("train.batch_size", B), ("sim.steps", sim.steps)):
+        if v is None or v < 1:
+            raise ConfigError(f"{name}={v} must be a positive integer")
+    if B % pipe.microbatches:
+        raise ConfigError(f"train.batch_size={B} is not divisible by pipeline.microbatches={pipe.microbatches}")
+    if sim.durations not in ("flops", "fixed", "timeline"):
+        raise ConfigError(f"sim.durations={sim.durations!r}: use flops, fixed or timeline")
+    if sim.durations == "timeline" and not sim.timeline:
+        raise ConfigError("sim.durations=timeline needs sim.timeline=<path of a run's timeline.jsonl>")
+    if sim.flops not in ("formula", "counter"):
+        raise ConfigError(f"sim.flops={sim.flops!r}: use formula or counter")
+    if cfg.schedule.name == "pipedream_2bw":
+        raise ConfigError("schedule=pipedream_2bw: lowbw-simulate does not model asynchronous schedules (its steps "
+                          "overlap); simulate 1f1b for the same steady state, or run lowbw-train")
 
 
 # ---- durations -----------------------------------------------------------------------------------
@@ -86,10 +136,8 @@ def register_simulate_config() -> None:
 _KIND_OF_EVENT = {"forward": "F", "backward": "B", "backward_input": "I", "backward_weight": "W"}
 
 
-def _durations_from_timeline(path: str, sched: Any) -> tuple[dict, dict, dict]:
+def _durations_from_timeline(path: str, sched: Schedule) -> tuple[dict, dict, dict]:
     """(exact[(step, rank, label)], mean[(stage, kind)], optimizer[(step, rank)]) from a timeline.jsonl."""
-    from lowbw.pipeline.actions import Action, Kind
-
     exact: dict[tuple[int, int, str], float] = {}
     sums: dict[tuple[int, Kind], list[float]] = {}
     opt: dict[tuple[int, int], float] = {}
@@ -117,18 +165,72 @@ def _durations_from_timeline(path: str, sched: Any) -> tuple[dict, dict, dict]:
     return exact, mean, opt
 
 
-# ---- the simulation ------------------------------------------------------------------------------
+def _stage_time(cfg: Any, sched: Schedule, flops: list, profiles: list[HardwareProfile],
+                mean: dict) -> Callable[[int, Kind], float]:
+    """Seconds of one compute of ``kind`` on stage s, by ``sim.durations``."""
+    sim = cfg.sim
+    if sim.durations == "flops":
+        def stage_time(s: int, kind: Kind) -> float:
+            rate = profiles[sched.stage_to_rank[s]].effective_flops
+            return action_seconds(kind, flops[s][0] / rate, flops[s][1] / rate)
+    elif sim.durations == "fixed":
+        def stage_time(s: int, kind: Kind) -> float:
+            return action_seconds(kind, sim.forward_s, sim.backward_s)
+    else:
+        def stage_time(s: int, kind: Kind) -> float:
+            if (s, kind) in mean:
+                return mean[(s, kind)]
+            if kind in (Kind.BACKWARD_INPUT, Kind.BACKWARD_WEIGHT) and (s, Kind.FULL_BACKWARD) in mean:
+                return mean[(s, Kind.FULL_BACKWARD)] / 2
+            if kind == Kind.FULL_BACKWARD and (s, Kind.BACKWARD_INPUT) in mean:
+                return mean[(s, Kind.BACKWARD_INPUT)] + mean.get((s, Kind.BACKWARD_WEIGHT), 0.0)
+            raise ConfigError(f"sim.timeline={sim.timeline!r} records no {kind.name} of stage {s}")
+    return stage_time
 
 
-def _dtype(name: str):
-    import torch
+class _StageSeconds(dict):
+    """Seconds per (stage, kind), worked out the first time a compute of that kind on that stage is
+    played: so it holds exactly the kinds the schedule runs (what the summary's stage_seconds reports)."""
 
-    try:
-        dt = getattr(torch, name)
-        assert isinstance(dt, torch.dtype)
-        return dt
-    except (AttributeError, AssertionError):
-        raise ConfigError(f"sim.activation_dtype={name!r} is not a torch dtype (e.g. bfloat16, float16, float32)") from None
+    def __init__(self, stage_time: Callable[[int, Kind], float]):
+        super().__init__()
+        self.stage_time = stage_time
+
+    def __missing__(self, key: tuple[int, Kind]) -> float:
+        seconds = self[key] = self.stage_time(*key)
+        return seconds
+
+
+# ---- messages and links --------------------------------------------------------------------------
+
+
+def _dtype(name: str) -> torch.dtype:
+    dt = getattr(torch, name, None)
+    if not isinstance(dt, torch.dtype):
+        raise ConfigError(f"sim.activation_dtype={name!r} is not a torch dtype (e.g. bfloat16, float16, float32)")
+    return dt
+
+
+def _message_bytes(cfg: Any, shape: tuple[int, ...]) -> tuple[dict[Kind, int], dict[str, float]]:
+    """Bytes of a forward and a backward message after the codecs, and each codec's ratio."""
+    dtype = _dtype(cfg.sim.activation_dtype)
+    raw = math.prod(shape) * dtype.itemsize
+    ratio = {}
+    for direction in ("fwd", "bwd"):
+        spec = plain(cfg.compress[direction]) if hasattr(cfg.compress, "__getitem__") else getattr(cfg.compress, direction)
+        try:
+            ratio[direction] = float(build_codec(spec).estimate_ratio(shape, dtype))
+        except ConfigError as e:
+            raise ConfigError(f"compress.{direction}: {e}") from None
+    return {Kind.SEND_F: int(round(raw / ratio["fwd"])), Kind.SEND_B: int(round(raw / ratio["bwd"]))}, ratio
+
+
+def _links(cfg: Any, p: int) -> tuple[Topology, dict[int, LinkModel]]:
+    """The resolved net and one LinkModel per rank (with the packet-loss ceiling when net.loss_rate > 0)."""
+    net = OmegaConf.to_object(cfg.net) if isinstance(cfg.net, DictConfig) else cfg.net  # plain: fast to read
+    topo = Topology.from_config(net, p, seed=cfg.seed)
+    conditions = conditions_from_config(FaultsConfig(), net, p)  # the simulator has no faults: loss only
+    return topo, {r: LinkModel(topo, r, seed=cfg.seed, conditions=conditions) for r in range(p)}
 
 
 def bubble_formula(name: str, p: int, m: int, v: int = 1) -> Optional[float]:
@@ -142,193 +244,179 @@ def bubble_formula(name: str, p: int, m: int, v: int = 1) -> Optional[float]:
     return None
 
 
+# ---- the summary ---------------------------------------------------------------------------------
+
+
+@dataclass
+class _Setup:
+    """What a simulation is made of, before any step is played."""
+
+    sched: Schedule
+    prog: Program
+    flops: list  # (forward, backward) FLOPs of one microbatch per stage
+    fractional: bool  # stages cut finer than whole blocks
+    profiles: list[HardwareProfile]
+    table: _StageSeconds  # s per (stage, kind)
+    timeline: tuple[dict, dict]  # (exact durations, optimizer durations) of a recorded run, else empty
+    msg_bytes: dict[Kind, int]
+    ratio: dict[str, float]
+    topo: Topology
+    links: dict[int, LinkModel]  # one per rank, also when the net is not emulated (for link busy fractions)
+
+
+def _traffic(setup: _Setup, measured: list[dict], step_time: float) -> dict:
+    """Bytes and messages of the last measured step, per link, and each link's busy share of a step."""
+    per_link = measured[-1]["link_bytes"]
+    busy = {k: setup.links[k[0]].transmit_seconds(*k, n) / step_time if step_time > 0 else 0.0
+            for k, n in sorted(per_link.items())}
+    return {
+        "bytes_per_step": measured[-1]["bytes_sent"],
+        "bytes_per_link_per_step": {link_key(*k): n for k, n in sorted(per_link.items())},
+        "link_busy_fraction": {link_key(*k): f for k, f in busy.items()},
+        "messages_per_step": measured[-1]["messages"],
+        "message_bytes": {"fwd": setup.msg_bytes[Kind.SEND_F], "bwd": setup.msg_bytes[Kind.SEND_B]},
+    }
+
+
+def _stage_seconds(table: dict, n_stages: int) -> list[dict]:
+    """Forward and full-backward seconds per stage (a split backward: I + W)."""
+    split = {s: (table.get((s, Kind.BACKWARD_INPUT)) or 0.0) + (table.get((s, Kind.BACKWARD_WEIGHT)) or 0.0)
+             for s in range(n_stages)}
+    return [{"forward": table.get((s, Kind.FORWARD)), "backward": table.get((s, Kind.FULL_BACKWARD), split[s])}
+            for s in range(n_stages)]
+
+
+def _summary(cfg: Any, setup: _Setup, steps: Steps) -> dict:
+    model, sched, p, m = cfg.model, setup.sched, cfg.pipeline.stages, cfg.pipeline.microbatches
+    rows = steps.rows
+    measured = rows[cfg.sim.warmup_steps:] if len(rows) > cfg.sim.warmup_steps else rows
+    step_time = sum(r["step_time_s"] for r in measured) / len(measured)
+    tokens = cfg.train.batch_size * model.block_size
+    v = sched.n_stages // p
+    summary = {
+        "status": "completed", "kind": "simulation", "schedule": sched.name, "net": cfg.net.name,
+        "model": model.name, "hardware": sorted({pr.name for pr in setup.profiles}),
+        "stages": p, "virtual_stages": v, "n_stages": sched.n_stages, "microbatches": m,
+        "microbatch_size": cfg.train.batch_size // m,
+        "steps": cfg.sim.steps, "steps_played": steps.played, "steps_extrapolated": len(rows) - steps.played,
+        "measured_steps": len(measured), "tokens_per_step": tokens,
+        "step_time_s": step_time, "tokens_per_s": tokens / step_time if step_time > 0 else None,
+        "bubble_fraction": sum(r["bubble_fraction"] for r in measured) / len(measured),
+        "bubble_formula": bubble_formula(sched.name, p, m, v),
+        "bytes_per_token": measured[-1]["bytes_sent"] / tokens,
+        **_traffic(setup, measured, step_time),
+        "codec_ratio": setup.ratio, "activation_dtype": cfg.sim.activation_dtype,
+        "durations": cfg.sim.durations, "flops_source": cfg.sim.flops,
+        "stage_flops": [{"forward": f, "backward": b} for f, b in setup.flops],
+        "stage_seconds": _stage_seconds(setup.table, sched.n_stages),
+        "fractional_partition": setup.fractional, "model_params": n_params(model),
+        "model_flops_per_step": m * sum(f + b for f, b in setup.flops),
+        "per_step": [{k: r[k] for k in ("step", "step_time_s", "bubble_fraction", "bytes_sent")} for r in rows],
+        "net_description": setup.topo.describe(),
+    }
+    summary["energy"] = _energy(cfg, steps, measured, tokens)
+    return summary
+
+
+def _energy(cfg: Any, steps: Steps, measured: list[dict], tokens: int) -> dict:
+    """J/token over the measured steps (warm-up left out), as lowbw-train accounts a run; always modelled."""
+    link_bytes: dict[tuple[int, int], int] = {}
+    for row in measured:
+        for k, n in row["link_bytes"].items():
+            link_bytes[k] = link_bytes.get(k, 0) + n
+    span = sum(r["step_time_s"] for r in measured)
+    return account([min(b, span) for b in steps.busy_measured], span, cfg.hardware, cfg.energy,
+                   tokens=tokens * len(measured), link_bytes=link_bytes).to_dict()
+
+
+def _play(cfg: Any, setup: _Setup, record: frozenset[int]) -> Steps:
+    """The steps on the configured links: one Player for all (planned durations) or one per step (a run's)."""
+    sim, prog, table, (exact, opt) = cfg.sim, setup.prog, setup.table, setup.timeline
+    links = setup.links if setup.topo.emulate else None
+    size = setup.msg_bytes.__getitem__
+
+    def nbytes(a: Action) -> int:
+        return size(a.kind)
+
+    def step_player(step: int) -> Player:  # the run's own durations of this step, where it recorded them
+        return Player(prog, lambda r, a: exact.get((step, r, str(a)), table[a[:2]]), nbytes, links)
+
+    player = step_player if exact else Player(prog, lambda r, a: table[a[:2]], nbytes, links)  # a[:2]: (stage, kind)
+    measured = [step >= sim.warmup_steps or sim.steps <= sim.warmup_steps for step in range(sim.steps)]
+    return play_steps(prog, player, sim.steps, measured, record, opt, sim.extrapolate)
+
+
+# ---- the simulation ------------------------------------------------------------------------------
+
+
+def _setup(cfg: Any) -> _Setup:
+    """Schedule, durations, message sizes and links of the configured pipeline."""
+    model, pipe, sim = cfg.model, cfg.pipeline, cfg.sim
+    mb = cfg.train.batch_size // pipe.microbatches
+    sched = build_schedule(cfg.schedule, pipe.stages, pipe.microbatches)
+    flops, fractional = stage_flops(model, sched.n_stages, mb, plain(pipe.partition), counter=sim.flops == "counter")
+    profiles = profiles_for_ranks(cfg.hardware, pipe.stages)
+    exact, mean, opt = _durations_from_timeline(sim.timeline, sched) if sim.durations == "timeline" else ({}, {}, {})
+    table = _StageSeconds(_stage_time(cfg, sched, flops, profiles, mean))
+    msg_bytes, ratio = _message_bytes(cfg, (mb, model.block_size, model.n_embd))
+    topo, links = _links(cfg, pipe.stages)
+    return _Setup(sched, compile_schedule(sched), flops, fractional, profiles, table, (exact, opt), msg_bytes, ratio,
+                  topo, links)
+
+
+@contextlib.contextmanager
+def _collector_paused():
+    """Pause Python's cyclic garbage collector while a simulation builds its ~10^5-10^6 small tuples.
+
+    Why: each burst of allocations triggers a collection, and the full ones walk the whole heap (torch's
+    included) -- at 64 stages x 256 microbatches that was most of the CPU time (scripts/bench_simulator.py).
+    The tuples hold no reference cycles, so reference counting frees them as before; anything cyclic
+    made meanwhile is collected once the collector is back on."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 def simulate(cfg: Any, keep_timeline: bool = False) -> dict:
     """Play ``cfg.sim.steps`` steps of the configured pipeline on the link model; return the summary.
 
-    ``keep_timeline``: also return the pictured steps' Timeline under the key "_timeline".
+    Averages and energy (J/token) are over the measured steps: the ``sim.warmup_steps`` leading steps are
+    left out. ``keep_timeline``: also return the pictured steps' Timeline under the key "_timeline".
     """
-    from lowbw.compress import build_codec
-    from lowbw.config import plain as _plain
-    from lowbw.energy.profiles import profiles_for_ranks
-    from lowbw.net.link import LinkModel
-    from lowbw.net.topology import Topology
-    from lowbw.pipeline.actions import Kind
-    from lowbw.pipeline.schedules import build_schedule
-    from lowbw.pipeline.fastplay import Program, play_fast
-
     cpu0 = time.process_time()
-    model, pipe, sim = cfg.model, cfg.pipeline, cfg.sim
-    p, m, B, T = pipe.stages, pipe.microbatches, cfg.train.batch_size, model.block_size
-    for name, v in (("pipeline.stages", p), ("pipeline.microbatches", m), ("train.batch_size", B),
-                    ("sim.steps", sim.steps)):
-        if v is None or v < 1:
-            raise ConfigError(f"{name}={v} must be a positive integer")
-    if B % m:
-        raise ConfigError(f"train.batch_size={B} is not divisible by pipeline.microbatches={m}")
-    if sim.durations not in ("flops", "fixed", "timeline"):
-        raise ConfigError(f"sim.durations={sim.durations!r}: use flops, fixed or timeline")
-    mb = B // m
-    sched = build_schedule(cfg.schedule, p, m)
-    S = sched.n_stages
-    v = S // p
+    _check(cfg)
+    with _collector_paused():  # and back on once the simulation's tuples are freed (on return)
+        summary = _simulate(cfg, keep_timeline)
+    summary["sim_cpu_s"] = time.process_time() - cpu0
+    return summary
 
-    # compute durations per (rank, stage, kind)
-    if sim.flops not in ("formula", "counter"):
-        raise ConfigError(f"sim.flops={sim.flops!r}: use formula or counter")
-    flops, fractional = stage_flops(model, S, mb, _plain(pipe.partition), counter=sim.flops == "counter")
-    profiles = profiles_for_ranks(cfg.hardware, p)
-    exact: dict = {}
-    opt: dict = {}
-    if sim.durations == "flops":
-        def stage_time(s: int, kind: Kind) -> float:
-            rate = profiles[sched.stage_to_rank[s]].effective_flops
-            return action_seconds(kind, flops[s][0] / rate, flops[s][1] / rate)
-    elif sim.durations == "fixed":
-        def stage_time(s: int, kind: Kind) -> float:
-            return action_seconds(kind, sim.forward_s, sim.backward_s)
-    else:
-        if not sim.timeline:
-            raise ConfigError("sim.durations=timeline needs sim.timeline=<path of a run's timeline.jsonl>")
-        exact, mean, opt = _durations_from_timeline(sim.timeline, sched)
 
-        def stage_time(s: int, kind: Kind) -> float:
-            if (s, kind) in mean:
-                return mean[(s, kind)]
-            if kind in (Kind.BACKWARD_INPUT, Kind.BACKWARD_WEIGHT) and (s, Kind.FULL_BACKWARD) in mean:
-                return mean[(s, Kind.FULL_BACKWARD)] / 2
-            if kind == Kind.FULL_BACKWARD and (s, Kind.BACKWARD_INPUT) in mean:
-                return mean[(s, Kind.BACKWARD_INPUT)] + mean.get((s, Kind.BACKWARD_WEIGHT), 0.0)
-            raise ConfigError(f"sim.timeline={sim.timeline!r} records no {kind.name} of stage {s}")
-
-    kinds = (Kind.FORWARD, Kind.FULL_BACKWARD, Kind.BACKWARD_INPUT, Kind.BACKWARD_WEIGHT)
-    table = {(s, k): stage_time(s, k) for s in range(S) for k in kinds
-             if any(a.stage == s and a.kind == k for a in sched.actions[sched.stage_to_rank[s]])}
-
-    # message sizes
-    dtype = _dtype(sim.activation_dtype)
-    shape = (mb, T, model.n_embd)
-    raw = math.prod(shape) * dtype.itemsize
-    ratio = {}
-    for direction in ("fwd", "bwd"):
-        spec = _plain(cfg.compress[direction]) if hasattr(cfg.compress, "__getitem__") else getattr(cfg.compress, direction)
-        try:
-            ratio[direction] = float(build_codec(spec).estimate_ratio(shape, dtype))
-        except ConfigError as e:
-            raise ConfigError(f"compress.{direction}: {e}") from None
-    msg_bytes = {Kind.SEND_F: int(round(raw / ratio["fwd"])), Kind.SEND_B: int(round(raw / ratio["bwd"]))}
-
-    topo = Topology.from_config(cfg.net, p, seed=cfg.seed)
-    links = {r: LinkModel(topo, r, seed=cfg.seed) for r in range(p)} if topo.emulate else None
-
+def _simulate(cfg: Any, keep_timeline: bool) -> dict:
+    setup = _setup(cfg)
+    sim = cfg.sim
     first_pic = min(sim.warmup_steps, sim.steps - 1)
-    keep = set(range(first_pic, first_pic + sim.picture_steps)) if sim.picture_steps > 0 else set()
-    prog = Program(sched)
-    size = lambda a: msg_bytes[a.kind]  # noqa: E731
-    start = {r: 0.0 for r in range(p)}
-    t_prev = 0.0
-    rows = []
-    busy_total = [0.0] * p  # s per rank over the measured steps
-    events: list[Event] = []
-    for step in range(sim.steps):
-        if exact:
-            def duration(r, a, step=step):
-                return exact.get((step, r, str(a)), table[(a.stage, a.kind)])
-        else:
-            def duration(r, a):
-                return table[(a.stage, a.kind)]
-        res = play_fast(prog, duration, size, links, start, step, record=step in keep)
-        events += res.events
-        end, busy = list(res.end), list(res.busy)
-        for r in range(p):  # the optimizer step ends the rank's step: 0 s under planned durations (as lowbw-train)
-            o = opt.get((step, r), 0.0)
-            if o and step in keep:
-                events.append(Event(r, "optimizer", end[r], end[r] + o, step, "optimizer"))
-            end[r] += o
-            busy[r] += o
-            start[r] = end[r]
-        t_end = max(end)
-        span = t_end - t_prev
-        t_prev = t_end
-        if step >= sim.warmup_steps or sim.steps <= sim.warmup_steps:
-            for r in range(p):
-                busy_total[r] += busy[r]
-        rows.append({
-            "step": step, "step_time_s": span,
-            "bubble_fraction": 1.0 - sum(busy) / (p * span) if span > 0 else 0.0,
-            "bytes_sent": sum(res.link_bytes.values()), "messages": res.messages,
-            "bytes_per_link": {f"{a}->{b}": n for (a, b), n in sorted(res.link_bytes.items())},
-        })
-    measured = rows[sim.warmup_steps:] if len(rows) > sim.warmup_steps else rows
-    step_time = sum(r["step_time_s"] for r in measured) / len(measured)
-    tokens = B * T
-    per_link = measured[-1]["bytes_per_link"]
-    link_caps = {k: topo.link(*map(int, k.split("->"))).bandwidth_bps for k in per_link}
-    summary = {
-        "status": "completed",
-        "kind": "simulation",
-        "schedule": sched.name,
-        "net": cfg.net.name,
-        "model": model.name,
-        "hardware": sorted({pr.name for pr in profiles}),
-        "stages": p,
-        "virtual_stages": v,
-        "n_stages": S,
-        "microbatches": m,
-        "microbatch_size": mb,
-        "steps": sim.steps,
-        "measured_steps": len(measured),
-        "tokens_per_step": tokens,
-        "step_time_s": step_time,
-        "tokens_per_s": tokens / step_time if step_time > 0 else None,
-        "bubble_fraction": sum(r["bubble_fraction"] for r in measured) / len(measured),
-        "bubble_formula": bubble_formula(sched.name, p, m, v),
-        "bytes_per_step": measured[-1]["bytes_sent"],
-        "bytes_per_token": measured[-1]["bytes_sent"] / tokens,
-        "bytes_per_link_per_step": per_link,
-        "link_busy_fraction": {k: (8 * n / link_caps[k]) / step_time if step_time > 0 and math.isfinite(link_caps[k])
-                               else 0.0 for k, n in per_link.items()},
-        "messages_per_step": measured[-1]["messages"],
-        "message_bytes": {"fwd": msg_bytes[Kind.SEND_F], "bwd": msg_bytes[Kind.SEND_B]},
-        "codec_ratio": ratio,
-        "activation_dtype": sim.activation_dtype,
-        "durations": sim.durations,
-        "flops_source": sim.flops,
-        "stage_flops": [{"forward": f, "backward": b} for f, b in flops],
-        "stage_seconds": [{"forward": table.get((s, Kind.FORWARD)),
-                           "backward": table.get((s, Kind.FULL_BACKWARD),
-                                                 (table.get((s, Kind.BACKWARD_INPUT)) or 0.0)
-                                                 + (table.get((s, Kind.BACKWARD_WEIGHT)) or 0.0))} for s in range(S)],
-        "fractional_partition": fractional,
-        "model_params": n_params(model),
-        "model_flops_per_step": m * sum(f + b for f, b in flops),
-        "per_step": [{k: r[k] for k in ("step", "step_time_s", "bubble_fraction", "bytes_sent")} for r in rows],
-        "net_description": topo.describe(),
-        "sim_cpu_s": time.process_time() - cpu0,
-    }
-    # Energy over the measured steps, as lowbw-train accounts a run (always modelled: nothing runs).
-    from lowbw.energy import account
-
-    link_bytes: dict[tuple[int, int], int] = {}
-    for r in measured:
-        for k, n in r["bytes_per_link"].items():
-            a, b = map(int, k.split("->"))
-            link_bytes[(a, b)] = link_bytes.get((a, b), 0) + n
-    span = sum(r["step_time_s"] for r in measured)
-    summary["energy"] = account([min(b, span) for b in busy_total], span, cfg.hardware, cfg.energy,
-                                tokens=tokens * len(measured), link_bytes=link_bytes).to_dict()
+    steps = _play(cfg, setup, frozenset(range(first_pic, first_pic + max(sim.picture_steps, 0))))
+    summary = _summary(cfg, setup, steps)
     if keep_timeline:
-        summary["_timeline"] = Timeline("virtual", p, events)
+        summary["_timeline"] = Timeline("virtual", cfg.pipeline.stages, steps.events)
     return summary
 
 
 def format_simulation(s: dict) -> str:
     bf = s["bubble_formula"]
+    extrapolated = s.get("steps_extrapolated", 0)
     lines = [
         f"lowbw simulation: model {s['model']}, schedule {s['schedule']}"
         + (f" (v={s['virtual_stages']})" if s["virtual_stages"] > 1 else "")
         + f", {s['stages']} stages x {s['microbatches']} microbatches of {s['microbatch_size']}, "
         f"net {s['net']}, hardware {','.join(s['hardware'])}",
         f"  step time    {s['step_time_s']:.4f} s   ({s['measured_steps']} of {s['steps']} steps averaged)",
+        f"  steps        {s['steps']}: {s.get('steps_played', s['steps'])} played, {extrapolated} extrapolated"
+        + (" (a step repeated the one before it, shifted in time: the rest repeat it too)" if extrapolated else ""),
         f"  throughput   {s['tokens_per_s']:,.1f} tokens/s",
         f"  bubble       {s['bubble_fraction']:.3f}" + (f"   (equal-times formula {bf:.3f})" if bf is not None else ""),
         f"  traffic      {s['bytes_per_token']:,.1f} bytes per token, {s['message_bytes']['fwd']:,} B per forward "
@@ -337,8 +425,9 @@ def format_simulation(s: dict) -> str:
     ]
     e = s.get("energy")
     if e:
-        lines.insert(-1, f"  energy       {e['j_per_token']:.4g} J/token (modelled): compute {e['compute_j']:.4g} J, "
-                         f"idle {e['idle_j']:.4g} J, network {e['network_j']:.4g} J over {e['span_s']:.4g} s")
+        lines.insert(-1, f"  energy       {e['j_per_token']:.4g} J/token (modelled, measured steps): compute "
+                         f"{e['compute_j']:.4g} J, idle {e['idle_j']:.4g} J, network {e['network_j']:.4g} J "
+                         f"over {e['span_s']:.4g} s")
     if s["fractional_partition"]:
         lines.append("  note         more stages than blocks: blocks cut finer than lowbw-train can (fractional_partition)")
     return "\n".join(lines)
@@ -349,9 +438,6 @@ def write_outputs(summary: dict, out: Path, picture_ranks: int = 32) -> list[str
 
     Returns the console lines saying which files were written and, when the picture was cut to its first
     ranks or left out, so."""
-    from lowbw.metrics.gantt import chrome_trace, plot_gantt, ranks_note, run_title, select_ranks
-    from lowbw.metrics.recorder import atomic_write_json
-
     if picture_ranks < 0:
         raise ConfigError(f"sim.picture_ranks={picture_ranks} must be >= 0 (ranks drawn in timeline.png; 0 = none)")
     out.mkdir(parents=True, exist_ok=True)
@@ -378,32 +464,23 @@ def write_outputs(summary: dict, out: Path, picture_ranks: int = 32) -> list[str
 
 register_simulate_config()
 
-try:
-    import hydra
 
-    @hydra.main(config_path="pkg://lowbw_configs", config_name="simulate", version_base="1.3")
-    def main(cfg) -> Optional[dict]:
-        from hydra.core.hydra_config import HydraConfig
-
-        out = Path(cfg.out_dir) if cfg.out_dir else Path(HydraConfig.get().runtime.output_dir)
-        try:
-            summary = simulate(cfg, keep_timeline=cfg.sim.picture_steps > 0)
-            lines = write_outputs(summary, out, cfg.sim.picture_ranks)
-        except (ConfigError, ScheduleError) as e:
-            print(f"lowbw-simulate: configuration error: {e}", file=sys.stderr)
-            sys.exit(2)
-        print(format_simulation(summary))
-        print("\n".join(lines))
-        return summary
-except ImportError:  # pragma: no cover
-    pass
+@hydra.main(config_path="pkg://lowbw_configs", config_name="simulate", version_base="1.3")
+def main(cfg) -> Optional[dict]:
+    out = Path(cfg.out_dir) if cfg.out_dir else Path(HydraConfig.get().runtime.output_dir)
+    try:
+        summary = simulate(cfg, keep_timeline=cfg.sim.picture_steps > 0)
+        lines = write_outputs(summary, out, cfg.sim.picture_ranks)
+    except (ConfigError, ScheduleError) as e:
+        print(f"lowbw-simulate: configuration error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(format_simulation(summary))
+    print("\n".join(lines))
+    return summary
 
 
 def compose(overrides: Optional[list[str]] = None):
     """The config ``lowbw-simulate <overrides>`` would run, composed without starting Hydra's app."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_module
-
     with initialize_config_module("lowbw_configs", version_base="1.3"):
         return hydra_compose("simulate", overrides=list(overrides or []))
 

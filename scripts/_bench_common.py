@@ -2,7 +2,7 @@
 
 Runs lowbw through its Python API (``lowbw.train.compose`` + ``lowbw.train.run``), reads a run's
 metrics.jsonl and timeline.jsonl, and replays a step's measured compute durations through
-``lowbw.pipeline.validate.play`` with free links (the ideal step time of that step).
+``lowbw.pipeline.player.play`` with free links (the ideal step time of that step).
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def ideal_step_times(cfg, events: list[dict], with_links: bool = False) -> dict[
     own link model (lowbw.net.link.LinkModel, fresh each step) instead: the step time the virtual
     clock would give for these compute durations.
 
-    Replays the run's schedule through ``lowbw.pipeline.validate.play`` with every compute action
+    Replays the run's schedule through ``lowbw.pipeline.player.play`` with every compute action
     taking the duration the run measured for it (timeline.jsonl) and messages arriving the moment
     they are sent; every rank then runs its measured optimizer step. Codec encode/decode (the
     payload copy of codec ``none``) counts as communication here, so it is not in the ideal.
@@ -90,7 +90,7 @@ def ideal_step_times(cfg, events: list[dict], with_links: bool = False) -> dict[
     from lowbw.net.link import LinkModel
     from lowbw.net.topology import Topology
     from lowbw.pipeline.schedules import build_schedule
-    from lowbw.pipeline.validate import play
+    from lowbw.pipeline.player import play
 
     sched = build_schedule(cfg.schedule, cfg.pipeline.stages, cfg.pipeline.microbatches)
     by_step: dict[int, dict] = {}

@@ -96,7 +96,7 @@ def main() -> None:
     print(f"wall-clock slow run / virtual run, wall time (A / B):       {A['wall'] / B['wall']:.1f}x")
     print()
     print("where A and B differ: each run's own measured compute durations replayed through the link model")
-    print("(lowbw.pipeline.validate.play with lowbw.net.link.LinkModel, step by step):")
+    print("(lowbw.pipeline.player.play with lowbw.net.link.LinkModel, step by step):")
     print(f"  A replayed {A['replay']:.4f} s vs A measured {A['step']:.4f} s: the wall clock's real-time emulation adds "
           f"{(A['step'] - A['replay']) * 1e3:+.1f} ms/step ({(A['step'] / A['replay'] - 1) * 100:+.1f}%)")
     print(f"  B replayed {B['replay']:.4f} s vs B measured {B['step']:.4f} s "

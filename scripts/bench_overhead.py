@@ -16,7 +16,7 @@ Step time is defined the same way for both: step k ends when the last rank has f
 (its optimizer step included), step time = T_k - T_(k-1), wall clock; the first --warmup steps are
 left out. Prints the config, then per schedule: the mean step time of each (ms), the ratio
 lowbw / torch (aim <= 1.0), lowbw's ideal step time -- the run's own measured per-action compute
-durations and optimizer times replayed through lowbw.pipeline.validate.play with free links, step
+durations and optimizer times replayed through lowbw.pipeline.player.play with free links, step
 by step -- and lowbw's efficiency = ideal / measured (aim >= 0.95); then where lowbw's time goes
 per rank (compute, optimizer, codec copies, receive waits, the rest = bookkeeping between actions),
 and the losses of both (the two compute the same thing, so the losses agree to float precision).

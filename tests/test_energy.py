@@ -1,7 +1,7 @@
 """Energy accounting: arithmetic, bubbles, network models, meter selection (no GPU / RAPL needed).
 
 The timelines accounted here are the program's own: schedules from ``build_schedule`` played by the
-player (``lowbw.pipeline.validate.play``) with planned durations, message sizes and link models, as
+player (``lowbw.pipeline.player.play``) with planned durations, message sizes and link models, as
 lowbw-simulate plays them -- sends are instants on the sender, the time on the link is the receiver's
 ``recv_wait``. The expected joules are derived from the schedule and the link formula by hand."""
 
@@ -32,7 +32,7 @@ from lowbw.net.topology import Topology
 from lowbw.pipeline.actions import Kind
 from lowbw.pipeline.durations import action_seconds
 from lowbw.pipeline.schedules import build_schedule
-from lowbw.pipeline.validate import play
+from lowbw.pipeline.player import play
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
 

@@ -6,7 +6,7 @@ import torch
 from lowbw.errors import ConfigError
 from lowbw.testing.gradcheck import Scenario
 from lowbw.pipeline.schedules import add_communication, build_schedule, one_f_one_b
-from lowbw.pipeline.validate import validate_schedule
+from lowbw.pipeline.player import validate_schedule
 
 
 def make(p, m):

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from lowbw.errors import ConfigError
 from lowbw.pipeline.actions import Action, Kind, Schedule
 from lowbw.pipeline.schedules import SCHEDULES, build_schedule
-from lowbw.pipeline.validate import play, validate_schedule
+from lowbw.pipeline.player import play, validate_schedule
 from lowbw.testing import torch_private
 
 # (name, params) of every generated training schedule; interleaved with two chunk counts.

@@ -1,25 +1,19 @@
-"""lowbw-simulate: FLOPs, the fast player, agreement with real runs, scale, the command line."""
+"""lowbw-simulate: FLOPs, steady-state extrapolation, agreement with real runs, scale, the command line."""
 
 from __future__ import annotations
 
 import json
-import random
+import math
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 from lowbw.config import ModelConfig
-from lowbw.net.link import LinkModel
-from lowbw.net.topology import PairLink, Topology
-from lowbw.pipeline.fastplay import Program, play_fast
-from lowbw.pipeline.schedules import build_schedule
-from lowbw.pipeline.validate import play
 from lowbw.models.flops import flop_formula, flop_parts, stage_flops
-from lowbw.simulate import compose, simulate
+from lowbw.simulate import compose, format_simulation, simulate
 
 
 def test_flop_formula_equals_torch_flop_counter_on_real_stages():
@@ -51,38 +45,67 @@ def test_flop_formula_equals_flop_counter_on_meta_modules_of_the_1b_shape():
     assert flop_parts(cfg, 1) == flop_formula(cfg, 1)
 
 
-VARIANTS = [("gpipe", {}), ("1f1b", {}), ("zb_h1", {}), ("interleaved_1f1b", {"virtual_stages": 2})]
+BASE = ["pipeline.stages=8", "pipeline.microbatches=16", "sim.steps=8", "sim.picture_steps=0"]
 
 
-@pytest.mark.parametrize("name,params", VARIANTS)
-@pytest.mark.parametrize("seed", [0, 1])
-def test_fast_player_gives_exactly_what_play_gives(name, params, seed):
-    rng = random.Random(seed)
-    p, m = 4, 8
-    sched = build_schedule(SimpleNamespace(name=name, csv=None, **params), p, m)
-    pairs = {(i, j): PairLink(rng.uniform(0, 0.05), 0.01 * seed, rng.uniform(1e6, 1e8))
-             for i in range(p) for j in range(p) if i != j}
-    topo = Topology(p, "pipelined", (5e7,) * p, (5e7,) * p, pairs)
-    dur = {}
+def _differences(a, b, where: str = "") -> list[str]:
+    """Where two summaries differ by more than 1e-9 relative (CPU time and the step counts left out)."""
+    if isinstance(a, dict):
+        return [d for k in a if k not in ("sim_cpu_s", "steps_played", "steps_extrapolated")
+                for d in _differences(a[k], b[k], f"{where}.{k}")]
+    if isinstance(a, list):
+        assert len(a) == len(b), where
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in _differences(x, y, f"{where}[{i}]")]
+    if isinstance(a, float) and math.isfinite(a):
+        return [] if math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-300) else [f"{where}: {a!r} != {b!r}"]
+    return [] if a == b else [f"{where}: {a!r} != {b!r}"]
 
-    def duration(r, a):
-        return dur.setdefault((r, str(a)), rng.uniform(0.01, 0.2))
 
-    def size(a):
-        return 10_000 + 100 * a.microbatch
+@pytest.mark.parametrize("over", [
+    ["schedule=1f1b", "net=global"],
+    ["schedule=zb_h1", "net=home", "compress/fwd=int8", "compress/bwd=int8"],
+    ["schedule=interleaved_1f1b", "schedule.virtual_stages=2", "net=random", "hardware=a100"],
+    ["schedule=gpipe", "net=transatlantic", "net.semantics=serialized", "sim.durations=fixed"],
+    ["schedule=1f1b", "net=home", "net.loss_rate=0.001"],
+    ["schedule=1f1b", "net=home", "net.emulate=false", "sim.warmup_steps=0"],
+])
+def test_extrapolated_steps_give_what_playing_every_step_gives(over):
+    fast = simulate(compose(BASE + over))
+    full = simulate(compose(BASE + over + ["sim.extrapolate=false"]))
+    assert full["steps_played"] == 8 and full["steps_extrapolated"] == 0
+    assert fast["steps_played"] < 8 and fast["steps_played"] + fast["steps_extrapolated"] == 8
+    assert _differences(fast, full) == []
+    # every played step after the repeat is the repeated step, to rounding (the bound _repeats proves)
+    k = fast["steps_played"] - 1
+    for row in full["per_step"][k:]:
+        assert row["step_time_s"] == pytest.approx(full["per_step"][k]["step_time_s"], rel=1e-12)
 
-    links_a = {r: LinkModel(topo, r, seed=3) for r in range(p)}
-    links_b = {r: LinkModel(topo, r, seed=3) for r in range(p)}
-    prog = Program(sched)
-    start_a = start_b = {r: 0.0 for r in range(p)}
-    for step in range(3):  # link queues carry over from step to step
-        tl = play(sched, duration, size, links_a, start_a, step)
-        res = play_fast(prog, duration, size, links_b, start_b, step, record=True)
-        ends = {r: max(e.end for e in tl.events if e.rank == r) for r in range(p)}
-        assert [ends[r] for r in range(p)] == pytest.approx(res.end, abs=0, rel=1e-15)
-        assert sorted(tl.events, key=lambda e: (e.rank, e.start, e.label)) == \
-            sorted(res.events, key=lambda e: (e.rank, e.start, e.label))
-        start_a, start_b = ends, {r: res.end[r] for r in range(p)}
+
+def test_steps_that_vary_are_all_played():
+    jitter = simulate(compose(BASE + ["schedule=1f1b", "net=home", "net.jitter_ms=2"]))
+    assert (jitter["steps_played"], jitter["steps_extrapolated"]) == (8, 0)
+    assert len({round(r["step_time_s"], 12) for r in jitter["per_step"][1:]}) > 1  # jitter moves every step
+
+
+def test_summary_and_printout_say_how_many_steps_were_extrapolated():
+    s = simulate(compose(BASE + ["schedule=1f1b", "net=global"]))
+    text = format_simulation(s)
+    assert f"{s['steps_played']} played, {s['steps_extrapolated']} extrapolated" in text
+    assert s["steps_extrapolated"] > 0
+
+
+def test_packet_loss_slows_the_simulated_links():
+    clean = simulate(compose(BASE + ["schedule=1f1b", "net=home"]))
+    lossy = simulate(compose(BASE + ["schedule=1f1b", "net=home", "net.loss_rate=0.01"]))
+    # Mathis ceiling at 1% loss, 50 ms RTT, 1460 B: 8*1460/0.05*1.22/0.1 = 2.9 Mbit/s < 20 Mbit/s uplink
+    assert lossy["step_time_s"] > 2 * clean["step_time_s"]
+
+
+def test_asynchronous_schedule_is_refused_by_name():
+    from lowbw.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="schedule=pipedream_2bw"):
+        simulate(compose(BASE + ["schedule=pipedream_2bw"]))
 
 
 def _run_and_simulate(tmp_path: Path, extra: list[str], clock: list[str]) -> tuple[dict, dict]:
@@ -108,6 +131,7 @@ def test_simulator_reproduces_a_virtual_clock_run_fed_its_durations(tmp_path, ex
     assert sim["step_time_s"] == pytest.approx(run["step_time_s"], rel=0.02)
     assert sim["bubble_fraction"] == pytest.approx(run["bubble_fraction"], abs=0.02)
     assert sim["bytes_per_token"] == pytest.approx(run["bytes_per_token"], rel=0.01)
+    assert sim["steps_played"] == 4  # the run's own durations differ from step to step: nothing extrapolated
 
 
 def test_64_stages_256_microbatches_10_steps_runs_and_agrees_with_the_formulas():

@@ -3,7 +3,7 @@
 Each generator module registers itself (importing this package registers the built-in ones):
 ``classic`` (gpipe, 1f1b), ``interleaved`` (interleaved_1f1b), ``zero_bubble`` (zb_h1),
 ``pipedream_2bw`` (asynchronous). ``schedule=csv`` reads a per-rank action CSV instead.
-:func:`build_schedule` validates the result by playing it (lowbw.pipeline.validate) before anything
+:func:`build_schedule` validates the result by playing it (lowbw.pipeline.player) before anything
 is spawned. Adding a schedule: a module here with a ``@register_schedule("name")`` generator, its
 import below, and ``configs/schedule/<name>.yaml``.
 """
@@ -20,7 +20,7 @@ from lowbw.pipeline.actions import Schedule, add_communication
 from lowbw.pipeline.schedules import classic, interleaved, pipedream_2bw, zero_bubble  # noqa: F401  (register)
 from lowbw.pipeline.schedules.classic import forward_only, gpipe, one_f_one_b
 from lowbw.pipeline.schedules.registry import SCHEDULES, register_schedule
-from lowbw.pipeline.validate import validate_schedule
+from lowbw.pipeline.player import validate_schedule
 
 __all__ = ["SCHEDULES", "build_schedule", "forward_only", "gpipe", "one_f_one_b", "register_schedule"]
 
