@@ -9,7 +9,12 @@ else of lowbw.
 
 from __future__ import annotations
 
+import atexit
+import os
+import shutil
+import tempfile
 from collections.abc import Mapping
+from importlib import resources
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -181,6 +186,34 @@ class LowbwConfig:
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="lowbw_schema", node=LowbwConfig)
+    register_resolvers()
+
+
+def register_resolvers() -> None:
+    """The interpolations the apps' configs use: ``${lowbw_options:<group>}`` and ``${lowbw_run_dir:...}``."""
+    OmegaConf.register_new_resolver("lowbw_options", group_options, replace=True)
+    OmegaConf.register_new_resolver("lowbw_run_dir", run_folder, replace=True)
+
+
+#: Environment variable naming a torchrun rank's scratch run folder (removed when the process ends).
+SCRATCH_ENV = "LOWBW_SCRATCH_RUN_DIR"
+
+
+def run_folder(out_dir: Optional[str], default: str) -> str:
+    """Hydra's run folder: ``out_dir`` when given, else ``default``. Under torchrun only rank 0 keeps one:
+    the other ranks get a scratch folder that is removed when their process ends (nothing left in /tmp)."""
+    if os.environ.get("RANK", "0") != "0" and "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        if SCRATCH_ENV not in os.environ:
+            os.environ[SCRATCH_ENV] = tempfile.mkdtemp(prefix=f"lowbw-rank{os.environ['RANK']}-")
+            atexit.register(shutil.rmtree, os.environ[SCRATCH_ENV], True)
+        return os.environ[SCRATCH_ENV]
+    return out_dir if out_dir else default
+
+
+def group_options(group: str) -> str:
+    """The options of a config group, as ``configs/<group>/*.yaml`` ships them (for ``--help``)."""
+    folder = resources.files("lowbw_configs").joinpath(group)
+    return ", ".join(sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml")))
 
 
 def plain(node: Any) -> Any:

@@ -54,7 +54,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from lowbw.compress import build_codec
-from lowbw.config import CompressConfig, FaultsConfig, ModelConfig, NetConfig, PipelineConfig, ScheduleConfig, plain
+from lowbw.config import (CompressConfig, FaultsConfig, ModelConfig, NetConfig, PipelineConfig, ScheduleConfig,
+                          plain, register_resolvers)
 from lowbw.energy import account
 from lowbw.energy.profiles import HardwareProfile, profiles_for_ranks
 from lowbw.errors import ConfigError, ScheduleError
@@ -109,6 +110,7 @@ class SimulateConfig:
 
 def register_simulate_config() -> None:
     ConfigStore.instance().store(name="simulate_schema", node=SimulateConfig)
+    register_resolvers()
 
 
 def _check(cfg: Any) -> None:

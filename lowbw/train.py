@@ -19,7 +19,6 @@ import platform
 import socket
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import hydra
@@ -42,13 +41,6 @@ from lowbw.validation import validate
 
 def under_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or ("LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ)
-
-
-def _run_dir_resolver(default: str) -> str:
-    """Hydra run folder: under torchrun only rank 0 keeps one; the other ranks write nothing there."""
-    if under_torchrun() and os.environ.get("RANK", "0") != "0":
-        return tempfile.mkdtemp(prefix=f"lowbw-rank{os.environ['RANK']}-")
-    return default
 
 
 def _git_commit() -> str | None:
@@ -74,7 +66,6 @@ def provenance(world: int, launcher: str) -> dict:
     }
 
 
-OmegaConf.register_new_resolver("lowbw_run_dir", _run_dir_resolver, replace=True)
 register_configs()
 
 

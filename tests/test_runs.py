@@ -1,10 +1,12 @@
 """Whole runs: bubble fractions, determinism, a dying rank, the default command, torchrun."""
 
+import glob
 import json
 import multiprocessing as mp
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -108,13 +110,19 @@ def _torchrun(args, cwd):
                             cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+def _scratch_folders() -> set:
+    return set(glob.glob(os.path.join(tempfile.gettempdir(), "lowbw-rank*")))
+
+
 def test_torchrun_single_node_gives_the_same_losses_as_self_spawned(tmp_path, reference_run):
     ref, _ = reference_run
+    before = _scratch_folders()
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4", "--master-addr",
                         "127.0.0.1", "--master-port", str(free_port()), "-m", "lowbw.train", *DETERMINISTIC,
                         f"out_dir={tmp_path}/run"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     assert losses(tmp_path / "run") == losses(ref["run_dir"])
+    assert _scratch_folders() <= before  # ranks 1-3 removed their scratch run folders
 
 
 def test_torchrun_two_nodes_on_loopback_give_the_same_losses(tmp_path, reference_run):

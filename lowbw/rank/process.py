@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import traceback
 from datetime import timedelta
@@ -20,6 +21,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
+from lowbw.config import SCRATCH_ENV
 from lowbw.pipeline.executor import channels
 from lowbw.rank.build import build_rank
 from lowbw.rank.loop import train
@@ -78,4 +80,6 @@ def run_rank(cfg_dict: dict, plan: Plan, rank: int, world: int, run_dir: Optiona
             except OSError:
                 pass
         sys.stdout.flush()
+        if os.environ.get(SCRATCH_ENV):  # os._exit skips atexit: remove a torchrun rank's scratch folder here
+            shutil.rmtree(os.environ[SCRATCH_ENV], ignore_errors=True)
         os._exit(1)  # threads blocked in gloo must not keep a failed rank alive
