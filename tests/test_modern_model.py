@@ -13,7 +13,7 @@ import json
 import pytest
 import torch
 
-from lowbw.config import ModelConfig, TrainConfig, validate
+from lowbw.config import ModelConfig, TrainConfig
 from lowbw.data.corpus import Corpus
 from lowbw.errors import ConfigError
 from lowbw.launch import RunFailed
@@ -25,6 +25,7 @@ from lowbw.pipeline.partition import partition_layers
 from lowbw.testing.gradcheck import Scenario, pipeline_grads, reference_grads
 from lowbw.testing.torch_peer import torch_grads
 from lowbw.train import run
+from lowbw.validation import validate
 
 VARIANTS = [{"arch": "modern"}, {"arch": "modern", "mlp": "gelu", "qk_norm": False},
             {"arch": "modern", "mlp": "swiglu"}, {"arch": "gpt2"}]
