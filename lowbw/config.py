@@ -31,6 +31,9 @@ class ModelConfig:
     block_size: int = 64  # context length in tokens (bytes)
     vocab_size: int = 256  # byte-level tokens
     dropout: float = 0.0  # kept 0 so that pipelined and single-process gradients compare exactly
+    arch: str = "modern"  # block: modern (RMSNorm, rotary positions, no biases) | gpt2 (LayerNorm, learned positions, GELU)
+    mlp: Optional[str] = None  # modern block's MLP: gelu | relu2 (squared ReLU) | swiglu; null = relu2 (gpt2: GELU only)
+    qk_norm: Optional[bool] = None  # modern block: RMS-normalise queries and keys per head; null = true (gpt2: none)
 
 
 @dataclass
@@ -116,8 +119,11 @@ class CompressConfig:
 class TrainConfig:
     steps: int = 20  # optimizer steps
     batch_size: int = 8  # sequences per optimizer step (all microbatches)
-    lr: float = 1e-3  # AdamW learning rate
-    weight_decay: float = 0.0  # AdamW weight decay
+    optimizer: str = "adamw"  # adamw: AdamW on everything | muon: torch.optim.Muon on the blocks' matrices, AdamW on the rest
+    lr: float = 1e-3  # AdamW learning rate (optimizer=muon: of the parameters Muon does not take)
+    weight_decay: float = 0.0  # decoupled weight decay of AdamW and of Muon (per step, multiplied by each one's lr)
+    muon_lr: float = 0.02  # optimizer=muon: a step moves a matrix by muon_lr x sqrt(max(1, rows/cols)) x an orthogonal update
+    muon_momentum: float = 0.95  # optimizer=muon: Muon's Nesterov momentum coefficient, in [0, 1)
     grad_clip: float = 0.0  # global grad-norm clip per stage; 0 = off (clipping per stage is not global clipping)
     eval_interval: int = 0  # steps between validation passes; 0 = only at the end
     eval_batches: int = 4  # batches of batch_size sequences per validation pass

@@ -71,6 +71,7 @@ from lowbw.pipeline.durations import action_seconds
 from lowbw.pipeline.player import Player, Program, compile_schedule
 from lowbw.pipeline.stepping import Steps, play_steps
 from lowbw.pipeline.schedules import build_schedule
+from lowbw.validation import check_arch
 
 
 @dataclass
@@ -128,6 +129,7 @@ def _check(cfg: Any) -> None:
         raise ConfigError("sim.durations=timeline needs sim.timeline=<path of a run's timeline.jsonl>")
     if sim.flops not in ("formula", "counter"):
         raise ConfigError(f"sim.flops={sim.flops!r}: use formula or counter")
+    check_arch(cfg.model)
     if cfg.schedule.name == "pipedream_2bw":
         raise ConfigError("schedule=pipedream_2bw: lowbw-simulate does not model asynchronous schedules (its steps "
                           "overlap); simulate 1f1b for the same steady state, or run lowbw-train")

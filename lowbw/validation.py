@@ -15,13 +15,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
+
 from lowbw.compress import build_codec
 from lowbw.config import plain
 from lowbw.data.corpus import check_text_file, min_bytes
 from lowbw.energy import HardwareProfile, make_network_model, profiles_for_ranks
 from lowbw.errors import ConfigError
+from lowbw.models.gpt import ARCHS
+from lowbw.models.modern import MLPS
 from lowbw.net.conditions import Conditions, conditions_from_config
 from lowbw.net.topology import Topology
+from lowbw.optim import OPTIMIZERS
 from lowbw.pipeline.actions import Schedule
 from lowbw.pipeline.partition import partition_layers
 from lowbw.pipeline.schedules import build_schedule, forward_only
@@ -49,6 +54,7 @@ def positive(value: float, name: str, allow_inf: bool = False) -> None:
 def validate(cfg: Any, world_size: Optional[int] = None) -> Plan:
     """Check a composed config (DictConfig or LowbwConfig); return its :class:`Plan`."""
     _check_model(cfg.model)
+    _check_optimizer(cfg.train)
     _check_run_shape(cfg, world_size)
     _check_clock(cfg)
     p, m = cfg.pipeline.stages, cfg.pipeline.microbatches
@@ -74,6 +80,36 @@ def _check_model(m: Any) -> None:
         raise ConfigError(f"model.n_head={m.n_head} must divide model.n_embd={m.n_embd}")
     if m.vocab_size != 256:
         raise ConfigError(f"model.vocab_size={m.vocab_size}: tokens are bytes, so it must be 256")
+    check_arch(m)
+
+
+def check_arch(m: Any) -> None:
+    """model.arch and the modern block's settings (lowbw-train and lowbw-simulate)."""
+    if m.arch not in ARCHS:
+        raise ConfigError(f"model.arch={m.arch!r} is not a block family; use one of {', '.join(ARCHS)}")
+    if m.mlp is not None and m.mlp not in MLPS:
+        raise ConfigError(f"model.mlp={m.mlp!r}: use one of {', '.join(MLPS)}")
+    if m.arch == "gpt2" and (m.mlp not in (None, "gelu") or m.qk_norm):
+        what = f"model.mlp={m.mlp}" if m.mlp not in (None, "gelu") else "model.qk_norm=true"
+        raise ConfigError(f"{what} is a setting of the modern block, but model.arch=gpt2 is the fixed 2019 "
+                          "block (LayerNorm, learned positions, GELU MLP); use model.arch=modern or leave it unset")
+    if m.arch == "modern" and m.n_embd % m.n_head == 0 and (m.n_embd // m.n_head) % 2:
+        raise ConfigError(f"model.n_embd / model.n_head = {m.n_embd // m.n_head} is odd, but rotary positions "
+                          "(model.arch=modern) rotate pairs of channels: pick an even head width")
+
+
+def _check_optimizer(t: Any) -> None:
+    if t.optimizer not in OPTIMIZERS:
+        raise ConfigError(f"train.optimizer={t.optimizer!r}: use one of {', '.join(OPTIMIZERS)}")
+    if t.weight_decay is None or not t.weight_decay >= 0:
+        raise ConfigError(f"train.weight_decay={t.weight_decay} must be >= 0")
+    if t.optimizer == "muon":
+        if not hasattr(torch.optim, "Muon"):
+            raise ConfigError(f"train.optimizer=muon needs torch.optim.Muon (torch >= 2.9); this is torch "
+                              f"{torch.__version__}: upgrade torch or use train.optimizer=adamw")
+        positive(t.muon_lr, "train.muon_lr")
+        if t.muon_momentum is None or not 0 <= t.muon_momentum < 1:
+            raise ConfigError(f"train.muon_momentum={t.muon_momentum} must lie in [0, 1)")
 
 
 def _check_run_shape(cfg: Any, world_size: Optional[int]) -> None:

@@ -60,11 +60,14 @@ CASES = {
     "1f1b_lan_int4_pictured": ["pipeline.stages=4", "pipeline.microbatches=4", "sim.steps=4", "sim.picture_steps=2",
                                "schedule=1f1b", "net=lan", "compress/fwd=int4", "compress/bwd=bf16"],
 }
+# Every case on the GPT-2 block: the block these numbers were recorded with (a summary holds the model's
+# parameter count, which differs between blocks).
+CASES = {name: ["model.arch=gpt2"] + over for name, over in CASES.items()}
 
 # The timeline case: durations replayed from a run's timeline.jsonl (written here, deterministic).
 TIMELINE_CASE = "1f1b_recorded_timeline"
-TIMELINE_BASE = ["pipeline.stages=3", "pipeline.microbatches=4", "sim.steps=4", "sim.picture_steps=0",
-                 "schedule=1f1b", "net=home", "model=tiny", "sim.activation_dtype=float32"]
+TIMELINE_BASE = ["model.arch=gpt2", "pipeline.stages=3", "pipeline.microbatches=4", "sim.steps=4",
+                 "sim.picture_steps=0", "schedule=1f1b", "net=home", "model=tiny", "sim.activation_dtype=float32"]
 
 
 def _write_timeline(path: Path) -> None:

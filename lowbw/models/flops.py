@@ -17,6 +17,7 @@ import torch.nn.init as init
 from torch.utils.flop_counter import FlopCounterMode
 
 from lowbw.models.gpt import GPTStage
+from lowbw.models.modern import modern_settings, swiglu_hidden
 from lowbw.pipeline.partition import partition_layers
 
 
@@ -46,13 +47,18 @@ _FLOP_CACHE: dict[tuple, tuple[tuple[float, float], tuple[float, float], tuple[f
 def flop_formula(model: Any, microbatch: int) -> tuple[tuple[float, float], tuple[float, float], tuple[float, float]]:
     """Closed form of :func:`flop_parts` (what ``torch.utils.flop_counter`` counts for lowbw's GPT).
 
-    N = microbatch x T tokens, width d: a block's matmuls are 24 N d^2 (qkv 6, proj 2, MLP 16) and
-    attention 4 microbatch T^2 d (flop_counter counts causal SDPA as full); backward is twice the
-    forward. The head is 2 N d V; embeddings, norms, GELU and the loss count 0 (not matmuls).
-    ``tests/test_simulate.py`` checks this against the counter.
+    N = microbatch x T tokens, width d: a block's matmuls are the attention projections 8 N d^2
+    (q, k, v and the output projection, fused or not), the MLP and attention 4 microbatch T^2 d
+    (flop_counter counts causal SDPA as full). The MLP is 16 N d^2 with two matrices of width 4d
+    (GELU, squared ReLU) and 6 N d h with SwiGLU's three of width h. Backward is twice the forward.
+    The head is 2 N d V; embeddings, norms, rotary positions, activations and the loss count 0
+    (not matmuls). ``tests/test_simulate.py`` and ``tests/test_modern_model.py`` check this
+    against the counter.
     """
     N, T, d, V = microbatch * model.block_size, model.block_size, model.n_embd, model.vocab_size
-    block = 24.0 * N * d * d + 4.0 * microbatch * T * T * d
+    swiglu = model.arch == "modern" and modern_settings(model)[0] == "swiglu"
+    mlp = 6.0 * N * d * swiglu_hidden(d) if swiglu else 16.0 * N * d * d
+    block = 8.0 * N * d * d + mlp + 4.0 * microbatch * T * T * d
     head = 2.0 * N * d * V
     return (block, 2 * block), (0.0, 0.0), (head, 2 * head)
 
@@ -64,7 +70,8 @@ def flop_parts(model: Any, microbatch: int) -> tuple[tuple[float, float], tuple[
     shape built on the meta device, so a 1B model costs no memory. A stage's FLOPs are
     ``n_blocks * block + embeddings (first stage) + head (last stage)``: the counter sums per op.
     """
-    key = (model.n_layer, model.n_embd, model.n_head, model.block_size, model.vocab_size, microbatch)
+    key = (model.arch, model.mlp, model.qk_norm, model.n_layer, model.n_embd, model.n_head, model.block_size,
+           model.vocab_size, microbatch)
     if key in _FLOP_CACHE:
         return _FLOP_CACHE[key]
     T, d = model.block_size, model.n_embd
@@ -115,5 +122,11 @@ def stage_flops(model: Any, n_stages: int, microbatch: int, partition: Optional[
 def n_params(model: Any) -> int:
     """Parameters of the whole GPT (untied head), closed form."""
     d, L, V, T = model.n_embd, model.n_layer, model.vocab_size, model.block_size
-    block = 12 * d * d + 13 * d  # qkv 3d^2+3d, proj d^2+d, fc 4d^2+4d, proj 4d^2+d, 2 LayerNorms 4d
-    return V * d + T * d + L * block + 2 * d + d * V + V
+    if model.arch == "gpt2":
+        block = 12 * d * d + 13 * d  # qkv 3d^2+3d, proj d^2+d, fc 4d^2+4d, proj 4d^2+d, 2 LayerNorms 4d
+        return V * d + T * d + L * block + 2 * d + d * V + V
+    mlp, qk_norm = modern_settings(model)
+    mlp_params = 3 * d * swiglu_hidden(d) if mlp == "swiglu" else 8 * d * d
+    head_dim = d // model.n_head
+    block = 4 * d * d + mlp_params + 2 * d + (2 * head_dim if qk_norm else 0)  # q k v proj, MLP, 2 RMSNorms, QK-norms
+    return V * d + L * block + d + d * V  # embedding, blocks, final RMSNorm, head (no bias)

@@ -1,24 +1,33 @@
 """A small decoder-only transformer (nanoGPT-shaped) that can be cut into pipeline stages.
 
-Read top to bottom: attention, MLP, block, then :class:`GPTStage` -- a contiguous slice of the
-model: the first stage owns the token and position embeddings, the last owns the final norm, the
-head and the loss. Stacking all stages of a partition gives the whole model (:class:`GPT`), which
-is what single-process training runs; parameters are initialised per block from the seed, so a
-stage built alone on its rank has exactly the weights it has inside the whole model.
+Read top to bottom: the GPT-2 block (attention, MLP, block), the block families ``model.arch``
+picks from (this GPT-2 block, or the modern block of :mod:`lowbw.models.modern`), then
+:class:`GPTStage` -- a contiguous slice of the model: the first stage owns the token embedding (and
+the position table, for GPT-2), the last owns the final norm, the head and the loss. Stacking all
+stages of a partition gives the whole model (:class:`GPT`), which is what single-process training
+runs; parameters are initialised per block from the seed, so a stage built alone on its rank has
+exactly the weights it has inside the whole model.
 
-The head is not tied to the embedding (nanoGPT ties them): tying would make the first and last
-stage share a parameter across ranks, which needs its own gradient all-reduce.
+The head is never tied to the embedding (nanoGPT and GPT-2 tie them; the NanoGPT speedrun and
+Llama do not). With the embedding on the first rank and the head on the last, a tied matrix would
+be two copies that must stay equal: every step their gradients would have to be summed across the
+pipeline's two ends -- a V x d all-reduce between ranks that are not neighbours, over the slowest
+links lowbw models, outside the schedule -- and both copies updated identically. An untied head
+costs V x d parameters (V = 256 bytes here: 7% of the tiny model's 230 k) and nothing on the wire.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from lowbw.config import ModelConfig
+from lowbw.models.modern import ModernBlock
 
 
 class CausalSelfAttention(nn.Module):
@@ -59,13 +68,30 @@ class Block(nn.Module):
         return x + self.mlp(self.ln2(x))
 
 
+@dataclass(frozen=True)
+class Arch:
+    """A block family (``model.arch``): its block, and what it needs around its blocks."""
+
+    block: Callable[[ModelConfig], nn.Module]
+    norm: Callable[[int], nn.Module]  # the final norm before the head
+    learned_positions: bool  # a position table added on the first stage (else positions live in the blocks)
+    head_bias: bool  # the head has a bias
+
+
+ARCHS = {
+    "gpt2": Arch(Block, nn.LayerNorm, learned_positions=True, head_bias=True),
+    "modern": Arch(ModernBlock, nn.RMSNorm, learned_positions=False, head_bias=False),
+}
+
+
 def _init_weights(module: nn.Module, n_layer: int) -> None:
     # GPT-2 initialisation (as nanoGPT): N(0, 0.02), residual projections scaled by 1/sqrt(2 n_layer).
     for name, m in module.named_modules():
         if isinstance(m, nn.Linear):
             std = 0.02 / math.sqrt(2 * n_layer) if name.endswith("proj") else 0.02
             nn.init.normal_(m.weight, 0.0, std)
-            nn.init.zeros_(m.bias)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
         elif isinstance(m, nn.Embedding):
             nn.init.normal_(m.weight, 0.0, 0.02)
 
@@ -81,30 +107,35 @@ class GPTStage(nn.Module):
         super().__init__()
         self.cfg, self.is_first, self.is_last = cfg, is_first, is_last
         self.block_range = (first, last)
+        arch = ARCHS[cfg.arch]
+        self.learned_positions = arch.learned_positions
         with torch.random.fork_rng(devices=[]):
             if is_first:
                 torch.manual_seed(_seeded(seed, 0).initial_seed())
                 self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-                self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+                if arch.learned_positions:
+                    self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
                 _init_weights(self, cfg.n_layer)
             blocks = []
             for i in range(first, last):
                 torch.manual_seed(_seeded(seed, 1 + i).initial_seed())
-                block = Block(cfg)
+                block = arch.block(cfg)
                 _init_weights(block, cfg.n_layer)
                 blocks.append(block)
             self.blocks = nn.ModuleList(blocks)
             if is_last:
                 torch.manual_seed(_seeded(seed, 1 + cfg.n_layer).initial_seed())
-                self.ln_f = nn.LayerNorm(cfg.n_embd)
-                self.head = nn.Linear(cfg.n_embd, cfg.vocab_size)
+                self.ln_f = arch.norm(cfg.n_embd)
+                self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=arch.head_bias)
                 _init_weights(self.head, cfg.n_layer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """First stage: x is token ids [B, T]; others: activations [B, T, C]. Last stage returns logits."""
-        if self.is_first:
+        if self.is_first and self.learned_positions:
             pos = torch.arange(x.shape[1], device=x.device)
             x = self.wte(x) + self.wpe(pos)
+        elif self.is_first:
+            x = self.wte(x)
         for block in self.blocks:
             x = block(x)
         if self.is_last:

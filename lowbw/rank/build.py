@@ -20,6 +20,7 @@ from lowbw.models.gpt import GPTStage
 from lowbw.net.clock import Clock, make_clock, planned_durations
 from lowbw.net.link import LinkModel
 from lowbw.net.transport import Transport
+from lowbw.optim import build_optimizer
 from lowbw.pipeline.durations import planner
 from lowbw.pipeline.executor import Executor
 from lowbw.pipeline.stage import BoundaryCodecs, StageRuntime
@@ -92,12 +93,6 @@ def stage_seconds(cfg: Any, plan: Plan, rank: int, stages: dict[int, StageRuntim
         f, b = count_stage_flops(st.module, x, y)
         out[s] = (f / rate, b / rate)
     return out
-
-
-def build_optimizer(train: Any, modules: list[torch.nn.Module]) -> torch.optim.Optimizer:
-    """The optimizer over the parameters of ``modules`` (a rank's stages, or a whole model in one process)."""
-    params = [q for module in modules for q in module.parameters()]
-    return torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
 
 
 def build_rank(cfg: Any, plan: Plan, rank: int, world: int, local_rank: int = 0) -> Rank:

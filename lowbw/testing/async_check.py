@@ -16,8 +16,8 @@ from omegaconf import OmegaConf
 
 from lowbw.data.corpus import Corpus
 from lowbw.models.gpt import GPT, GPTStage
+from lowbw.optim import build_optimizer
 from lowbw.pipeline.executor import PHASE_TRAIN
-from lowbw.rank.build import build_optimizer
 from lowbw.testing.spawn import Scenario, join, open_rank, scenario_config, spawned_group
 
 

@@ -42,9 +42,11 @@ class Scenario:
     params: dict = field(default_factory=dict)  # extra schedule parameters, e.g. virtual_stages
     batch_size: int = 8
     seed: int = 7
+    model_args: dict = field(default_factory=dict)  # ModelConfig fields over the shape below, e.g. {"arch": "gpt2"}
 
     def model(self) -> ModelConfig:
-        return ModelConfig(n_layer=self.n_layer, n_embd=32, n_head=2, block_size=16)
+        """A small model (width 32, 2 heads, context 16, n_layer blocks); ModelConfig's defaults otherwise."""
+        return ModelConfig(**{"n_layer": self.n_layer, "n_embd": 32, "n_head": 2, "block_size": 16, **self.model_args})
 
     def overrides(self) -> list[str]:
         m = self.model()
@@ -53,9 +55,16 @@ class Scenario:
                f"model.n_layer={m.n_layer}", f"model.n_embd={m.n_embd}", f"model.n_head={m.n_head}",
                f"model.block_size={m.block_size}", f"seed={self.seed}", "clock=virtual", "net.emulate=false",
                "progress=false", "energy.meter=none"]
+        out += [f"model.{k}={_override_value(v)}" for k, v in self.model_args.items()
+                if k not in ("n_layer", "n_embd", "n_head", "block_size")]
         if self.partition is not None:
             out.append(f"pipeline.partition=[{','.join(map(str, self.partition))}]")
         return out + [f"schedule.{k}={v}" for k, v in self.params.items()]
+
+
+def _override_value(v: Any) -> str:
+    """A value as Hydra's override grammar spells it."""
+    return "null" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
 
 
 def scenario_config(sc: Scenario, extra: Optional[list[str]] = None) -> tuple[dict, Plan]:
