@@ -4,6 +4,7 @@ Every ``import`` and ``from ... import`` inside ``lowbw/`` is read from the sour
 included, since they form cycles just the same), resolved to a module of the package, and:
 
 - the graph of module -> imported module has no cycle;
+- every package of lowbw/ is listed in pyproject.toml (a regular, non-editable install is whole);
 - no module of the lower layers (net, compress, models, data, metrics, pipeline, energy) imports the
   layers above them: the rank runtime, the launcher, the entry points (train, simulate) or reports.
 """
@@ -11,6 +12,7 @@ included, since they form cycles just the same), resolved to a module of the pac
 from __future__ import annotations
 
 import ast
+import tomllib
 from pathlib import Path
 
 import lowbw
@@ -120,3 +122,9 @@ def test_no_function_in_lowbw_is_longer_than_80_lines():
                 if lines > MAX_LINES and key not in LONG_FUNCTIONS:
                     long.append(f"{key} ({lines} lines)")
     assert not long, "functions longer than 80 lines: " + ", ".join(sorted(long))
+
+
+def test_pyproject_lists_every_package_so_a_regular_install_is_whole():
+    listed = set(tomllib.loads((ROOT.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    present = {_module_name(p) for p in ROOT.rglob("__init__.py")}
+    assert present - listed == set(), "packages missing from pyproject.toml [tool.setuptools] packages"
