@@ -34,7 +34,9 @@ from lowbw.checkpoint import checkpoint_dir, resume_step
 from lowbw.config import register_configs
 from lowbw.errors import ConfigError, ScheduleError
 from lowbw.launch import RunFailed, mark_failed, spawn_and_supervise
-from lowbw.metrics.recorder import atomic_write_json
+from lowbw.logs import log
+from lowbw.metrics.recorder import atomic_write_json, format_summary
+from lowbw.metrics.tensorboard import run_name
 from lowbw.rank.process import run_rank
 from lowbw.validation import validate
 
@@ -91,7 +93,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     except RunFailed as e:
         mark_failed(run_dir, e.rank, str(e))
         raise
-    return json.loads(summary_path.read_text())
+    summary = json.loads(summary_path.read_text())
+    log.info("\n" + format_summary(summary))
+    return summary
 
 
 def _set_aside_earlier_attempt(run_dir: Path) -> None:
@@ -111,7 +115,8 @@ def _set_aside_earlier_attempt(run_dir: Path) -> None:
 def _meta(cfg: DictConfig, world: int) -> dict:
     return {"world_size": world, "schedule": cfg.schedule.name, "net": cfg.net.name,
             "microbatches": cfg.pipeline.microbatches, "compress_fwd": cfg.compress.fwd.name,
-            "compress_bwd": cfg.compress.bwd.name, "baseline_run": cfg.compress.baseline_run}
+            "compress_bwd": cfg.compress.bwd.name, "baseline_run": cfg.compress.baseline_run,
+            "run_name": run_name(HydraConfig.get().job.override_dirname if HydraConfig.initialized() else "")}
 
 
 def _write_run_files(cfg: DictConfig, run_dir: Path, world: int, launcher: str) -> None:
@@ -151,7 +156,7 @@ def _sweep_job(cfg: DictConfig, run_dir: Path) -> dict:
         multiprocessing.set_start_method("spawn", force=True)
     done = _completed_summary(cfg, run_dir)
     if done is not None:
-        print(f"lowbw: {run_dir} already holds a completed run of this config; skipped", file=sys.stderr)
+        log.warning(f"lowbw: {run_dir} already holds a completed run of this config; skipped")
         return done
     if cfg.get("resume"):  # `-m ... resume=true`: runs with checkpoints continue, the others start afresh
         try:
@@ -163,7 +168,7 @@ def _sweep_job(cfg: DictConfig, run_dir: Path) -> dict:
         return run(cfg, run_dir)
     except Exception as e:  # noqa: BLE001 - one run's failure must not stop the sweep
         message = f"{type(e).__name__}: {e}"
-        print(f"lowbw: run failed: {message}\n  outputs kept in {run_dir}; the sweep goes on", file=sys.stderr)
+        log.error(f"lowbw: run failed: {message}\n  outputs kept in {run_dir}; the sweep goes on")
         run_dir.mkdir(parents=True, exist_ok=True)
         base = {"status": "failed"}
         try:
@@ -195,17 +200,19 @@ def main(cfg: DictConfig) -> dict | None:
             return run(cfg, run_dir)
         plan = validate(cfg, world_size=world)
     except (ConfigError, ScheduleError) as e:
-        print(f"lowbw: configuration error: {e}", file=sys.stderr)
+        log.error(f"lowbw: configuration error: {e}")
         sys.exit(2)
     except RunFailed as e:
-        print(f"lowbw: run failed: {e}\n  outputs kept in {run_dir}", file=sys.stderr)
+        log.error(f"lowbw: run failed: {e}\n  outputs kept in {run_dir}")
         sys.exit(1)
     rank = int(os.environ.get("RANK", 0))
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         _write_run_files(cfg, run_dir, world, "torchrun")
-    run_rank(OmegaConf.to_container(cfg, resolve=True), plan, rank, world, str(run_dir) if rank == 0 else None,
-             int(os.environ.get("LOCAL_RANK", 0)), _meta(cfg, world))
+    summary = run_rank(OmegaConf.to_container(cfg, resolve=True), plan, rank, world,
+                       str(run_dir) if rank == 0 else None, int(os.environ.get("LOCAL_RANK", 0)), _meta(cfg, world))
+    if summary is not None:
+        log.info("\n" + format_summary(summary))
     return None
 
 

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from lowbw.energy import Measurement, account
 from lowbw.metrics.gantt import write_run_pictures
+from lowbw.metrics.tensorboard import TensorBoardLog
 from lowbw.net.topology import link_key, parse_link_key
 
 
@@ -36,7 +37,7 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 class Recorder:
     def __init__(self, run_dir: Path, clock: str, world: int, tokens_per_step: int, steps: int,
-                 warmup_steps: int, progress: bool, meta: dict):
+                 warmup_steps: int, progress: bool, meta: dict, hparams: Optional[dict] = None):
         self.run_dir, self.clock, self.world = run_dir, clock, world
         self.tokens_per_step, self.steps, self.warmup = tokens_per_step, steps, warmup_steps
         self.meta = meta
@@ -45,10 +46,7 @@ class Recorder:
         self._metrics = open(self.metrics_path, "a")
         self._timeline = open(run_dir / "timeline.jsonl", "a")
         self.tb_dir = run_dir / "tb"
-        # Imported here: only rank 0 records, and the import costs every process ~2 s of start-up.
-        from torch.utils.tensorboard import SummaryWriter
-
-        self._tb = SummaryWriter(str(self.tb_dir))
+        self._tb = TensorBoardLog(self.tb_dir, meta.get("run_name") or "run", hparams or {})
         self._bar = None
         if progress:
             self._bar = tqdm(total=steps, desc="train", unit="step", dynamic_ncols=True)
@@ -107,23 +105,7 @@ class Recorder:
             for e in r.get("events", []):
                 self._timeline.write(json.dumps(e) + "\n")
         self._timeline.flush()
-        tb = self._tb
-        tb.add_scalar("train/loss", loss, step)
-        if vals:
-            tb.add_scalar("val/loss", vals[0], step)
-        tb.add_scalar(f"perf/step_time_s_{self.clock}", span, step)
-        tb.add_scalar("perf/step_time_s_wall", wall, step)
-        if span > 0:
-            tb.add_scalar(f"perf/tokens_per_s_{self.clock}", self.tokens_per_step / span, step)
-        tb.add_scalar("perf/bubble_fraction", row["bubble_fraction"], step)
-        tb.add_scalar("net/bytes_per_token", row["bytes_per_token"], step)
-        for key, c in codecs.items():
-            for name in ("ratio", "rel_error", "encode_s", "decode_s"):
-                if c.get(name) is not None:
-                    tb.add_scalar(f"compress/{key}/{name}", c[name], step)
-        for rank, (b, i) in enumerate(zip(busy, row["idle_s"])):
-            tb.add_scalar(f"rank{rank}/busy_s", b, step)
-            tb.add_scalar(f"rank{rank}/idle_s", i, step)
+        self._tb.scalars(step, _tb_scalars(row))
         if self._bar is not None:
             self._bar.update(1)
             self._bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{row['tokens_per_s'] or 0:.0f}", refresh=False)
@@ -195,8 +177,7 @@ class Recorder:
                 links[parse_link_key(k)] = links.get(parse_link_key(k), 0) + n
         report = account([min(b, span) for b in busy], span, hardware, energy,
                          tokens=self.tokens_per_step * len(rows), link_bytes=links, measured=meas, clock=self.clock)
-        for name, value in report.scalars().items():
-            self._tb.add_scalar(name, value, len(self.rows) - 1)
+        self._tb.scalars(len(self.rows) - 1, report.scalars())
         return report.to_dict()
 
     def _loss_gap(self) -> Optional[float]:
@@ -250,12 +231,30 @@ class Recorder:
         atomic_write_json(self.run_dir / "summary.json", summary)
         for f in (self._metrics, self._timeline):
             f.close()
-        self._tb.flush()
-        self._tb.close()
+        self._tb.finish(max(0, len(self.rows) - 1), summary)
         if self._bar is not None:
             self._bar.close()
         write_run_pictures(self.run_dir, self.clock, self.world, self.warmup, self.meta)
         return summary
+
+
+def _tb_scalars(row: dict) -> dict[str, Optional[float]]:
+    """One step's TensorBoard scalars: one tag per quantity, on the run's clock unless named wall."""
+    out = {
+        "train/loss": row["loss"],
+        "val/loss": row.get("val_loss"),
+        "perf/step_time_s": row["step_time_s"],
+        "perf/step_time_wall_s": row["step_time_wall_s"],
+        "perf/tokens_per_s": row["tokens_per_s"],
+        "perf/bubble_fraction": row["bubble_fraction"],
+        "net/bytes_per_token": row["bytes_per_token"],
+    }
+    for key, c in row.get("compression", {}).items():
+        for name in ("ratio", "rel_error", "encode_s", "decode_s"):
+            out[f"compress/{key}/{name}"] = c.get(name)
+    for rank, (b, i) in enumerate(zip(row["busy_s"], row["idle_s"])):
+        out[f"rank{rank}/busy_s"], out[f"rank{rank}/idle_s"] = b, i
+    return out
 
 
 def _rewrite(path: Path, lines: list[str]) -> None:

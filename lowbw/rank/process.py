@@ -55,8 +55,8 @@ def _join_group(cfg: Any, rank: int, world: int, init: Optional[dict], run_dir: 
 
 
 def run_rank(cfg_dict: dict, plan: Plan, rank: int, world: int, run_dir: Optional[str], local_rank: int,
-             meta: dict, init: Optional[dict] = None) -> None:
-    """Process entry: set up the group, train, exit. Never returns on failure: exits non-zero."""
+             meta: dict, init: Optional[dict] = None) -> Optional[dict]:
+    """Process entry: set up the group, train; the summary on rank 0. Never returns on failure: exits non-zero."""
     torch.set_num_threads(1)
     cfg = OmegaConf.create(cfg_dict)
     err_dir = Path(run_dir) / "errors" if run_dir else None
@@ -64,9 +64,10 @@ def run_rank(cfg_dict: dict, plan: Plan, rank: int, world: int, run_dir: Optiona
         run_dir = _join_group(cfg, rank, world, init, run_dir)
         if init is None:
             err_dir = Path(run_dir) / "errors" if rank == 0 else None
-        train_rank(cfg, plan, rank, world, Path(run_dir) if run_dir else None, local_rank, meta)
+        summary = train_rank(cfg, plan, rank, world, Path(run_dir) if run_dir else None, local_rank, meta)
         if dist.is_initialized():
             dist.destroy_process_group()
+        return summary
     except BaseException as e:  # noqa: BLE001 -- turned into one readable line naming the rank
         msg = describe(e, rank)
         print(f"lowbw: {msg}", file=sys.stderr, flush=True)

@@ -15,9 +15,12 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, Optional
 
+from omegaconf import OmegaConf
+
 from lowbw.errors import PeerError
 from lowbw.metrics.collector import StepCollector
-from lowbw.metrics.recorder import Recorder, format_summary
+from lowbw.metrics.recorder import Recorder
+from lowbw.metrics.tensorboard import hparams_of
 from lowbw.net.transport import CH_CTRL, Transport
 
 CTRL_STATS = 2  # phase id of per-step reports on the control channel
@@ -80,7 +83,8 @@ class RecordOnRankZero(Reporting):
         super().__init__(transport, 0, world)
         self.cfg = cfg
         self.recorder = Recorder(run_dir, cfg.clock.name, world, cfg.train.batch_size * cfg.model.block_size,
-                                 cfg.train.steps, cfg.train.warmup_steps, cfg.progress, meta)
+                                 cfg.train.steps, cfg.train.warmup_steps, cfg.progress, meta,
+                                 hparams_of(OmegaConf.to_container(cfg, resolve=True)))
         self.collector = StepCollector(
             world, lambda r, step: transport.recv_json(r, (CTRL_STATS, step, r, 0)), self.recorder.log_step)
 
@@ -107,9 +111,7 @@ class RecordOnRankZero(Reporting):
 
     def complete(self) -> dict:
         self.collector.close()
-        summary = self.recorder.finish("completed")
-        print("\n" + format_summary(summary), flush=True)
-        return summary
+        return self.recorder.finish("completed")
 
     def fail(self, error: BaseException) -> None:
         self.collector.close(timeout_s=5.0)  # let it finish the step it is writing, if it can

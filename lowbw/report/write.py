@@ -133,7 +133,7 @@ def write_report(root: Path, out: Optional[Path] = None, plots: bool = True) -> 
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="lowbw-report", description="Report of a lowbw sweep: report.md, report.csv "
                                  "and figures (PNG + PDF) from every run folder under SWEEP.")
-    ap.add_argument("sweep", type=Path, help="sweep folder (e.g. multirun/2025-01-31/12-00-00) or one run folder")
+    ap.add_argument("sweep", type=Path, help="sweep folder (e.g. outputs/sweeps/2025-01-31/12-00-00) or one run folder")
     ap.add_argument("--out", type=Path, default=None, help="where to write the report (default: the sweep folder)")
     ap.add_argument("--no-plots", action="store_true", help="write the tables only")
     args = ap.parse_args(argv)
