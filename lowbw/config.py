@@ -59,7 +59,9 @@ class ScheduleConfig:
 @dataclass
 class ClockConfig:
     name: str = "wall"  # wall: really wait for the link; virtual: event time, nothing sleeps
-    durations: str = "measured"  # virtual only. measured: thread CPU time | flops: FLOPs / flops_per_s | fixed
+    # virtual only. flops: FLOPs / flops_per_s, the same on every machine | measured: thread CPU time of this
+    # machine (machine-dependent) | fixed: forward_s, backward_s
+    durations: str = "flops"
     flops_per_s: Optional[float] = None  # FLOP/s for durations=flops; null = each rank's hardware profile (peak x mfu)
     forward_s: float = 1.0  # s per forward of one microbatch on one stage, durations=fixed
     backward_s: float = 2.0  # s per backward of one microbatch on one stage, durations=fixed (GPipe paper: B = 2F)
@@ -128,6 +130,9 @@ class TrainConfig:
     eval_interval: int = 0  # steps between validation passes; 0 = only at the end
     eval_batches: int = 4  # batches of batch_size sequences per validation pass
     warmup_steps: int = 1  # leading steps excluded from tokens/s (start-up effects)
+    # validation loss (nats/token) to reach: summary.json records the step, tokens, run-clock time, wall time and
+    # joules at which validation first reached it (lowbw.metrics.target); null = no target
+    target_loss: Optional[float] = None
 
 
 @dataclass

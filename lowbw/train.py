@@ -36,7 +36,8 @@ from lowbw.errors import ConfigError, ScheduleError
 from lowbw.launch import RunFailed, mark_failed, spawn_and_supervise
 from lowbw.metrics.recorder import atomic_write_json
 from lowbw.rank.process import run_rank
-from lowbw.validation import validate
+from lowbw.timing import describe
+from lowbw.validation import Plan, validate
 
 
 def under_torchrun() -> bool:
@@ -87,7 +88,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     summary_path = run_dir / "summary.json"
     try:
         spawn_and_supervise(OmegaConf.to_container(cfg, resolve=True), plan, cfg.pipeline.stages, run_dir,
-                            _meta(cfg, cfg.pipeline.stages))
+                            _meta(cfg, cfg.pipeline.stages, plan))
     except RunFailed as e:
         mark_failed(run_dir, e.rank, str(e))
         raise
@@ -108,10 +109,14 @@ def _set_aside_earlier_attempt(run_dir: Path) -> None:
         os.replace(run_dir / n, run_dir / f"attempt{k}" / n)
 
 
-def _meta(cfg: DictConfig, world: int) -> dict:
-    return {"world_size": world, "schedule": cfg.schedule.name, "net": cfg.net.name,
+def _meta(cfg: DictConfig, world: int, plan: Plan | None = None) -> dict:
+    """What summary.json says about the run besides its numbers (``plan``: what the run's clock times)."""
+    meta = {"world_size": world, "schedule": cfg.schedule.name, "net": cfg.net.name,
             "microbatches": cfg.pipeline.microbatches, "compress_fwd": cfg.compress.fwd.name,
             "compress_bwd": cfg.compress.bwd.name, "baseline_run": cfg.compress.baseline_run}
+    if plan is not None:
+        meta["timing"] = describe(cfg, plan.profiles)
+    return meta
 
 
 def _write_run_files(cfg: DictConfig, run_dir: Path, world: int, launcher: str) -> None:
@@ -205,7 +210,7 @@ def main(cfg: DictConfig) -> dict | None:
         run_dir.mkdir(parents=True, exist_ok=True)
         _write_run_files(cfg, run_dir, world, "torchrun")
     run_rank(OmegaConf.to_container(cfg, resolve=True), plan, rank, world, str(run_dir) if rank == 0 else None,
-             int(os.environ.get("LOCAL_RANK", 0)), _meta(cfg, world))
+             int(os.environ.get("LOCAL_RANK", 0)), _meta(cfg, world, plan))
     return None
 
 

@@ -127,6 +127,15 @@ def _check_run_shape(cfg: Any, world_size: Optional[int]) -> None:
         )
     if not 0 < cfg.data.val_fraction < 1:
         raise ConfigError(f"data.val_fraction={cfg.data.val_fraction} must lie in (0, 1)")
+    if t.eval_interval < 0:
+        raise ConfigError(f"train.eval_interval={t.eval_interval} must be >= 0 (0 = validate only at the end)")
+    if t.target_loss is not None:
+        positive(t.target_loss, "train.target_loss")
+        if not t.eval_interval and t.steps > 1:
+            raise ConfigError(
+                f"train.target_loss={t.target_loss} is read at validation passes, but train.eval_interval=0 "
+                "validates only at the end; set train.eval_interval (e.g. 10) to see when the target is reached"
+            )
     if world_size is not None and world_size != p.stages:
         raise ConfigError(
             f"pipeline.stages={p.stages} but {world_size} processes were started; "

@@ -80,7 +80,8 @@ class RecordOnRankZero(Reporting):
         super().__init__(transport, 0, world)
         self.cfg = cfg
         self.recorder = Recorder(run_dir, cfg.clock.name, world, cfg.train.batch_size * cfg.model.block_size,
-                                 cfg.train.steps, cfg.train.warmup_steps, cfg.progress, meta)
+                                 cfg.train.steps, cfg.train.warmup_steps, cfg.progress, meta, hardware=cfg.hardware,
+                                 energy=cfg.energy, target_loss=cfg.train.target_loss)
         self.collector = StepCollector(
             world, lambda r, step: transport.recv_json(r, (CTRL_STATS, step, r, 0)), self.recorder.log_step)
 
