@@ -136,6 +136,20 @@ class TrainConfig:
 
 
 @dataclass
+class RegimeConfig:
+    """The deployment whose timing the virtual clock runs on (lowbw/regime.py, docs/regime.md).
+
+    The run trains its own (small) model; with a target model, each compute action is charged the target's
+    FLOPs for that stage on the run's ``hardware`` profile, and each message the time the target's message
+    would take after the same compression ratio. ``net``, ``schedule``, ``pipeline.stages`` and
+    ``pipeline.microbatches`` are the run's own and the target's alike."""
+
+    name: str = "none"  # none: the clock times the model being trained | a label of the target (configs/regime/)
+    model: Optional[ModelConfig] = None  # the target model (a configs/model preset); null = none
+    activation_dtype: str = "bfloat16"  # dtype of the target's activations and gradients before the codec
+
+
+@dataclass
 class OutageConfig:
     link: str = "*"  # "src->dst" (ranks) or "*" for every link
     start_s: float = 0.0  # s on the run clock when the link goes down
@@ -184,6 +198,7 @@ class LowbwConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    regime: RegimeConfig = field(default_factory=RegimeConfig)  # configs/regime: the deployment the clock times
     resume: bool = False  # continue from the newest checkpoint every rank has (out_dir = the run's folder)
     hardware: Any = field(default_factory=lambda: {"name": "cpu_local"})  # configs/hardware: per-node profile
     energy: Any = field(default_factory=lambda: {"network": "intensity", "meter": "auto"})  # configs/energy

@@ -9,6 +9,8 @@ of the machine that ran it:
 - ``clock.durations=fixed``: fixed seconds per forward and backward; deterministic as well.
 - ``clock.durations=measured``: the thread CPU time this machine took: machine-dependent.
 - ``clock=wall``: real time on this machine: machine-dependent.
+- a regime (``regime=gpt_1b``, lowbw/regime.py): a target model's FLOPs and messages on the stated
+  profile: deterministic, and *projected* for the target, while the loss is the small model's.
 
 The loss is always measured: the model really trains (on another CPU a matmul may round differently in
 the last bits, docs/architecture.md). :func:`describe` returns the lines the console and summary.json
@@ -18,10 +20,12 @@ print.
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any, Sequence
+from types import SimpleNamespace
+from typing import Any, Optional, Sequence
 
 from lowbw.energy import HardwareProfile
 from lowbw.net.clock import planned_durations
+from lowbw.regime import Regime
 
 
 def model_label(model: Any) -> str:
@@ -40,12 +44,22 @@ def rate_label(flops_per_s: float) -> str:
     return f"{flops_per_s / 1e12:.3g} TFLOP/s" if flops_per_s >= 1e12 else f"{flops_per_s / 1e9:.3g} GFLOP/s"
 
 
-def describe(cfg: Any, profiles: Sequence[HardwareProfile]) -> dict[str, Any]:
-    """``{"durations", "deterministic", "timing", "learning"}`` of a run with config ``cfg`` and per-rank
-    ``profiles``: how compute is charged, whether the clock's figures are the same on every
+def describe(cfg: Any, profiles: Sequence[HardwareProfile], regime: Optional[Regime] = None) -> dict[str, Any]:
+    """``{"durations", "deterministic", "timing", "learning"}`` of a run with config ``cfg``, per-rank
+    ``profiles`` and ``regime``: how compute is charged, whether the clock's figures are the same on every
     machine, and one line each for what is timed and what learns."""
     net = cfg.net.name
     mode = planned_durations(cfg.clock)
+    if regime is not None:
+        rate = (rate_label(cfg.clock.flops_per_s) if cfg.clock.flops_per_s
+                else " / ".join(sorted({rate_label(p.effective_flops) for p in profiles})))
+        target = SimpleNamespace(**regime.model)
+        return {"durations": "regime", "deterministic": True,
+                "timing": (f"projected: {target.name} on {hardware_label(profiles)} over {net} -- {model_label(target)}"
+                           f", its FLOPs / {rate}, its {regime.activation_dtype} messages after the same codec "
+                           "(deterministic: the same on every machine)"),
+                "learning": (f"{model_label(cfg.model)}, measured; its loss per step stands in for "
+                             f"{target.name}'s (docs/time_to_loss.md)")}
     if cfg.clock.name == "wall":
         kind, timing = "wall", f"wall clock of this machine, links emulated as {net} in real time (machine-dependent)"
     elif mode is None:

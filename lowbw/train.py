@@ -115,7 +115,9 @@ def _meta(cfg: DictConfig, world: int, plan: Plan | None = None) -> dict:
             "microbatches": cfg.pipeline.microbatches, "compress_fwd": cfg.compress.fwd.name,
             "compress_bwd": cfg.compress.bwd.name, "baseline_run": cfg.compress.baseline_run}
     if plan is not None:
-        meta["timing"] = describe(cfg, plan.profiles)
+        meta["timing"] = describe(cfg, plan.profiles, plan.regime)
+        if plan.regime is not None:
+            meta["regime"] = plan.regime.to_dict()
     return meta
 
 

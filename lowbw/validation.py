@@ -30,6 +30,7 @@ from lowbw.optim import OPTIMIZERS
 from lowbw.pipeline.actions import Schedule
 from lowbw.pipeline.partition import partition_layers
 from lowbw.pipeline.schedules import build_schedule, forward_only
+from lowbw.regime import Regime, build_regime
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,7 @@ class Plan:
     conditions: Conditions  # outages, bandwidth traces, packet loss
     profiles: tuple[HardwareProfile, ...]  # one per rank
     codecs: dict[str, Any]  # "fwd" / "bwd" -> the codec spec (plain dict), checked
+    regime: Optional[Regime] = None  # the target deployment the virtual clock times; None: the run's own model
 
 
 def positive(value: float, name: str, allow_inf: bool = False) -> None:
@@ -69,8 +71,9 @@ def validate(cfg: Any, world_size: Optional[int] = None) -> Plan:
     _check_outputs(cfg)
     if cfg.data.path is not None:
         check_text_file(cfg.data.path, min_bytes=min_bytes(cfg.model.block_size, cfg.data.val_fraction))
+    regime = build_regime(cfg, schedule.n_stages)
     eval_schedule = forward_only(schedule.n_stages, m, schedule.stage_to_rank)
-    return Plan(schedule, eval_schedule, tuple(ranges), topology, conditions, tuple(profiles), codecs)
+    return Plan(schedule, eval_schedule, tuple(ranges), topology, conditions, tuple(profiles), codecs, regime)
 
 
 def _check_model(m: Any) -> None:
