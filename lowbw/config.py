@@ -137,11 +137,11 @@ class TrainConfig:
 
 @dataclass
 class RegimeConfig:
-    """The deployment whose timing the virtual clock runs on (lowbw/regime.py, docs/regime.md).
+    """The deployment whose timing the virtual clock runs on (lowbw/regime.py, docs/time_to_loss.md).
 
     The run trains its own (small) model; with a target model, each compute action is charged the target's
     FLOPs for that stage on the run's ``hardware`` profile, and each message the time the target's message
-    would take after the same compression ratio. ``net``, ``schedule``, ``pipeline.stages`` and
+    would take after the same codec. ``net``, ``schedule``, ``pipeline.stages`` and
     ``pipeline.microbatches`` are the run's own and the target's alike."""
 
     name: str = "none"  # none: the clock times the model being trained | a label of the target (configs/regime/)
