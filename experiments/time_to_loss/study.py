@@ -5,9 +5,9 @@
 
 Learning -- one lowbw-train run per method and seed: a tiny GPT (8 blocks, one per stage) in 8 processes
 learns while its virtual clock keeps the regime of the reference cell (gpt_1b on 8 x rtx4090 over symmetric
-100 Mbit/s home links, 1F1B). Its steps to the target are read from its metrics.jsonl with the function the
-run's own summary uses (lowbw.metrics.target.time_to_target), at each of TARGETS. Each gives the steps to the target validation loss, and in its own cell the
-time and joules directly. Synchronous schedules compute the same gradients and the network changes no
+100 Mbit/s home links, 1F1B). Its steps to each of TARGETS are read from its metrics.jsonl with the
+function the run's own summary uses (lowbw.metrics.target.time_to_target); in its own cell its clock gives
+the time and joules directly. Synchronous schedules compute the same gradients and the network changes no
 arithmetic, so a method's steps to the target are the same in every cell: the learning runs are one per
 method and seed, not one per cell.
 
