@@ -59,7 +59,9 @@ class ScheduleConfig:
 @dataclass
 class ClockConfig:
     name: str = "wall"  # wall: really wait for the link; virtual: event time, nothing sleeps
-    durations: str = "measured"  # virtual only. measured: thread CPU time | flops: FLOPs / flops_per_s | fixed
+    # virtual only. flops: FLOPs / flops_per_s, the same on every machine | measured: thread CPU time of this
+    # machine (machine-dependent) | fixed: forward_s, backward_s
+    durations: str = "flops"
     flops_per_s: Optional[float] = None  # FLOP/s for durations=flops; null = each rank's hardware profile (peak x mfu)
     forward_s: float = 1.0  # s per forward of one microbatch on one stage, durations=fixed
     backward_s: float = 2.0  # s per backward of one microbatch on one stage, durations=fixed (GPipe paper: B = 2F)
@@ -128,6 +130,23 @@ class TrainConfig:
     eval_interval: int = 0  # steps between validation passes; 0 = only at the end
     eval_batches: int = 4  # batches of batch_size sequences per validation pass
     warmup_steps: int = 1  # leading steps excluded from tokens/s (start-up effects)
+    # validation loss (nats/token) to reach: summary.json records the step, tokens, run-clock time, wall time and
+    # joules at which validation first reached it (lowbw.metrics.target); null = no target
+    target_loss: Optional[float] = None
+
+
+@dataclass
+class RegimeConfig:
+    """The deployment whose timing the virtual clock runs on (lowbw/regime.py, docs/time_to_loss.md).
+
+    The run trains its own (small) model; with a target model, each compute action is charged the target's
+    FLOPs for that stage on the run's ``hardware`` profile, and each message the time the target's message
+    would take after the same codec. ``net``, ``schedule``, ``pipeline.stages`` and
+    ``pipeline.microbatches`` are the run's own and the target's alike."""
+
+    name: str = "none"  # none: the clock times the model being trained | a label of the target (configs/regime/)
+    model: Optional[ModelConfig] = None  # the target model (a configs/model preset); null = none
+    activation_dtype: str = "bfloat16"  # dtype of the target's activations and gradients before the codec
 
 
 @dataclass
@@ -179,6 +198,7 @@ class LowbwConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    regime: RegimeConfig = field(default_factory=RegimeConfig)  # configs/regime: the deployment the clock times
     resume: bool = False  # continue from the newest checkpoint every rank has (out_dir = the run's folder)
     hardware: Any = field(default_factory=lambda: {"name": "cpu_local"})  # configs/hardware: per-node profile
     energy: Any = field(default_factory=lambda: {"network": "intensity", "meter": "auto"})  # configs/energy

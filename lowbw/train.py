@@ -38,7 +38,8 @@ from lowbw.logs import log
 from lowbw.metrics.recorder import atomic_write_json, format_summary
 from lowbw.metrics.tensorboard import run_name
 from lowbw.rank.process import run_rank
-from lowbw.validation import validate
+from lowbw.timing import describe
+from lowbw.validation import Plan, validate
 
 
 def under_torchrun() -> bool:
@@ -89,7 +90,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     summary_path = run_dir / "summary.json"
     try:
         spawn_and_supervise(OmegaConf.to_container(cfg, resolve=True), plan, cfg.pipeline.stages, run_dir,
-                            _meta(cfg, cfg.pipeline.stages))
+                            _meta(cfg, cfg.pipeline.stages, plan))
     except RunFailed as e:
         mark_failed(run_dir, e.rank, str(e))
         raise
@@ -112,11 +113,17 @@ def _set_aside_earlier_attempt(run_dir: Path) -> None:
         os.replace(run_dir / n, run_dir / f"attempt{k}" / n)
 
 
-def _meta(cfg: DictConfig, world: int) -> dict:
-    return {"world_size": world, "schedule": cfg.schedule.name, "net": cfg.net.name,
+def _meta(cfg: DictConfig, world: int, plan: Plan | None = None) -> dict:
+    """What summary.json says about the run besides its numbers (``plan``: what the run's clock times)."""
+    meta = {"world_size": world, "schedule": cfg.schedule.name, "net": cfg.net.name,
             "microbatches": cfg.pipeline.microbatches, "compress_fwd": cfg.compress.fwd.name,
             "compress_bwd": cfg.compress.bwd.name, "baseline_run": cfg.compress.baseline_run,
             "run_name": run_name(HydraConfig.get().job.override_dirname if HydraConfig.initialized() else "")}
+    if plan is not None:
+        meta["timing"] = describe(cfg, plan.profiles, plan.regime)
+        if plan.regime is not None:
+            meta["regime"] = plan.regime.to_dict()
+    return meta
 
 
 def _write_run_files(cfg: DictConfig, run_dir: Path, world: int, launcher: str) -> None:
@@ -210,7 +217,8 @@ def main(cfg: DictConfig) -> dict | None:
         run_dir.mkdir(parents=True, exist_ok=True)
         _write_run_files(cfg, run_dir, world, "torchrun")
     summary = run_rank(OmegaConf.to_container(cfg, resolve=True), plan, rank, world,
-                       str(run_dir) if rank == 0 else None, int(os.environ.get("LOCAL_RANK", 0)), _meta(cfg, world))
+                       str(run_dir) if rank == 0 else None, int(os.environ.get("LOCAL_RANK", 0)),
+                       _meta(cfg, world, plan))
     if summary is not None:
         log.info("\n" + format_summary(summary))
     return None

@@ -30,6 +30,7 @@ from lowbw.optim import OPTIMIZERS
 from lowbw.pipeline.actions import Schedule
 from lowbw.pipeline.partition import partition_layers
 from lowbw.pipeline.schedules import build_schedule, forward_only
+from lowbw.regime import Regime, build_regime
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,7 @@ class Plan:
     conditions: Conditions  # outages, bandwidth traces, packet loss
     profiles: tuple[HardwareProfile, ...]  # one per rank
     codecs: dict[str, Any]  # "fwd" / "bwd" -> the codec spec (plain dict), checked
+    regime: Optional[Regime] = None  # the target deployment the virtual clock times; None: the run's own model
 
 
 def positive(value: float, name: str, allow_inf: bool = False) -> None:
@@ -69,8 +71,9 @@ def validate(cfg: Any, world_size: Optional[int] = None) -> Plan:
     _check_outputs(cfg)
     if cfg.data.path is not None:
         check_text_file(cfg.data.path, min_bytes=min_bytes(cfg.model.block_size, cfg.data.val_fraction))
+    regime = build_regime(cfg, schedule.n_stages)
     eval_schedule = forward_only(schedule.n_stages, m, schedule.stage_to_rank)
-    return Plan(schedule, eval_schedule, tuple(ranges), topology, conditions, tuple(profiles), codecs)
+    return Plan(schedule, eval_schedule, tuple(ranges), topology, conditions, tuple(profiles), codecs, regime)
 
 
 def _check_model(m: Any) -> None:
@@ -127,6 +130,15 @@ def _check_run_shape(cfg: Any, world_size: Optional[int]) -> None:
         )
     if not 0 < cfg.data.val_fraction < 1:
         raise ConfigError(f"data.val_fraction={cfg.data.val_fraction} must lie in (0, 1)")
+    if t.eval_interval < 0:
+        raise ConfigError(f"train.eval_interval={t.eval_interval} must be >= 0 (0 = validate only at the end)")
+    if t.target_loss is not None:
+        positive(t.target_loss, "train.target_loss")
+        if not t.eval_interval and t.steps > 1:
+            raise ConfigError(
+                f"train.target_loss={t.target_loss} is read at validation passes, but train.eval_interval=0 "
+                "validates only at the end; set train.eval_interval (e.g. 10) to see when the target is reached"
+            )
     if world_size is not None and world_size != p.stages:
         raise ConfigError(
             f"pipeline.stages={p.stages} but {world_size} processes were started; "

@@ -83,3 +83,15 @@ def test_run_names_are_safe_folder_names():
 def test_every_config_leaf_becomes_an_hparam_tensorboard_accepts():
     hp = hparams_of({"out_dir": "/x", "net": {"name": "home", "regions": [1, 2], "x": None}, "seed": 3})
     assert hp == {"net.name": "home", "net.regions": "[1, 2]", "net.x": "None", "seed": 3}
+
+
+def test_time_and_joules_to_the_target_loss_are_hparams_columns():
+    from lowbw.metrics.tensorboard import final_metrics
+
+    summary = {"tokens_per_s": 10.0, "val_loss": None, "energy": {"j_per_token": 0.5},
+               "target": {"best_val_loss": 1.9, "first_crossing": {"time_s": 7.0, "energy_j": 3.0, "tokens": 64},
+                          "interpolated": {"time_s": 6.5, "energy_j": 2.8, "tokens": 60}}}
+    m = final_metrics(summary)
+    assert m == {"final/tokens_per_s": 10.0, "final/j_per_token": 0.5, "final/best_val_loss": 1.9,
+                 "final/target_time_s": 6.5, "final/target_energy_j": 2.8, "final/target_tokens": 60.0}
+    assert "final/target_time_s" not in final_metrics({"target": {"best_val_loss": 2.5, "first_crossing": None}})

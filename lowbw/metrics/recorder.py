@@ -20,9 +20,10 @@ from typing import Any, Optional
 
 from tqdm import tqdm
 
-from lowbw.energy import Measurement, account
+from lowbw.energy import Measurement, account, make_network_model, profiles_for_ranks
 from lowbw.metrics.gantt import write_run_pictures
 from lowbw.metrics.tensorboard import TensorBoardLog
+from lowbw.metrics.target import Elapsed, time_to_target
 from lowbw.net.topology import link_key, parse_link_key
 
 
@@ -37,8 +38,13 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 class Recorder:
     def __init__(self, run_dir: Path, clock: str, world: int, tokens_per_step: int, steps: int,
-                 warmup_steps: int, progress: bool, meta: dict, hparams: Optional[dict] = None):
+                 warmup_steps: int, progress: bool, meta: dict, hardware: Any = None, energy: Any = None,
+                 target_loss: Optional[float] = None, hparams: Optional[dict] = None):
+        """``hardware``, ``energy``: the run's config nodes, pricing each step's ``elapsed_j`` (None: not priced);
+        ``target_loss``: the validation loss whose first crossing summary.json records (None: no target);
+        ``hparams``: the run's settings for TensorBoard's HParams tab."""
         self.run_dir, self.clock, self.world = run_dir, clock, world
+        self.target_loss = target_loss
         self.tokens_per_step, self.steps, self.warmup = tokens_per_step, steps, warmup_steps
         self.meta = meta
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -58,6 +64,14 @@ class Recorder:
         self.link_bytes: dict[str, int] = {}
         self.codec_totals: dict[str, dict[str, float]] = {}
         self._energy_inputs: Optional[tuple] = None
+        self._prices = None if hardware is None else (profiles_for_ranks(hardware, world), make_network_model(energy))
+        self.elapsed = Elapsed(world, self._elapsed_j if hardware is not None else None)
+
+    def _elapsed_j(self, busy: list[float], span: float, links: dict[str, int]) -> float:
+        """Modelled joules of busy seconds per rank, a span and bytes per link (the run's profiles and model)."""
+        profiles, model = self._prices
+        return account(busy, span, profiles, model, link_bytes={parse_link_key(k): n for k, n in links.items()},
+                       clock=self.clock).total_j
 
     def log_step(self, step: int, reports: list[dict], excluded_wall_s: float = 0.0) -> dict:
         t_end = max(r["end"] for r in reports)
@@ -92,6 +106,7 @@ class Recorder:
             "busy_s": busy,
             "idle_s": [max(0.0, span - b) for b in busy],
         }
+        row.update(self.elapsed.add(row, t_end))
         codecs = self._codec_step(reports)
         if codecs:
             row["compression"] = codecs
@@ -150,6 +165,7 @@ class Recorder:
         self.link_bytes = dict(state["link_bytes"])
         self.codec_totals = {k: dict(v) for k, v in state["codec_totals"].items()}
         self.val_loss = state["val_loss"]
+        self.elapsed.replay(self.rows)
         if self._bar is not None:
             self._bar.update(n)
 
@@ -218,6 +234,7 @@ class Recorder:
             "val_loss": self.val_loss,
             "compression": {k: _codec_view(c) for k, c in self.codec_totals.items()},
             "loss_gap": self._loss_gap(),
+            "target": None if self.target_loss is None else time_to_target(rows, self.target_loss),
             "energy": self.energy(),
             "run_wall_s": time.perf_counter() - self._wall_start,
             "run_dir": str(self.run_dir),
@@ -278,6 +295,17 @@ def _j(joules: float) -> str:
     return f"{joules:,.0f} J" if abs(joules) >= 1000 else f"{joules:.4g} J"
 
 
+def format_target(t: dict, clock: str) -> str:
+    """One console line: when validation loss first reached the target, or the best it reached."""
+    if not t["reached"]:
+        return (f"  target       validation loss {t['loss']:g} not reached in {t['evaluations']} evaluations; "
+                f"best {t['best_val_loss']:.4f} at step {t['best_step']}")
+    p = t["first_crossing"]
+    energy = "" if p["energy_j"] is None else f", {_j(p['energy_j'])} (modelled)"
+    return (f"  target       validation loss {t['loss']:g} reached at step {p['step']} ({p['tokens']:,.0f} tokens): "
+            f"{p['time_s']:,.4g} s ({clock} clock), {p['wall_s']:,.4g} s wall{energy}")
+
+
 def format_summary(s: dict) -> str:
     """The console summary a user reads at the end of a run."""
     def num(v: Any, fmt: str) -> str:
@@ -295,6 +323,11 @@ def format_summary(s: dict) -> str:
         f"  loss         train {num(s['train_loss'], '.4f')}   validation {num(s['val_loss'], '.4f')}",
         f"  outputs      {s['run_dir']}  (summary.json, metrics.jsonl, timeline.png, trace.json, tb/)",
     ]
+    t = s.get("timing")
+    if t:
+        lines[1:1] = [f"  timing       {t['timing']}", f"  learning     {t['learning']}"]
+    if s.get("target"):
+        lines.insert(-1, format_target(s["target"], c))
     compressed = (s.get("compress_fwd"), s.get("compress_bwd")) != ("none", "none")
     for key, c in sorted((s.get("compression") or {}).items()) if compressed else []:
         rel = "n/a" if c["rel_error"] is None else f"{c['rel_error']:.2e}"

@@ -72,6 +72,13 @@ def final_metrics(summary: dict) -> dict[str, float]:
     energy = summary.get("energy") or {}
     if energy.get("j_per_token") is not None:
         out["final/j_per_token"] = float(energy["j_per_token"])
+    target = summary.get("target") or {}
+    if target.get("best_val_loss") is not None:
+        out["final/best_val_loss"] = float(target["best_val_loss"])
+    crossing = target.get("interpolated") or target.get("first_crossing")
+    for key in ("time_s", "energy_j", "tokens") if crossing else ():
+        if crossing.get(key) is not None:  # to the target loss: on the run's clock, modelled joules, tokens
+            out[f"final/target_{key}"] = float(crossing[key])
     return out
 
 

@@ -78,8 +78,13 @@ class Transport:
         clock: Clock,
         timeout_s: float,
         group: Optional[dist.ProcessGroup] = None,
+        charge: Optional[dict[int, tuple[int, int]]] = None,
     ):
+        """``charge``: channel -> (target, run) bytes: the link model charges a payload of n bytes on that
+        channel round(n * target / run) bytes -- a target deployment's messages (lowbw/regime.py); None or a
+        missing channel: its length."""
         self.rank, self.link, self.timeout_s = rank, link, timeout_s
+        self._charge = dict(charge or {})
         self.virtual = clock.virtual
         self.now = clock.now  # the run clock (seconds), read only from the main thread
         self.group = group
@@ -180,6 +185,13 @@ class Transport:
             p, e = items[0]
             raise PeerError(p, f"rank {self.rank}: link to rank {p} failed ({type(e).__name__}: {e}); rank {p} has probably died")
 
+    def charged_bytes(self, ch: int, nbytes: int) -> int:
+        """Bytes the link model charges for a payload of ``nbytes`` on channel ``ch``."""
+        if ch not in self._charge:
+            return nbytes
+        target, run = self._charge[ch]
+        return (2 * nbytes * target + run) // (2 * run)  # round(n * target / run) in integers
+
     def send(self, dst: int, ch: int, key: tuple[int, int, int, int], payload: torch.Tensor, emulate: bool = True) -> float:
         """Hand a payload to the link; returns the emulated arrival time (run clock) or now for unemulated sends."""
         self._raise_errors(dst)
@@ -187,7 +199,7 @@ class Transport:
         t = self.now()
         arrival, release_at = t, None
         if emulate and self.link is not None:
-            timing = self.link.send(dst, payload.numel(), t)
+            timing = self.link.send(dst, self.charged_bytes(ch, payload.numel()), t)
             arrival = timing.arrival
             if not self.virtual:
                 release_at = time.perf_counter() + (timing.tx_done - t)
@@ -225,7 +237,7 @@ class Transport:
         else:  # from when it left the sender (same host) or when it really arrived here (another host)
             left = msg.sent_wall if msg.sent_host == _HOST else msg.received_wall
             arrival = self.link.arrival_after_receipt(msg.src, self.now() - (time.perf_counter() - left))
-        return self.link.deliver(msg.src, msg.nbytes, arrival)
+        return self.link.deliver(msg.src, self.charged_bytes(msg.channel, msg.nbytes), arrival)
 
     # ---- control messages (metrics), never emulated ----------------------------------------
 

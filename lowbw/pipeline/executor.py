@@ -59,7 +59,7 @@ class StepResult:
     events: list[Event] = field(default_factory=list)
     loss_sum: float = 0.0  # sum over microbatches of the (unscaled) loss, last stage only
     n_loss: int = 0
-    bytes_sent: dict[int, int] = field(default_factory=dict)  # destination rank -> payload bytes
+    bytes_sent: dict[int, int] = field(default_factory=dict)  # destination rank -> bytes the link charged
     codecs: dict[str, CodecStats] = field(default_factory=dict)
 
 
@@ -222,9 +222,10 @@ class Executor:
         payload = self._encode(ctx, codec, x, ids, a, ctx.res.codecs.setdefault(boundary, CodecStats()))
         dst = peer_of(a, ctx.sched)
         self.transport.send(dst, _CHANNEL[a.kind], key, payload, ctx.emulate)
-        ctx.res.bytes_sent[dst] = ctx.res.bytes_sent.get(dst, 0) + payload.numel()
+        nbytes = self.transport.charged_bytes(_CHANNEL[a.kind], payload.numel())  # a target regime's, if any
+        ctx.res.bytes_sent[dst] = ctx.res.bytes_sent.get(dst, 0) + nbytes
         now = self.clock.now()
-        ctx.record(self.rank, "send", now, now, a, payload.numel(), dst)
+        ctx.record(self.rank, "send", now, now, a, nbytes, dst)
 
     def _receive(self, ctx: _Step, a: Action, b: int, i: int) -> None:
         """RECV_F / RECV_B: wait for delivery on this rank's clock, then decode (busy)."""

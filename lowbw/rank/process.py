@@ -33,7 +33,7 @@ def train_rank(cfg: Any, plan: Plan, rank: int, world: int, run_dir: Optional[Pa
                meta: dict) -> Optional[dict]:
     """Build this rank, open its channels and train; the summary on rank 0."""
     r = build_rank(cfg, plan, rank, world, local_rank)
-    reporting = (RecordOnRankZero(r.transport, world, cfg, run_dir, meta) if rank == 0
+    reporting = (RecordOnRankZero(r.transport, world, cfg, run_dir, meta, plan.regime) if rank == 0
                  else SendToRankZero(r.transport, rank, world))
     out, inc = channels([plan.schedule, plan.eval_schedule], rank)
     ctrl_out, ctrl_in = reporting.channels()

@@ -22,6 +22,7 @@ from lowbw.metrics.collector import StepCollector
 from lowbw.metrics.recorder import Recorder
 from lowbw.metrics.tensorboard import hparams_of
 from lowbw.net.transport import CH_CTRL, Transport
+from lowbw.regime import Regime
 
 CTRL_STATS = 2  # phase id of per-step reports on the control channel
 CTRL_DONE = 3  # phase id of the end-of-run report (measured energy)
@@ -79,12 +80,17 @@ class SendToRankZero(Reporting):
 
 
 class RecordOnRankZero(Reporting):
-    def __init__(self, transport: Transport, world: int, cfg: Any, run_dir: Path, meta: dict):
+    def __init__(self, transport: Transport, world: int, cfg: Any, run_dir: Path, meta: dict,
+                 regime: Optional[Regime] = None):
+        """``regime``: the target deployment the clock times (lowbw/regime.py): tokens are the target's, and
+        energy is modelled for the target only (a meter here would measure this machine, not the target)."""
         super().__init__(transport, 0, world)
-        self.cfg = cfg
-        self.recorder = Recorder(run_dir, cfg.clock.name, world, cfg.train.batch_size * cfg.model.block_size,
-                                 cfg.train.steps, cfg.train.warmup_steps, cfg.progress, meta,
-                                 hparams_of(OmegaConf.to_container(cfg, resolve=True)))
+        self.cfg, self.regime = cfg, regime
+        tokens = regime.tokens_per_step if regime is not None else cfg.train.batch_size * cfg.model.block_size
+        self.recorder = Recorder(run_dir, cfg.clock.name, world, tokens,
+                                 cfg.train.steps, cfg.train.warmup_steps, cfg.progress, meta, hardware=cfg.hardware,
+                                 energy=cfg.energy, target_loss=cfg.train.target_loss,
+                                 hparams=hparams_of(OmegaConf.to_container(cfg, resolve=True)))
         self.collector = StepCollector(
             world, lambda r, step: transport.recv_json(r, (CTRL_STATS, step, r, 0)), self.recorder.log_step)
 
@@ -107,6 +113,8 @@ class RecordOnRankZero(Reporting):
         self.collector.drain()
         measured = [measurement] + [self.transport.recv_json(r, (CTRL_DONE, 0, r, 0))["measurement"]
                                     for r in range(1, self.world)]
+        if self.regime is not None:
+            measured = [None] * self.world
         self.recorder.set_energy_inputs(self.cfg.hardware, self.cfg.energy, measured)
 
     def complete(self) -> dict:

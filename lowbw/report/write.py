@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-from lowbw.report.collect import COLUMNS, KEYS, collect_runs, find_run_dirs
+from lowbw.report.collect import COLUMNS, KEYS, collect_runs, find_run_dirs, rank_by_target
 from lowbw.report.plots import PLOTS, loss_column, write_plots
 
 LOSS_KEYS = ("train_loss", "val_loss", "train_loss_gap", "val_loss_gap", "baseline_run")
@@ -19,6 +19,10 @@ _HEAD = dict((k, h) for k, h, _ in COLUMNS)
 MAIN = ["run", "status", "network", "bandwidth_mbps", "codec", "schedule", "tokens_per_s", "j_per_token",
         "compute_j_per_token", "idle_j_per_token", "network_j_per_token", "bytes_per_token", "bubble_fraction",
         "train_loss", "val_loss", "val_loss_gap"]
+# report.md's ranking by time to the target validation loss (runs with train.target_loss)
+TARGET = ["run", "network", "bandwidth_mbps", "codec", "schedule", "target_loss", "target_reached", "target_step",
+          "target_time_s", "target_energy_j", "target_time_interp_s", "target_energy_interp_j", "target_wall_s",
+          "best_val_loss"]
 CODEC = ["run", "codec", "fwd_ratio", "fwd_rel_error", "fwd_encode_ms", "fwd_decode_ms", "bwd_ratio",
          "bwd_rel_error", "bwd_encode_ms", "bwd_decode_ms"]
 
@@ -40,6 +44,11 @@ GLOSSARY = {
     "train_loss_gap / val_loss_gap": "loss minus the loss of the uncompressed run (both codecs none) with the same "
                                      "training config (network, schedule, seed, model, steps) in this sweep "
                                      "(baseline_run); positive = compression hurt",
+    "target_*": "time and energy to the target validation loss (train.target_loss), counted from the run's start: "
+                "at the first evaluation at or below the target (step, tokens, run-clock s, wall s, modelled J; "
+                "an upper bound, exact to the evaluation cadence) and interpolated linearly in the loss between "
+                "that evaluation and the one before (an estimate). best_val_loss: the lowest validation loss seen",
+    "timing": "what the run's clock timed, and whether its figures are the same on every machine",
     "fwd_* / bwd_*": "codec statistics, message-weighted mean over pipeline boundaries: ratio (raw/wire bytes), "
                      "rel_error (relative reconstruction error), encode/decode ms per message",
     "overrides": "the run's Hydra overrides",
@@ -70,6 +79,21 @@ def _md_table(rows: list[dict], keys: list[str], heads: dict[str, str]) -> list[
     for r in rows:
         out.append("| " + " | ".join(_md_escape(_cell(r.get(k), _FMT.get(k, "s")), 120) for k in keys) + " |")
     return out
+
+
+def _target_section(rows: list[dict], clocks: list[str]) -> list[str]:
+    """report.md's ranking of the runs that had a target loss (none: no section)."""
+    ranked = rank_by_target(rows)
+    if not ranked:
+        return []
+    md = ["## Time to target loss", "",
+          f"Ranked by run-clock time ({'/'.join(clocks) or '?'} clock) to the first evaluation at or below the "
+          "target validation loss; runs that did not reach it follow, by best validation loss.", ""]
+    md += _md_table(ranked, TARGET, {}) + [""]
+    timings = sorted({r["timing"] for r in ranked if r.get("timing")})
+    if timings:  # projected (a regime) or not, machine-dependent or not: said once per kind
+        md += ["What the runs' clocks timed:", ""] + [f"- {_md_escape(t)}" for t in timings] + [""]
+    return md
 
 
 def write_report(root: Path, out: Optional[Path] = None, plots: bool = True) -> dict:
@@ -103,6 +127,7 @@ def write_report(root: Path, out: Optional[Path] = None, plots: bool = True) -> 
           f"Every column of every run is in `{csv_path.name}`.", ""]
     main_keys = [k for k in MAIN if k in columns]
     md += ["## Runs", ""] + _md_table(rows, main_keys, heads) + [""]
+    md += _target_section(rows, clocks)
     if any(r.get(k) is not None for r in rows for k in CODEC[2:]):
         md += ["## Compression (mean over pipeline boundaries)", ""] + _md_table(rows, CODEC, {}) + [""]
     failed = [r for r in rows if r["status"] != "completed"]
