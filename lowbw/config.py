@@ -118,6 +118,18 @@ class CompressConfig:
 
 
 @dataclass
+class BoundaryConfig:
+    """What the model sends across a stage boundary by construction (``boundary=<name>``; docs/compression.md).
+    Codecs (``compress/fwd``, ``compress/bwd``) still apply on what crosses."""
+
+    name: str = "none"  # none (the residual stream, d floats a token) | subspace | bottleneck | columns
+    rank: int = 16  # subspace: k, coordinates per token in the shared basis U (d x k); 1 <= rank < n_embd
+    match_params: bool = False  # subspace: widen every MLP so a block has as many parameters as the dense block
+    width: int = 8  # bottleneck: w, features per token the encoder sends; 1 <= width < n_embd
+    keep: float = 0.1  # columns: fraction of the n_embd features sent (round(keep x n_embd) columns, at least 1)
+
+
+@dataclass
 class TrainConfig:
     steps: int = 20  # optimizer steps
     batch_size: int = 8  # sequences per optimizer step (all microbatches)
@@ -195,6 +207,7 @@ class LowbwConfig:
     clock: ClockConfig = field(default_factory=ClockConfig)
     net: NetConfig = field(default_factory=NetConfig)
     compress: CompressConfig = field(default_factory=CompressConfig)
+    boundary: BoundaryConfig = field(default_factory=BoundaryConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)

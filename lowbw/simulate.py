@@ -54,7 +54,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from lowbw.compress import build_codec
-from lowbw.config import (CompressConfig, FaultsConfig, ModelConfig, NetConfig, PipelineConfig, ScheduleConfig,
+from lowbw.boundary import TOKEN_ID_BYTES, BoundaryMethod, build_method
+from lowbw.config import (BoundaryConfig, CompressConfig, FaultsConfig, ModelConfig, NetConfig, PipelineConfig, ScheduleConfig,
                           plain, register_resolvers)
 from lowbw.energy import account
 from lowbw.energy.profiles import HardwareProfile, profiles_for_ranks
@@ -101,6 +102,7 @@ class SimulateConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     net: NetConfig = field(default_factory=NetConfig)
     compress: CompressConfig = field(default_factory=CompressConfig)
+    boundary: BoundaryConfig = field(default_factory=BoundaryConfig)
     hardware: Any = field(default_factory=lambda: {"name": "h100"})  # configs/hardware/<name>.yaml, per_rank allowed
     energy: Any = field(default_factory=lambda: {"network": "intensity", "meter": "none"})  # configs/energy
     train: SimTrainConfig = field(default_factory=SimTrainConfig)
@@ -130,6 +132,9 @@ def _check(cfg: Any) -> None:
     if sim.flops not in ("formula", "counter"):
         raise ConfigError(f"sim.flops={sim.flops!r}: use formula or counter")
     check_arch(cfg.model)
+    if build_method(cfg.boundary, cfg.model, cfg.seed).name != "none" and sim.flops == "counter":
+        raise ConfigError(f"sim.flops=counter counts the dense model's modules; with boundary={cfg.boundary.name} "
+                          "use sim.flops=formula (its closed form is checked against flop_counter in the tests)")
     if cfg.schedule.name == "pipedream_2bw":
         raise ConfigError("schedule=pipedream_2bw: lowbw-simulate does not model asynchronous schedules (its steps "
                           "overlap); simulate 1f1b for the same steady state, or run lowbw-train")
@@ -215,8 +220,13 @@ def _dtype(name: str) -> torch.dtype:
     return dt
 
 
-def _message_bytes(cfg: Any, shape: tuple[int, ...]) -> tuple[dict[Kind, int], dict[str, float]]:
-    """Bytes of a forward and a backward message after the codecs, and each codec's ratio."""
+def _message_bytes(cfg: Any, shape: tuple[int, ...], method: BoundaryMethod) -> tuple[dict[Kind, int], dict[str, float]]:
+    """Bytes of a forward and a backward message after the codecs, and each codec's ratio.
+
+    ``shape``: (microbatch, T) tokens; each carries the method's wire width of values, and forward its
+    token id too when the method sends them (lowbw.boundary)."""
+    tokens = math.prod(shape)
+    shape = (*shape, method.wire_width())
     dtype = _dtype(cfg.sim.activation_dtype)
     raw = math.prod(shape) * dtype.itemsize
     ratio = {}
@@ -226,7 +236,8 @@ def _message_bytes(cfg: Any, shape: tuple[int, ...]) -> tuple[dict[Kind, int], d
             ratio[direction] = float(build_codec(spec).estimate_ratio(shape, dtype))
         except ConfigError as e:
             raise ConfigError(f"compress.{direction}: {e}") from None
-    return {Kind.SEND_F: int(round(raw / ratio["fwd"])), Kind.SEND_B: int(round(raw / ratio["bwd"]))}, ratio
+    ids = tokens * TOKEN_ID_BYTES if method.sends_tokens else 0
+    return {Kind.SEND_F: int(round(raw / ratio["fwd"])) + ids, Kind.SEND_B: int(round(raw / ratio["bwd"]))}, ratio
 
 
 def _links(cfg: Any, p: int) -> tuple[Topology, dict[int, LinkModel]]:
@@ -266,6 +277,7 @@ class _Setup:
     ratio: dict[str, float]
     topo: Topology
     links: dict[int, LinkModel]  # one per rank, also when the net is not emulated (for link busy fractions)
+    param_delta: int  # parameters the boundary method adds to the dense model (negative: removes)
 
 
 def _traffic(setup: _Setup, measured: list[dict], step_time: float) -> dict:
@@ -313,7 +325,7 @@ def _summary(cfg: Any, setup: _Setup, steps: Steps) -> dict:
         "durations": cfg.sim.durations, "flops_source": cfg.sim.flops,
         "stage_flops": [{"forward": f, "backward": b} for f, b in setup.flops],
         "stage_seconds": _stage_seconds(setup.table, sched.n_stages),
-        "fractional_partition": setup.fractional, "model_params": n_params(model),
+        "fractional_partition": setup.fractional, "model_params": n_params(model) + setup.param_delta,
         "model_flops_per_step": m * sum(f + b for f, b in setup.flops),
         "per_step": [{k: r[k] for k in ("step", "step_time_s", "bubble_fraction", "bytes_sent")} for r in rows],
         "net_description": setup.topo.describe(),
@@ -358,14 +370,16 @@ def _setup(cfg: Any) -> _Setup:
     model, pipe, sim = cfg.model, cfg.pipeline, cfg.sim
     mb = cfg.train.batch_size // pipe.microbatches
     sched = build_schedule(cfg.schedule, pipe.stages, pipe.microbatches)
-    flops, fractional = stage_flops(model, sched.n_stages, mb, plain(pipe.partition), counter=sim.flops == "counter")
+    method = build_method(cfg.boundary, model, cfg.seed)
+    flops, fractional = stage_flops(model, sched.n_stages, mb, plain(pipe.partition), counter=sim.flops == "counter",
+                                    method=method)
     profiles = profiles_for_ranks(cfg.hardware, pipe.stages)
     exact, mean, opt = _durations_from_timeline(sim.timeline, sched) if sim.durations == "timeline" else ({}, {}, {})
     table = _StageSeconds(_stage_time(cfg, sched, flops, profiles, mean))
-    msg_bytes, ratio = _message_bytes(cfg, (mb, model.block_size, model.n_embd))
+    msg_bytes, ratio = _message_bytes(cfg, (mb, model.block_size), method)
     topo, links = _links(cfg, pipe.stages)
     return _Setup(sched, compile_schedule(sched), flops, fractional, profiles, table, (exact, opt), msg_bytes, ratio,
-                  topo, links)
+                  topo, links, method.param_delta(sched.n_stages))
 
 
 @contextlib.contextmanager

@@ -17,6 +17,7 @@ from typing import Any, Optional
 
 import torch
 
+from lowbw.boundary import build_method
 from lowbw.compress import build_codec
 from lowbw.config import plain
 from lowbw.data.corpus import check_text_file, min_bytes
@@ -66,6 +67,7 @@ def validate(cfg: Any, world_size: Optional[int] = None) -> Plan:
     schedule = build_schedule(cfg.schedule, p, m)  # generates and validates
     ranges = _partition(cfg, schedule)
     codecs = {d: _check_codec(cfg.compress, d) for d in ("fwd", "bwd")}
+    build_method(cfg.boundary, cfg.model, cfg.seed)  # checks boundary.* against the model
     profiles = profiles_for_ranks(cfg.hardware, p)
     make_network_model(cfg.energy)
     _check_outputs(cfg)

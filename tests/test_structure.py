@@ -5,7 +5,7 @@ included, since they form cycles just the same), resolved to a module of the pac
 
 - the graph of module -> imported module has no cycle;
 - every package of lowbw/ is listed in pyproject.toml (a regular, non-editable install is whole);
-- no module of the lower layers (net, compress, models, data, metrics, pipeline, energy) imports the
+- no module of the lower layers (net, compress, boundary, models, data, metrics, pipeline, energy) imports the
   layers above them: the rank runtime, the launcher, the entry points (train, simulate) or reports.
 """
 
@@ -18,7 +18,7 @@ from pathlib import Path
 import lowbw
 
 ROOT = Path(lowbw.__file__).parent
-LOWER = ("net", "compress", "models", "data", "metrics", "pipeline", "energy")
+LOWER = ("net", "compress", "boundary", "models", "data", "metrics", "pipeline", "energy")
 UPPER = ("lowbw.rank", "lowbw.launch", "lowbw.train", "lowbw.simulate", "lowbw.report")
 
 

@@ -16,23 +16,28 @@ import torch
 import torch.nn.init as init
 from torch.utils.flop_counter import FlopCounterMode
 
+from lowbw.boundary import BoundaryMethod
 from lowbw.models.gpt import GPTStage
 from lowbw.models.modern import modern_settings, swiglu_hidden
 from lowbw.pipeline.partition import partition_layers
 
 
-def count_stage_flops(module: torch.nn.Module, inp: torch.Tensor, targets: Optional[torch.Tensor]) -> tuple[float, float]:
+def count_stage_flops(module: torch.nn.Module, inp: torch.Tensor, targets: Optional[torch.Tensor],
+                      tokens: Optional[torch.Tensor] = None) -> tuple[float, float]:
     """(forward, backward) FLOPs of one microbatch through ``module``, by torch.utils.flop_counter.
+
+    ``tokens``: the token ids that cross with the input (boundary methods that send them, lowbw.boundary).
 
     Counted on a meta-device copy: on CPU tensors torch dispatches attention to a fused kernel the
     counter does not see (0 FLOPs), on meta tensors it counts it -- and the copy costs no memory.
     """
     module = copy.deepcopy(module).to("meta")
     inp, targets = inp.to("meta"), None if targets is None else targets.to("meta")
+    tokens = None if tokens is None else tokens.to("meta")
     counter = FlopCounterMode(display=False)
     inp = inp.detach().requires_grad_(inp.is_floating_point())
     with counter:
-        out = module(inp)
+        out = module(inp, tokens)
         if targets is not None:
             out = GPTStage.loss(out, targets)
         fwd = counter.get_total_flops()
@@ -107,15 +112,21 @@ def stage_blocks(n_layer: int, n_stages: int, partition: Optional[list[int]]) ->
 
 
 def stage_flops(model: Any, n_stages: int, microbatch: int, partition: Optional[list[int]] = None,
-                counter: bool = False) -> tuple[list[tuple[float, float]], bool]:
-    """Per-stage (forward, backward) FLOPs of one microbatch (``counter``: flop_counter, else the formula)."""
+                counter: bool = False, method: Optional[BoundaryMethod] = None) -> tuple[list[tuple[float, float]], bool]:
+    """Per-stage (forward, backward) FLOPs of one microbatch (``counter``: flop_counter, else the formula).
+
+    ``method``: a boundary method (lowbw.boundary), whose closed-form terms are added to the dense
+    model's: per block, on the first stage's embedding, on each stage's sending and receiving side."""
     block, embed, head = (flop_parts if counter else flop_formula)(model, microbatch)
+    terms = method.flop_terms(microbatch) if method is not None else {}
+    zero = (0.0, 0.0)
+    t_block, t_embed, t_send, t_recv = (terms.get(k, zero) for k in ("block", "embed", "send", "recv"))
     blocks, fractional = stage_blocks(model.n_layer, n_stages, partition)
     out = []
     for s, nb in enumerate(blocks):
-        f = nb * block[0] + (embed[0] if s == 0 else 0.0) + (head[0] if s == n_stages - 1 else 0.0)
-        b = nb * block[1] + (embed[1] if s == 0 else 0.0) + (head[1] if s == n_stages - 1 else 0.0)
-        out.append((f, b))
+        first, last = s == 0, s == n_stages - 1
+        out.append(tuple(nb * (block[j] + t_block[j]) + ((embed[j] + t_embed[j]) if first else t_recv[j])
+                         + (head[j] if last else t_send[j]) for j in (0, 1)))
     return out, fractional
 
 

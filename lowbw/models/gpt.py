@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lowbw.boundary import BoundaryMethod
 from lowbw.config import ModelConfig
 from lowbw.models.modern import ModernBlock
 
@@ -67,6 +68,10 @@ class Block(nn.Module):
         x = x + self.attn(self.ln1(x))
         return x + self.mlp(self.ln2(x))
 
+    def branches(self) -> tuple[tuple[nn.Module, nn.Module], ...]:
+        """The residual branches in order, (norm, branch): what boundary methods rewire (lowbw.boundary)."""
+        return (self.ln1, self.attn), (self.ln2, self.mlp)
+
 
 @dataclass(frozen=True)
 class Arch:
@@ -101,25 +106,31 @@ def _seeded(seed: int, part: int) -> torch.Generator:
 
 
 class GPTStage(nn.Module):
-    """Blocks [first, last) of the model, plus embeddings if first stage, plus head if last."""
+    """Blocks [first, last) of the model, plus embeddings if first stage, plus head if last.
 
-    def __init__(self, cfg: ModelConfig, first: int, last: int, is_first: bool, is_last: bool, seed: int):
+    ``method`` (lowbw.boundary; None = the dense model) decides what crosses the stage's boundaries:
+    a stage that is not the last ends with the method's sender (``send``) and one that is not the
+    first starts with its receiver (``receive``); ``index`` is the stage's place in the model (its
+    boundaries are index - 1 and index). Their parameters are the stage's.
+    """
+
+    def __init__(self, cfg: ModelConfig, first: int, last: int, is_first: bool, is_last: bool, seed: int,
+                 method: Optional[BoundaryMethod] = None, index: int = 0):
         super().__init__()
         self.cfg, self.is_first, self.is_last = cfg, is_first, is_last
         self.block_range = (first, last)
+        self.method = method = method or BoundaryMethod(cfg, None, seed)
         arch = ARCHS[cfg.arch]
         self.learned_positions = arch.learned_positions
         with torch.random.fork_rng(devices=[]):
             if is_first:
                 torch.manual_seed(_seeded(seed, 0).initial_seed())
-                self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-                if arch.learned_positions:
-                    self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+                self._embedding(cfg, arch, method)
                 _init_weights(self, cfg.n_layer)
             blocks = []
             for i in range(first, last):
                 torch.manual_seed(_seeded(seed, 1 + i).initial_seed())
-                block = arch.block(cfg)
+                block = method.adapt_block(arch.block(cfg))
                 _init_weights(block, cfg.n_layer)
                 blocks.append(block)
             self.blocks = nn.ModuleList(blocks)
@@ -128,19 +139,37 @@ class GPTStage(nn.Module):
                 self.ln_f = arch.norm(cfg.n_embd)
                 self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=arch.head_bias)
                 _init_weights(self.head, cfg.n_layer)
+        # built outside the seeded streams: the methods seed their own tensors (lowbw.boundary.base.seeded)
+        self.receive = None if is_first else method.receiver(index - 1)
+        self.send = None if is_last else method.sender(index)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """First stage: x is token ids [B, T]; others: activations [B, T, C]. Last stage returns logits."""
-        if self.is_first and self.learned_positions:
+    def _embedding(self, cfg: ModelConfig, arch: Arch, method: BoundaryMethod) -> None:
+        embed = method.embedding()
+        if embed is not None:
+            self.embed = embed
+            return
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        if arch.learned_positions:
+            self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+
+    def forward(self, x: torch.Tensor, tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """First stage: x is token ids [B, T]; others: what crossed the boundary before it ([B, T, C] for
+        the dense model), with the token ids that crossed with it when the method sends them. Last
+        stage returns logits; the others what crosses their boundary after them."""
+        if self.is_first and hasattr(self, "embed"):
+            x = self.embed(x)
+        elif self.is_first and self.learned_positions:
             pos = torch.arange(x.shape[1], device=x.device)
             x = self.wte(x) + self.wpe(pos)
         elif self.is_first:
             x = self.wte(x)
+        elif self.receive is not None:
+            x = self.receive(x, tokens)
         for block in self.blocks:
             x = block(x)
         if self.is_last:
-            x = self.head(self.ln_f(x))
-        return x
+            return self.head(self.ln_f(self.method.residual(x)))
+        return self.send(x) if self.send is not None else x
 
     @staticmethod
     def loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -150,15 +179,17 @@ class GPTStage(nn.Module):
 class GPT(nn.Module):
     """The whole model as the sequence of its stages (single-process reference)."""
 
-    def __init__(self, cfg: ModelConfig, ranges: list[tuple[int, int]], seed: int):
+    def __init__(self, cfg: ModelConfig, ranges: list[tuple[int, int]], seed: int,
+                 method: Optional[BoundaryMethod] = None):
         super().__init__()
         n = len(ranges)
         self.stages = nn.ModuleList(
-            GPTStage(cfg, a, b, is_first=(i == 0), is_last=(i == n - 1), seed=seed) for i, (a, b) in enumerate(ranges)
+            GPTStage(cfg, a, b, is_first=(i == 0), is_last=(i == n - 1), seed=seed, method=method, index=i)
+            for i, (a, b) in enumerate(ranges)
         )
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         x = idx
         for stage in self.stages:
-            x = stage(x)
+            x = stage(x, idx)
         return x

@@ -131,3 +131,7 @@ class ModernBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.norm1(x))
         return x + self.mlp(self.norm2(x))
+
+    def branches(self) -> tuple[tuple[nn.Module, nn.Module], ...]:
+        """The residual branches in order, (norm, branch): what boundary methods rewire (lowbw.boundary)."""
+        return (self.norm1, self.attn), (self.norm2, self.mlp)

@@ -30,7 +30,7 @@ from lowbw.models.gpt import GPTStage
 from lowbw.net.clock import Clock
 from lowbw.net.transport import CH_BWD, CH_FWD, Transport
 from lowbw.pipeline.actions import Action, Kind, Schedule
-from lowbw.pipeline.stage import StageRuntime
+from lowbw.pipeline.stage import StageRuntime, attach_tokens, split_tokens
 from lowbw.pipeline.player import peer_of
 from lowbw.pipeline.weight_stash import InFlight, WeightStash
 
@@ -155,19 +155,24 @@ class Executor:
     def _forward(self, ctx: _Step, a: Action, b: int, i: int) -> None:
         s, k, st = a.stage, (a.stage, b, i), ctx.state
         xs, ys, _ = ctx.batches[b]
+        tokens = st.tokens.pop(k, None)  # the ids that crossed with the input, if the method sends them
         if s == 0:
             inp = xs[i].to(self.device)
+            tokens = inp if self.stages[s].sends_tokens else None
         elif k in st.inputs:  # received from the previous stage's rank
             inp = st.inputs[k]
         else:  # the previous stage is on this rank: take its output directly
             inp = st.outputs[(s - 1, b, i)].detach().requires_grad_(ctx.train)
+            tokens = st.tokens.pop((s - 1, b, i), None)
         st.inputs[k] = inp
         last = s == ctx.sched.n_stages - 1
+        if tokens is not None and not last:  # to send on with this stage's output
+            st.tokens[k] = tokens
         stashed = self.stash is not None and ctx.train and ctx.sched.asynchronous
 
         def fwd():
             with torch.set_grad_enabled(ctx.train):
-                out = self.stash.forward(s, b, inp) if stashed else self.stages[s].module(inp)
+                out = self.stash.forward(s, b, inp, tokens) if stashed else self.stages[s].module(inp, tokens)
                 return self.scaled_loss(out, ys[i], ctx.sched.n_microbatches, ctx.res) if last else out
 
         out, t0, t1 = self.clock.compute(fwd, self.planned(a))
@@ -219,7 +224,8 @@ class Executor:
             x, key, boundary = st.inputs.pop(k).grad, (ctx.phase, b, s - 1, i), f"{s - 1}.bwd"
         codec = self.stages[s].codecs.for_action(a.kind, ctx.train)
         ids = ctx.batches[b][2][i]
-        payload = self._encode(ctx, codec, x, ids, a, ctx.res.codecs.setdefault(boundary, CodecStats()))
+        tokens = st.tokens.pop(k, None) if a.kind == Kind.SEND_F else None
+        payload = self._encode(ctx, codec, x, ids, a, ctx.res.codecs.setdefault(boundary, CodecStats()), tokens)
         dst = peer_of(a, ctx.sched)
         self.transport.send(dst, _CHANNEL[a.kind], key, payload, ctx.emulate)
         nbytes = self.transport.charged_bytes(_CHANNEL[a.kind], payload.numel())  # a target regime's, if any
@@ -237,7 +243,10 @@ class Executor:
         ctx.record(self.rank, "recv_wait", t0, self.clock.now(), a, msg.nbytes, src)
         boundary = f"{s - 1}.fwd" if a.kind == Kind.RECV_F else f"{s}.bwd"
         codec = self.stages[s].codecs.for_action(a.kind, ctx.train)
-        tensor = self._decode(ctx, codec, msg.payload, ctx.batches[b][2][i], a,
+        payload = msg.payload
+        if a.kind == Kind.RECV_F and self.stages[s].sends_tokens:
+            payload, st.tokens[k] = split_tokens(payload)
+        tensor = self._decode(ctx, codec, payload, ctx.batches[b][2][i], a,
                               ctx.res.codecs.setdefault(boundary, CodecStats()))
         if a.kind == Kind.RECV_F:
             st.inputs[k] = tensor.requires_grad_(ctx.train)
@@ -253,12 +262,18 @@ class Executor:
         res.n_loss += 1
         return loss / m
 
-    def _encode(self, ctx: _Step, codec: Codec, x: torch.Tensor, ids, a: Action, stats: CodecStats) -> torch.Tensor:
-        payload, t0, t1 = self.clock.compute(lambda: codec.encode(x, ids), self.planned(a))
+    def _encode(self, ctx: _Step, codec: Codec, x: torch.Tensor, ids, a: Action, stats: CodecStats,
+                tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The codec's payload of ``x``; with ``tokens`` (lowbw.boundary), one payload holding both."""
+        def encode():
+            inner = codec.encode(x, ids)
+            return inner, (inner if tokens is None else attach_tokens(inner, tokens))
+
+        (payload, wire), t0, t1 = self.clock.compute(encode, self.planned(a))
         ctx.record(self.rank, "encode", t0, t1, a)
         stats.messages += 1
         stats.raw_bytes += x.numel() * x.element_size()
-        stats.wire_bytes += payload.numel()
+        stats.wire_bytes += wire.numel()
         stats.encode_s += t1 - t0
         if ctx.measure_error:
             with self.clock.paused(), torch.no_grad():
@@ -267,7 +282,7 @@ class Executor:
                     stats.err_sq += float((x_hat - x).float().pow(2).sum())
                 stats.norm_sq += float(x.float().pow(2).sum())
                 stats.measured += 1
-        return payload
+        return wire
 
     def _decode(self, ctx: _Step, codec: Codec, payload: torch.Tensor, ids, a: Action,
                 stats: CodecStats) -> torch.Tensor:

@@ -22,6 +22,7 @@ from typing import Any, Optional
 import torch
 
 from lowbw.compress.base import Codec, build_codec
+from lowbw.compress.payload import pack, unpack
 from lowbw.pipeline.actions import Kind
 
 ROLES = ("send_fwd", "recv_fwd", "send_bwd", "recv_bwd", "eval_send_fwd", "eval_recv_fwd")
@@ -64,8 +65,27 @@ class BoundaryCodecs:
 
 @dataclass
 class StageRuntime:
-    """A stage held by this rank: its module and its boundary codecs."""
+    """A stage held by this rank: its module and its boundary codecs.
+
+    ``sends_tokens``: the model's boundary method (lowbw.boundary) needs the token ids beside what
+    crosses forward (subspace networks rebuild the residual stream from them); they travel inside
+    the forward payload (:func:`attach_tokens`), so the link charges them.
+    """
 
     index: int
     module: torch.nn.Module
     codecs: BoundaryCodecs = field(default_factory=BoundaryCodecs)
+    sends_tokens: bool = False
+
+
+def attach_tokens(payload: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """One payload holding a codec's payload and the token ids as int16 (2 bytes each; vocabularies of up
+    to 32,768 ids -- lowbw's is 256): 32 header bytes (for [microbatch, T] ids) + the codec's payload
+    and 2 bytes a token, each padded to 8 (lowbw.compress.payload)."""
+    return pack([payload, tokens.to(torch.int16)])
+
+
+def split_tokens(payload: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Invert :func:`attach_tokens`: (the codec's payload, token ids as int64)."""
+    inner, tokens = unpack(payload)
+    return inner, tokens.long()

@@ -33,9 +33,10 @@ class InFlight:
     inputs: dict[tuple, torch.Tensor] = field(default_factory=dict)
     outputs: dict[tuple, torch.Tensor] = field(default_factory=dict)
     out_grads: dict[tuple, torch.Tensor] = field(default_factory=dict)
+    tokens: dict[tuple, torch.Tensor] = field(default_factory=dict)  # token ids to send on (lowbw.boundary)
 
     def __len__(self) -> int:
-        return len(self.inputs) + len(self.outputs) + len(self.out_grads)
+        return len(self.inputs) + len(self.outputs) + len(self.out_grads) + len(self.tokens)
 
 
 class WeightStash:
@@ -52,8 +53,8 @@ class WeightStash:
         self.versions[step] = {s: {n: q.detach().clone().requires_grad_(q.requires_grad)
                                    for n, q in st.module.named_parameters()} for s, st in self.stages.items()}
 
-    def forward(self, s: int, b: int, inp: torch.Tensor) -> torch.Tensor:
-        return functional_call(self.stages[s].module, self.versions[b][s], (inp,))
+    def forward(self, s: int, b: int, inp: torch.Tensor, tokens: Any = None) -> torch.Tensor:
+        return functional_call(self.stages[s].module, self.versions[b][s], (inp, tokens))
 
     def log_forward(self, s: int, b: int, i: int, step: int) -> None:
         self.log.append({"what": "forward", "stage": s, "batch": b, "mb": i, "version": b, "step": step})

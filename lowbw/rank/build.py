@@ -13,6 +13,7 @@ from typing import Any, Optional
 
 import torch
 
+from lowbw.boundary import build_method
 from lowbw.data.corpus import Corpus
 from lowbw.energy import EnergyMeter, HardwareProfile, select_meter
 from lowbw.models.flops import count_stage_flops
@@ -64,10 +65,13 @@ def pick_device(choice: str, local_rank: int) -> torch.device:
 def build_stages(cfg: Any, plan: Plan, rank: int, device: torch.device) -> dict[int, StageRuntime]:
     """The model stages this rank holds, with weights seeded per block (the same as in one process)."""
     last = plan.schedule.n_stages - 1
+    method = build_method(cfg.boundary, cfg.model, cfg.seed)
     stages = {}
     for s in plan.schedule.stages_of(rank):
-        module = GPTStage(cfg.model, *plan.ranges[s], is_first=(s == 0), is_last=(s == last), seed=cfg.seed)
-        stages[s] = StageRuntime(s, module.to(device), BoundaryCodecs.build(plan.codecs["fwd"], plan.codecs["bwd"]))
+        module = GPTStage(cfg.model, *plan.ranges[s], is_first=(s == 0), is_last=(s == last), seed=cfg.seed,
+                          method=method, index=s)
+        stages[s] = StageRuntime(s, module.to(device), BoundaryCodecs.build(plan.codecs["fwd"], plan.codecs["bwd"]),
+                                 sends_tokens=method.sends_tokens)
     return stages
 
 
@@ -90,10 +94,10 @@ def stage_seconds(cfg: Any, plan: Plan, rank: int, stages: dict[int, StageRuntim
     mb, T, last = cfg.train.batch_size // cfg.pipeline.microbatches, cfg.model.block_size, plan.schedule.n_stages - 1
     out = {}
     for s, st in stages.items():
-        x = (torch.zeros(mb, T, dtype=torch.long, device=device) if s == 0
-             else torch.zeros(mb, T, cfg.model.n_embd, device=device))
-        y = torch.zeros(mb, T, dtype=torch.long, device=device) if s == last else None
-        f, b = count_stage_flops(st.module, x, y)
+        ids = torch.zeros(mb, T, dtype=torch.long, device=device)
+        x = ids if s == 0 else torch.zeros(mb, T, st.module.method.wire_width(), device=device)
+        y = ids if s == last else None
+        f, b = count_stage_flops(st.module, x, y, ids)
         out[s] = (f / rate, b / rate)
     return out
 

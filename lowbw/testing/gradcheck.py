@@ -13,7 +13,9 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from omegaconf import OmegaConf
 
+from lowbw.boundary import build_method
 from lowbw.data.corpus import Corpus
 from lowbw.models.gpt import GPT, GPTStage
 from lowbw.pipeline.executor import PHASE_TRAIN
@@ -43,8 +45,8 @@ def _worker(rank: int, world: int, port: int, configs: list[tuple[dict, object]]
 
 def reference_grads(sc: Scenario) -> dict[str, torch.Tensor]:
     """Gradients of the whole model (cut as the scenario's plan cuts it) on the whole batch, in one process."""
-    _, plan = scenario_config(sc)
-    model = GPT(sc.model(), list(plan.ranges), sc.seed)
+    cfg, plan = scenario_config(sc)
+    model = GPT(sc.model(), list(plan.ranges), sc.seed, build_method(OmegaConf.create(cfg["boundary"]), sc.model(), sc.seed))
     b = batch(sc)
     GPTStage.loss(model(b.x), b.y).backward()
     return {f"stage{s}.{n}": q.grad for s, st in enumerate(model.stages) for n, q in st.named_parameters()}

@@ -43,6 +43,8 @@ class Scenario:
     batch_size: int = 8
     seed: int = 7
     model_args: dict = field(default_factory=dict)  # ModelConfig fields over the shape below, e.g. {"arch": "gpt2"}
+    boundary: dict = field(default_factory=dict)  # boundary method and its fields, e.g. {"name": "subspace", "rank": 4}
+    extra: list = field(default_factory=list)  # further overrides, e.g. ["compress/fwd=int8"]
 
     def model(self) -> ModelConfig:
         """A small model (width 32, 2 heads, context 16, n_layer blocks); ModelConfig's defaults otherwise."""
@@ -59,7 +61,10 @@ class Scenario:
                 if k not in ("n_layer", "n_embd", "n_head", "block_size")]
         if self.partition is not None:
             out.append(f"pipeline.partition=[{','.join(map(str, self.partition))}]")
-        return out + [f"schedule.{k}={v}" for k, v in self.params.items()]
+        if self.boundary:
+            out.append(f"boundary={self.boundary['name']}")
+            out += [f"boundary.{k}={_override_value(v)}" for k, v in self.boundary.items() if k != "name"]
+        return out + [f"schedule.{k}={v}" for k, v in self.params.items()] + list(self.extra)
 
 
 def _override_value(v: Any) -> str:
