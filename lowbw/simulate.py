@@ -278,6 +278,7 @@ class _Setup:
     topo: Topology
     links: dict[int, LinkModel]  # one per rank, also when the net is not emulated (for link busy fractions)
     param_delta: int  # parameters the boundary method adds to the dense model (negative: removes)
+    boundary: str  # the boundary method and its size, in words
 
 
 def _traffic(setup: _Setup, measured: list[dict], step_time: float) -> dict:
@@ -330,6 +331,9 @@ def _summary(cfg: Any, setup: _Setup, steps: Steps) -> dict:
         "per_step": [{k: r[k] for k in ("step", "step_time_s", "bubble_fraction", "bytes_sent")} for r in rows],
         "net_description": setup.topo.describe(),
     }
+    if cfg.boundary.name != "none":  # (left out with none: the summaries of dense runs stay as they were)
+        summary["boundary"] = {"name": cfg.boundary.name, "what": setup.boundary,
+                               "params_delta": setup.param_delta}
     summary["energy"] = _energy(cfg, steps, measured, tokens)
     return summary
 
@@ -379,7 +383,7 @@ def _setup(cfg: Any) -> _Setup:
     msg_bytes, ratio = _message_bytes(cfg, (mb, model.block_size), method)
     topo, links = _links(cfg, pipe.stages)
     return _Setup(sched, compile_schedule(sched), flops, fractional, profiles, table, (exact, opt), msg_bytes, ratio,
-                  topo, links, method.param_delta(sched.n_stages))
+                  topo, links, method.param_delta(sched.n_stages), method.describe())
 
 
 @contextlib.contextmanager
@@ -441,6 +445,10 @@ def format_simulation(s: dict) -> str:
         f"message, {s['messages_per_step']} messages per step",
         f"  cpu          {s['sim_cpu_s']:.2f} s to simulate",
     ]
+    if "boundary" in s:
+        b = s["boundary"]
+        lines.insert(-1, f"  boundary     {b['what']}; {s['model_params']:,} parameters ({b['params_delta']:+,} "
+                         "against the dense model's)")
     e = s.get("energy")
     if e:
         lines.insert(-1, f"  energy       {e['j_per_token']:.4g} J/token (modelled, measured steps): compute "

@@ -30,6 +30,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 import lowbw
+from lowbw.boundary import build_method
 from lowbw.checkpoint import checkpoint_dir, resume_step
 from lowbw.config import register_configs
 from lowbw.errors import ConfigError, ScheduleError
@@ -37,6 +38,7 @@ from lowbw.launch import RunFailed, mark_failed, spawn_and_supervise
 from lowbw.logs import log
 from lowbw.metrics.recorder import atomic_write_json, format_summary
 from lowbw.metrics.tensorboard import run_name
+from lowbw.models.flops import n_params
 from lowbw.rank.process import run_rank
 from lowbw.timing import describe
 from lowbw.validation import Plan, validate
@@ -81,6 +83,7 @@ def compose(overrides: list[str] | None = None) -> DictConfig:
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     """Validate, spawn one process per stage, wait; return summary.json. Raises ConfigError / RunFailed."""
     plan = validate(cfg)
+    _log_boundary(cfg, plan.schedule.n_stages)
     if cfg.resume:  # every rank's checkpoint must be readable before anything is touched
         resume_step(checkpoint_dir(cfg, run_dir), cfg.pipeline.stages)
     else:
@@ -97,6 +100,17 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     summary = json.loads(summary_path.read_text())
     log.info("\n" + format_summary(summary))
     return summary
+
+
+def _log_boundary(cfg: DictConfig, n_stages: int) -> None:
+    """With a boundary method, its size and the model's parameters beside the dense model's (a comparison
+    of methods should know whether it is parameter-matched)."""
+    method = build_method(cfg.boundary, cfg.model, cfg.seed)
+    if method.name == "none":
+        return
+    dense, delta = n_params(cfg.model), method.param_delta(n_stages)
+    log.info(f"boundary={method.describe()}; {dense + delta:,} parameters ({delta:+,} against the dense "
+             f"model's {dense:,})")
 
 
 def _set_aside_earlier_attempt(run_dir: Path) -> None:

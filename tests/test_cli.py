@@ -17,7 +17,8 @@ def test_train_help_says_what_the_tool_does_with_its_groups_and_examples(tmp_pat
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("lowbw-train: train a GPT pipeline-parallel")
     assert "powered by Hydra" not in out.stdout
-    for group in ("model", "net", "schedule", "clock", "compress/fwd", "compress/bwd", "hardware", "energy"):
+    for group in ("model", "net", "schedule", "clock", "compress/fwd", "compress/bwd", "boundary", "hardware",
+                  "energy"):
         assert f"\n  {group} " in out.stdout, group
     assert "options: datacenter, global, home" in out.stdout  # read from configs/net/
     assert "lowbw-train -m " in out.stdout  # an example sweep

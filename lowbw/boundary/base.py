@@ -76,6 +76,10 @@ class BoundaryMethod:
     def residual(self, stream: Any) -> torch.Tensor:
         return stream
 
+    def describe(self) -> str:
+        """The method and its size, in words (the console and the simulator's summary)."""
+        return "none (the residual stream crosses as it is)"
+
     # ---- closed forms ----------------------------------------------------------------------------
     def wire_width(self) -> int:
         """Values per token that cross a boundary (each way) before any codec."""

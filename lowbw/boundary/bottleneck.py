@@ -75,6 +75,9 @@ class Bottleneck(BoundaryMethod):
     def receiver(self, boundary: int) -> nn.Module:
         return BottleneckDecoder(self.basis(boundary))
 
+    def describe(self) -> str:
+        return f"bottleneck of width {self.w}: {self.w} values a token each way"
+
     def wire_width(self) -> int:
         return self.w
 

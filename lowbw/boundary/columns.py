@@ -67,5 +67,8 @@ class Columns(BoundaryMethod):
     def receiver(self, boundary: int) -> nn.Module:
         return ColumnReceiver(self.columns(boundary), self.d)
 
+    def describe(self) -> str:
+        return f"columns, keep {self.keep:g}: {self.m} of {self.d} features a token each way"
+
     def wire_width(self) -> int:
         return self.m

@@ -152,6 +152,10 @@ class Subspace(BoundaryMethod):
     def residual(self, stream: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         return stream[0]
 
+    def describe(self) -> str:
+        mlp = f", MLP hidden width {self.hidden_width()} (dense {self.hidden}, match_params)" if self.match else ""
+        return f"subspace of rank {self.k}: {self.k} coordinates + the token id forward, {self.k} back{mlp}"
+
     def wire_width(self) -> int:
         return self.k
 
