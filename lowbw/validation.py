@@ -67,7 +67,7 @@ def validate(cfg: Any, world_size: Optional[int] = None) -> Plan:
     schedule = build_schedule(cfg.schedule, p, m)  # generates and validates
     ranges = _partition(cfg, schedule)
     codecs = {d: _check_codec(cfg.compress, d) for d in ("fwd", "bwd")}
-    build_method(cfg.boundary, cfg.model, cfg.seed)  # checks boundary.* against the model
+    _check_boundary(cfg)
     profiles = profiles_for_ranks(cfg.hardware, p)
     make_network_model(cfg.energy)
     _check_outputs(cfg)
@@ -198,6 +198,15 @@ def _check_codec(compress: Any, direction: str) -> Any:
             f"pick another codec for compress/{direction}"
         )
     return spec
+
+
+def _check_boundary(cfg: Any) -> None:
+    """boundary.* against the model; a boundary method does not combine with a target regime yet."""
+    method = build_method(cfg.boundary, cfg.model, cfg.seed)
+    if method.name != "none" and cfg.regime.name != "none":
+        raise ConfigError(f"boundary={method.name} with regime={cfg.regime.name}: the regime charges the target "
+                          "model's dense messages and FLOPs, not the method's; use one of them (lowbw-simulate "
+                          "times a boundary method at any size)")
 
 
 def _check_outputs(cfg: Any) -> None:

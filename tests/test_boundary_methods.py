@@ -245,6 +245,7 @@ def test_the_simulator_adds_each_methods_flops_and_parameters():
     (["boundary=bottleneck", "boundary.width=100"], r"boundary.width=100 must lie in"),
     (["boundary=columns", "boundary.keep=1.0"], r"boundary.keep=1.0 must lie in \(0, 1\)"),
     (["boundary.name=lowrank"], "boundary='lowrank' is not a boundary method; use one of"),
+    (["boundary=columns", "regime=gpt_1b"], "boundary=columns with regime=gpt_1b: the regime charges"),
 ])
 def test_bad_boundary_settings_are_rejected_naming_the_setting(compose, overrides, match):
     with pytest.raises(ConfigError, match=match):
