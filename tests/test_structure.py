@@ -120,3 +120,21 @@ def test_no_function_in_lowbw_is_longer_than_80_lines():
                 if lines > MAX_LINES and key not in LONG_FUNCTIONS:
                     long.append(f"{key} ({lines} lines)")
     assert not long, "functions longer than 80 lines: " + ", ".join(sorted(long))
+
+
+#: Calls that unpickle bytes (which may come from another process): none in the library.
+UNPICKLING = ("pickle.load", "broadcast_object_list", "all_gather_object", "gather_object", "scatter_object_list",
+              "recv_object_list", "torch.load(")
+
+
+def test_nothing_in_lowbw_unpickles_what_another_process_sent():
+    found = []
+    for name, path in _modules().items():
+        if name.startswith("lowbw.testing"):  # checks only, never part of a run
+            continue
+        for i, line in enumerate(path.read_text().splitlines(), 1):
+            code = line.split("#")[0]
+            for call in UNPICKLING:
+                if call in code and not (call == "torch.load(" and "weights_only=True" in code):
+                    found.append(f"{name}:{i}: {line.strip()}")
+    assert not found, "; ".join(found)
