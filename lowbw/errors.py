@@ -96,3 +96,11 @@ def stop_signals_raise() -> Iterator[None]:
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+
+
+def ignore_stop_signals() -> None:
+    """From now on SIGINT and SIGTERM do nothing (main thread only): a process recording its failure
+    finishes that record; whoever stops it escalates to SIGKILL if it takes too long."""
+    if threading.current_thread() is threading.main_thread():
+        for s in STOP_SIGNALS:
+            signal.signal(s, signal.SIG_IGN)

@@ -25,6 +25,7 @@ import shutil
 import signal
 import socket
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Optional
@@ -95,7 +96,9 @@ class _StopRequest:
         def handler(signum, frame):  # noqa: ARG001
             if self.signum is None:
                 self.signum = signum
-        self._old = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
+        # Python lets only the main thread set handlers (a sweep's worker thread leaves them to its parent)
+        main = threading.current_thread() is threading.main_thread()
+        self._old = {s: signal.signal(s, handler) for s in STOP_SIGNALS} if main else {}
         return self
 
     def __exit__(self, *exc) -> None:

@@ -6,6 +6,8 @@ end (mounting one needs root; skipped with the reason otherwise).
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import math
 import os
@@ -16,7 +18,10 @@ from pathlib import Path
 
 import pytest
 
+from lowbw.metrics import files
 from lowbw.metrics.files import LineLog, OutputError, atomic_write_json, dumps, read_json_lines
+from lowbw.metrics.recorder import Recorder
+from lowbw.metrics.timeline import Event
 from lowbw.testing.processes import alive, descendants, outputs_complete, start_train, stop_all, wait_for_steps
 
 RUN = ["model.n_layer=2", "model.n_embd=32", "model.n_head=2", "model.block_size=16", "pipeline.stages=2",
@@ -45,6 +50,88 @@ def test_a_line_log_reads_back_whole_lines_only(tmp_path):
     with open(tmp_path / "m.jsonl", "a") as f:
         f.write('{"step": 1, "lo')  # a line cut by a crash of an older writer
     assert read_json_lines(tmp_path / "m.jsonl") == [{"step": 0}]
+
+
+# ---- a write that fails half-way (a full disk, simulated: needs no root) -------------------------------
+
+
+class HalfWriter(io.FileIO):
+    """A file whose writes keep the first half of what they are given, then fail as a full disk does."""
+
+    def write(self, data) -> int:
+        super().write(bytes(data)[: len(data) // 2])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def disk_full_for(monkeypatch, name: str) -> None:
+    """Make lowbw.metrics.files' writes to files called ``.<name>.tmp`` fail half-way with ENOSPC."""
+    real_open = open
+
+    def fake_open(path, mode="r", *a, **k):
+        if Path(path).name == f".{name}.tmp" and "w" in mode:
+            return HalfWriter(path, "w")
+        return real_open(path, mode, *a, **k)
+
+    monkeypatch.setattr(files, "open", fake_open, raising=False)
+
+
+def test_a_write_that_fails_half_way_keeps_the_old_file_and_leaves_no_temporary_one(tmp_path, monkeypatch):
+    target = tmp_path / "summary.json"
+    atomic_write_json(target, {"status": "completed", "steps": 3})
+    disk_full_for(monkeypatch, "summary.json")
+    with pytest.raises(OutputError, match=f"could not write {target}: No space left on device"):
+        atomic_write_json(target, {"status": "failed", "steps": 4})
+    assert json.loads(target.read_text()) == {"status": "completed", "steps": 3}
+    assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]
+
+
+def test_a_line_that_fails_half_way_is_cut_back_to_the_last_whole_line(tmp_path, monkeypatch):
+    log = LineLog(tmp_path / "metrics.jsonl")
+    log.append(dumps({"step": 0, "loss": 1.5}))
+    real_write = os.write
+
+    def half_write(fd, data):
+        real_write(fd, bytes(data)[: len(data) // 2])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "write", half_write)
+    with pytest.raises(OutputError, match="could not write .*metrics.jsonl: No space left on device"):
+        log.append(dumps({"step": 1, "loss": 1.25}))
+    monkeypatch.undo()
+    log.close()
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 0, "loss": 1.5}\n'
+
+
+def _recorded_run(run_dir: Path, steps: int = 3) -> Recorder:
+    rec = Recorder(run_dir, "virtual", world=2, tokens_per_step=64, steps=steps, warmup_steps=0, progress=False,
+                   meta={})
+    for step in range(steps):
+        events = [Event(rank=r, kind="forward", start=step + 0.1 * r, end=step + 0.1 * r + 0.05, step=step).__dict__
+                  for r in range(2)]
+        reports = [{"rank": r, "busy": 0.05, "end": step + 0.2, "bytes_sent": {str(1 - r): 100},
+                    "n_loss": r, "loss_sum": 2.0 * r, "events": events if r == 0 else []} for r in range(2)]
+        rec.log_step(step, reports)
+    return rec
+
+
+@pytest.mark.parametrize("name", ["trace.json", "timeline.png"])
+def test_a_picture_that_cannot_be_written_at_the_end_fails_the_run_and_is_absent(tmp_path, monkeypatch, name):
+    rec = _recorded_run(tmp_path / "run")
+    disk_full_for(monkeypatch, name)
+    summary = rec.finish("completed")
+    on_disk = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert on_disk == json.loads(dumps(summary))
+    assert on_disk["status"] == "failed" and f"could not write {tmp_path / 'run' / name}" in on_disk["error"]
+    assert on_disk["steps_completed"] == 3 and on_disk["last_step"] == 2  # the training itself is recorded
+    assert not (tmp_path / "run" / name).exists() and outputs_complete(tmp_path / "run") == []
+
+
+def test_a_summary_that_cannot_be_written_is_an_error_not_a_cut_file(tmp_path, monkeypatch):
+    rec = _recorded_run(tmp_path / "run")
+    disk_full_for(monkeypatch, "summary.json")
+    with pytest.raises(OutputError, match="summary.json: No space left on device"):
+        rec.finish("completed")
+    assert not (tmp_path / "run" / "summary.json").exists() and outputs_complete(tmp_path / "run") == []
 
 
 # ---- a small disk -------------------------------------------------------------------------------------

@@ -71,6 +71,13 @@ def test_ctrl_c_to_the_process_group_stops_every_rank_with_exit_code_130(tmp_pat
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
 
 
+def test_sigint_to_the_launcher_alone_stops_every_rank_with_exit_code_130(tmp_path):
+    code, err, left, summary, _ = _interrupt(tmp_path, lambda p: p.send_signal(signal.SIGINT))
+    assert code == 130 and left == set(), err[-2000:]
+    _check_interrupted(summary, tmp_path / "run", "SIGINT")
+    assert "Traceback" not in err and "interrupted by SIGINT" in err
+
+
 def test_ranks_stop_by_themselves_when_the_launcher_is_killed(tmp_path):
     code, err, left, summary, _ = _interrupt(tmp_path, lambda p: p.send_signal(signal.SIGKILL))
     assert code == -signal.SIGKILL and left == set()

@@ -56,12 +56,14 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:  # a full disk, or a stop signal mid-write: no temporary file left behind
         try:
             tmp.unlink(missing_ok=True)
         except OSError:
             pass
-        raise OutputError(e.errno, f"could not write {path}: {_why(e)}") from None
+        if isinstance(e, OSError):
+            raise OutputError(e.errno, f"could not write {path}: {_why(e)}") from None
+        raise
 
 
 def atomic_write_text(path: Path, text: str) -> None:

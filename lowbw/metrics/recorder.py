@@ -258,10 +258,12 @@ class Recorder:
             **self.meta,
         }
 
-    def finish(self, status: str, error: Optional[str] = None, **extra: Any) -> dict:
+    def finish(self, status: str, error: Optional[str] = None, pictures: bool = True, **extra: Any) -> dict:
         """Close the files and write summary.json with ``status`` (one of STATUSES) and ``extra`` fields
         (e.g. ``failed_rank``, ``diverged_step``). A file that cannot be written makes the status
-        ``failed`` with a sentence naming it; summary.json itself failing raises OutputError."""
+        ``failed`` with a sentence naming it; summary.json itself failing raises OutputError.
+        ``pictures=False``: no timeline.png / trace.json (a run asked to stop, stops at once; draw them
+        later with ``python -m lowbw.metrics.gantt RUN_DIR``)."""
         assert status in STATUSES, status
         with self._lock:
             self._finished = True
@@ -273,7 +275,7 @@ class Recorder:
         path = self.run_dir / "summary.json"
         if status != "completed":  # the record of what happened first, the pictures after
             atomic_write_json(path, summary)
-        problems = self._post_process()
+        problems = self._post_process(pictures)
         if problems:
             summary["error"] = "; ".join(([error] if error else []) + problems)
             summary["status"] = "failed" if status == "completed" else status
@@ -281,13 +283,15 @@ class Recorder:
             atomic_write_json(path, summary)
         return summary
 
-    def _post_process(self) -> list[str]:
+    def _post_process(self, pictures: bool) -> list[str]:
         problems = []
         try:
             self._tb.flush()
             self._tb.close()
         except Exception as e:  # noqa: BLE001 -- tensorboard's writer thread re-raises what it met
             problems.append(f"could not write {self.tb_dir}: {type(e).__name__}: {e}")
+        if not pictures:
+            return problems
         return problems + write_run_pictures(self.run_dir, self.clock, self.world, self.warmup, self.meta)
 
 

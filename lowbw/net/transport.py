@@ -17,8 +17,9 @@ to it; between hosts the latency counts from the real arrival.
 
 A receive waits at most ``timeout_s`` (wall) for its message; a dead or silent peer becomes a
 :class:`PeerError` naming its rank. Which rank, and whether it died, hangs or sits behind a dead
-link, is the verdict of the :class:`~lowbw.net.liveness.LinkWatch` hook (heartbeats). This module assumes nothing about work handles of
-``batch_isend_irecv`` (which once hung on gloo): it uses plain blocking send/recv in its threads.
+link, is the verdict of the :class:`~lowbw.net.liveness.LinkWatch` hook (heartbeats). This module
+assumes nothing about work handles of ``batch_isend_irecv`` (which once hung on gloo): it uses plain
+blocking send/recv in its threads.
 """
 
 from __future__ import annotations

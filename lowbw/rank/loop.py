@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from lowbw.checkpoint import checkpoint_dir
-from lowbw.errors import Diverged
+from lowbw.errors import Diverged, ignore_stop_signals
 from lowbw.metrics.timeline import Event, busy_seconds
 from lowbw.pipeline.executor import PHASE_EVAL, PHASE_TRAIN
 from lowbw.rank.build import Rank
@@ -77,6 +77,7 @@ def train(r: Rank, reporting: Reporting, run_dir: Optional[Path]) -> Optional[di
         reporting.finish(measurement.to_dict() if measurement is not None else None)
         r.transport.close()
     except BaseException as e:
+        ignore_stop_signals()  # record the failure whole (a stop signal now would cut it short)
         try:
             reporting.fail(e)
         except Exception as record_error:  # noqa: BLE001 -- the first error is the one to report

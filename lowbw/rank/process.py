@@ -34,7 +34,7 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from lowbw.config import SCRATCH_ENV
-from lowbw.errors import (EXIT_DIVERGED, EXIT_FAILED, Diverged, Interrupted, PeerError,
+from lowbw.errors import (EXIT_DIVERGED, EXIT_FAILED, Diverged, Interrupted, PeerError, ignore_stop_signals,
                           stop_signals_raise)
 from lowbw.metrics.files import atomic_write_json
 from lowbw.net.liveness import STARTUP_S, Heartbeat
@@ -122,15 +122,15 @@ def _report(e: BaseException, rank: int, err_dir: Optional[Path], pipe: Optional
     print(f"lowbw: {msg}", file=sys.stderr, flush=True)
     if os.environ.get("LOWBW_TRACEBACK") and not isinstance(e, Interrupted):
         traceback.print_exception(e)
-    if pipe is not None:
-        try:
-            pipe.send_bytes(json.dumps(record).encode())
-        except OSError:
-            pass
-    if err_dir is not None and not isinstance(e, Interrupted):
+    if err_dir is not None and not isinstance(e, Interrupted):  # first: the launcher stops us once told
         try:
             err_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_json(err_dir / f"rank{rank}.json", record)
+        except OSError:
+            pass
+    if pipe is not None:
+        try:
+            pipe.send_bytes(json.dumps(record).encode())
         except OSError:
             pass
 
@@ -157,6 +157,7 @@ def run_rank(cfg_dict: dict, plan: Plan, rank: int, world: int, run_dir: Optiona
             if dist.is_initialized():
                 dist.destroy_process_group()
         except BaseException as e:  # noqa: BLE001 -- turned into one readable line naming the rank
+            ignore_stop_signals()  # the report below is not cut short
             if watch is not None:
                 watch.stop()
             _report(e, rank, err_dir, pipe)

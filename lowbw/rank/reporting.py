@@ -136,9 +136,9 @@ class RecordOnRankZero(Reporting):
         """Record the run as interrupted, diverged or failed, with the figures of every step recorded."""
         interrupted = isinstance(error, Interrupted)
         # let the collector finish the step it is writing, if it can (peers that stop send no more)
-        self.collector.close(timeout_s=2.0 if interrupted else 5.0)
-        if interrupted:
-            summary = self.recorder.finish("interrupted", describe(error, self.rank))
+        self.collector.close(timeout_s=0.5 if interrupted else 1.0)
+        if interrupted:  # stop at once: the figures, not the pictures
+            summary = self.recorder.finish("interrupted", describe(error, self.rank), pictures=False)
         elif isinstance(error, Diverged):
             summary = self.recorder.finish("diverged", describe(error, self.rank), diverged_step=error.step)
         else:
