@@ -46,4 +46,5 @@ def test_grad_clip_clips_the_global_norm_across_stages_as_one_process_does(compo
     one, two, unclipped = (_losses(tmp_path / d) for d in ("one", "two", "unclipped"))
     assert two == pytest.approx(one, rel=1e-5)
     assert unclipped[0] == pytest.approx(two[0], rel=1e-6)  # the first loss comes before any update
-    assert abs(unclipped[-1] - two[-1]) > 1e-3  # clipping changed the training
+    # clipping changed the training, by far more than the tolerance two stages match one process within
+    assert abs(unclipped[-1] - two[-1]) > 20 * 1e-5 * abs(two[-1])
