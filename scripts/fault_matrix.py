@@ -167,18 +167,32 @@ def changed_resume(root: Path) -> dict:
     run_dir = root / "resume"
     done = subprocess.run([sys.executable, "-m", "lowbw.train", *BASE, "train.steps=2", "checkpoint.every=1",
                            f"out_dir={run_dir}"], cwd=root, capture_output=True, text=True)
-    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    before = _files(run_dir)
     w = Watch(BASE + ["train.steps=4", "checkpoint.every=1", "resume=true", "model.n_embd=64",
                       f"out_dir={run_dir}"], root)
     t = time.time()
     code, end = w.finish()
-    after = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    after = _files(run_dir)
+    hydra = {p for p in before.keys() | after.keys() if before.get(p) != after.get(p) and ".hydra" in p.parts}
     message = next((line for _, line in w.lines if "configuration error" in line), "")
     return {"fault": "resume with model.n_embd changed", "detected_s": None, "stopped_s": end - t,
             "blamed": "model.n_embd=32 (now 64)" if "model.n_embd=32 (now 64)" in message else message[:60],
             "status": json.loads((run_dir / "summary.json").read_text())["status"] + " (kept)",
-            "exit": code, "complete": "yes, unchanged" if before == after and done.returncode == 0 else "CHANGED",
+            "exit": code, "complete": _unchanged(before, after, hydra) if done.returncode == 0 else "first run failed",
             "left": 0}
+
+
+def _files(run_dir: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+
+
+def _unchanged(before: dict, after: dict, hydra: set) -> str:
+    """Whether the refused resume left the finished run's files as they were. Hydra writes its own record
+    of every launch (.hydra/) into the run folder before lowbw starts: said apart."""
+    ours = {p for p in before.keys() | after.keys() if before.get(p) != after.get(p)} - hydra
+    if ours:
+        return "CHANGED: " + ", ".join(sorted(p.name for p in ours))
+    return "yes, unchanged" + (" (Hydra rewrote .hydra/)" if hydra else "")
 
 
 FAULTS = {
