@@ -2,9 +2,9 @@
 
 ``configs/train.yaml`` composes these groups; ``lowbw-train key=value`` overrides any field and
 Hydra checks the types against these dataclasses. :func:`lowbw.validation.validate` then checks what
-types cannot (ranges, divisibility, names), raising :class:`~lowbw.errors.ConfigError` before any
-process is spawned, and hands what it built to the ranks. This module is a leaf: it imports nothing
-else of lowbw.
+types cannot (ranges -- each numeric field's in lowbw.limits --, divisibility, names), raising
+:class:`~lowbw.errors.ConfigError` before any process is spawned, and hands what it built to the ranks.
+This module is a leaf: it imports nothing else of lowbw.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ class ModelConfig:
     n_head: int = 4  # attention heads; must divide n_embd
     block_size: int = 64  # context length in tokens (bytes)
     vocab_size: int = 256  # byte-level tokens
-    dropout: float = 0.0  # kept 0 so that pipelined and single-process gradients compare exactly
     arch: str = "modern"  # block: modern (RMSNorm, rotary positions, no biases) | gpt2 (LayerNorm, learned positions, GELU)
     mlp: Optional[str] = None  # modern block's MLP: gelu | relu2 (squared ReLU) | swiglu; null = relu2 (gpt2: GELU only)
     qk_norm: Optional[bool] = None  # modern block: RMS-normalise queries and keys per head; null = true (gpt2: none)
@@ -138,7 +137,7 @@ class TrainConfig:
     weight_decay: float = 0.0  # decoupled weight decay of AdamW and of Muon (per step, multiplied by each one's lr)
     muon_lr: float = 0.02  # optimizer=muon: a step moves a matrix by muon_lr x sqrt(max(1, rows/cols)) x an orthogonal update
     muon_momentum: float = 0.95  # optimizer=muon: Muon's Nesterov momentum coefficient, in [0, 1)
-    grad_clip: float = 0.0  # global grad-norm clip per stage; 0 = off (clipping per stage is not global clipping)
+    grad_clip: float = 0.0  # max L2 norm of all stages' gradients together (one all-reduce per step); 0 = off
     eval_interval: int = 0  # steps between validation passes; 0 = only at the end
     eval_batches: int = 4  # batches of batch_size sequences per validation pass
     warmup_steps: int = 1  # leading steps excluded from tokens/s (start-up effects)
@@ -170,6 +169,7 @@ class OutageConfig:
 
 @dataclass
 class BandwidthWalkConfig:
+    enabled: bool = False  # true: every link's bandwidth follows this walk (a settable group, never null)
     seed: int = 0  # seed of the walk
     interval_s: float = 1.0  # s between changes, run clock
     sigma: float = 0.3  # std of the log-factor step
@@ -188,7 +188,7 @@ class FaultsConfig:
     straggler_burst: int = 1  # steps per slow burst
     outages: list[OutageConfig] = field(default_factory=list)  # link-down windows
     bandwidth_trace: Optional[str] = None  # CSV "time_s,factor" or "time_s,mbps", piecewise constant
-    bandwidth_walk: Optional[BandwidthWalkConfig] = None  # seeded random walk of the bandwidth factor
+    bandwidth_walk: BandwidthWalkConfig = field(default_factory=BandwidthWalkConfig)  # seeded walk of the factor
 
 
 @dataclass
@@ -217,7 +217,7 @@ class LowbwConfig:
     energy: Any = field(default_factory=lambda: {"network": "intensity", "meter": "auto"})  # configs/energy
     seed: int = 1337  # seeds weights, batches and link jitter
     device: str = "auto"  # auto: cuda:LOCAL_RANK when a GPU is there, else cpu | cpu | cuda
-    timeout_s: float = 60.0  # s (wall) a rank waits for a peer before failing with an error naming it
+    timeout_s: float = 60.0  # s (wall) a rank waits for a peer before failing with an error naming it, in [1, 86400]
     progress: bool = True  # progress bar on rank 0
     out_dir: Optional[str] = None  # where run files go; null = Hydra's run folder
 

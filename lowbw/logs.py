@@ -19,3 +19,11 @@ class BelowWarning(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return record.levelno < logging.WARNING
+
+
+class RunLogFile(logging.FileHandler):
+    """train.log. A line that cannot be written (a full disk) is dropped without a traceback: the same
+    words are already on the console, and the run's own outputs say what failed."""
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 -- logging's name
+        pass

@@ -240,13 +240,26 @@ def test_the_simulator_adds_each_methods_flops_and_parameters():
 
 
 @pytest.mark.parametrize("overrides,match", [
-    (["boundary=subspace", "boundary.rank=0"], r"boundary.rank=0 must lie in \[1, model.n_embd=64\)"),
-    (["boundary=subspace", "boundary.rank=64"], r"boundary.rank=64 must lie in"),
-    (["boundary=bottleneck", "boundary.width=100"], r"boundary.width=100 must lie in"),
-    (["boundary=columns", "boundary.keep=1.0"], r"boundary.keep=1.0 must lie in \(0, 1\)"),
+    (["boundary=subspace", "boundary.rank=0"], r"boundary.rank=0 must be an integer in \[1, 65,535\] \(subspace"),
+    (["boundary=subspace", "boundary.rank=64"], r"boundary.rank=64 must be less than model.n_embd=64"),
+    (["boundary=bottleneck", "boundary.width=0"], r"boundary.width=0 must be an integer in \[1, 65,535\]"),
+    (["boundary=bottleneck", "boundary.width=100"], r"boundary.width=100 must be less than model.n_embd=64"),
+    (["boundary=columns", "boundary.keep=1.0"], r"boundary.keep=1.0 must be a number in \(0, 1\) \(the fraction"),
+    (["boundary=columns", "boundary.keep=0"], r"boundary.keep=0.0 must be a number in \(0, 1\)"),
+    (["boundary=columns", "boundary.keep=0.999"], r"boundary.keep=0.999 keeps all 64 columns of model.n_embd=64"),
     (["boundary.name=lowrank"], "boundary='lowrank' is not a boundary method; use one of"),
     (["boundary=columns", "regime=gpt_1b"], "boundary=columns with regime=gpt_1b: the regime charges"),
 ])
 def test_bad_boundary_settings_are_rejected_naming_the_setting(compose, overrides, match):
     with pytest.raises(ConfigError, match=match):
         validate(compose(overrides))
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (["boundary=subspace", "boundary.rank=-3"], r"boundary.rank=-3 must be an integer in \[1, 65,535\]"),
+    (["boundary=columns", "boundary.keep=1.5"], r"boundary.keep=1.5 must be a number in \(0, 1\)"),
+    (["boundary=bottleneck", "boundary.width=2048"], r"boundary.width=2048 must be less than model.n_embd=1024"),
+])
+def test_the_simulator_refuses_a_bad_boundary_size_naming_the_setting(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        simulate(compose_simulation(["model.n_embd=1024", "model.n_head=16", *overrides]))

@@ -63,8 +63,10 @@ class Bottleneck(BoundaryMethod):
         self.w = int(spec.width)
 
     def check(self) -> None:
-        if not 1 <= self.w < self.d:
-            raise ConfigError(f"boundary.width={self.w} must lie in [1, model.n_embd={self.d}) for boundary=bottleneck")
+        # (width >= 1 is lowbw.limits' range, checked before any method is built)
+        if self.w >= self.d:
+            raise ConfigError(f"boundary.width={self.w} must be less than model.n_embd={self.d} for "
+                              "boundary=bottleneck (it sends width features a token instead of n_embd values)")
 
     def basis(self, boundary: int) -> torch.Tensor:
         return orthonormal(self.d, self.w, seeded(self.seed, 1000 + boundary))

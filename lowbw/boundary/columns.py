@@ -54,9 +54,11 @@ class Columns(BoundaryMethod):
         self.m = max(1, round(self.keep * self.d))
 
     def check(self) -> None:
-        if not 0 < self.keep < 1:
-            raise ConfigError(f"boundary.keep={self.keep} must lie in (0, 1) for boundary=columns "
-                              "(the fraction of model.n_embd columns sent)")
+        # (0 < keep < 1 is lowbw.limits' range, checked before any method is built; rounding can still keep
+        # every column of a narrow model)
+        if self.m >= self.d:
+            raise ConfigError(f"boundary.keep={self.keep} keeps all {self.d} columns of model.n_embd={self.d} "
+                              "(round(keep x n_embd)); lower it so that fewer columns cross than the stream has")
 
     def columns(self, boundary: int) -> torch.Tensor:
         return torch.randperm(self.d, generator=seeded(self.seed, 2000 + boundary))[: self.m].sort().values

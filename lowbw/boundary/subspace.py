@@ -109,8 +109,10 @@ class Subspace(BoundaryMethod):
         self._table: Optional[torch.Tensor] = None
 
     def check(self) -> None:
-        if not 1 <= self.k < self.d:
-            raise ConfigError(f"boundary.rank={self.k} must lie in [1, model.n_embd={self.d}) for boundary=subspace")
+        # (rank >= 1 is lowbw.limits' range, checked before any method is built)
+        if self.k >= self.d:
+            raise ConfigError(f"boundary.rank={self.k} must be less than model.n_embd={self.d} for boundary=subspace "
+                              "(it sends rank coordinates a token instead of n_embd values)")
 
     def hidden_width(self) -> int:
         """The MLP's hidden width: the dense one, or (match_params) the widest whose block has no more

@@ -16,8 +16,10 @@ so the receiver counts the emulated latency from then and the real loopback tran
 to it; between hosts the latency counts from the real arrival.
 
 A receive waits at most ``timeout_s`` (wall) for its message; a dead or silent peer becomes a
-:class:`PeerError` naming its rank. This module assumes nothing about work handles of
-``batch_isend_irecv`` (which once hung on gloo): it uses plain blocking send/recv in its threads.
+:class:`PeerError` naming its rank. Which rank, and whether it died, hangs or sits behind a dead
+link, is the verdict of the :class:`~lowbw.net.liveness.LinkWatch` hook (heartbeats). This module
+assumes nothing about work handles of ``batch_isend_irecv`` (which once hung on gloo): it uses plain
+blocking send/recv in its threads.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import torch.distributed as dist
 from lowbw.errors import PeerError
 from lowbw.net.clock import Clock
 from lowbw.net.link import LinkModel
+from lowbw.net.liveness import LinkWatch
 
 # Channels (gloo tags): activations forward, gradients backward, run control (metrics to rank 0).
 CH_FWD, CH_BWD, CH_CTRL = 1, 2, 3
@@ -79,6 +82,7 @@ class Transport:
         timeout_s: float,
         group: Optional[dist.ProcessGroup] = None,
         charge: Optional[dict[int, tuple[int, int]]] = None,
+        watch: Optional[LinkWatch] = None,
     ):
         """``charge``: channel -> (target, run) bytes: the link model charges a payload of n bytes on that
         channel round(n * target / run) bytes -- a target deployment's messages (lowbw/regime.py); None or a
@@ -88,6 +92,7 @@ class Transport:
         self.virtual = clock.virtual
         self.now = clock.now  # the run clock (seconds), read only from the main thread
         self.group = group
+        self.watch = watch or LinkWatch()  # liveness hook: counts, waits, verdicts on timeouts and failures
         self._cond = threading.Condition()
         self._inbox: dict[tuple[int, int, tuple], Message] = {}
         self._errors: dict[int, BaseException] = {}
@@ -171,6 +176,7 @@ class Transport:
                 with self._cond:
                     self._inbox[(src, ch, key)] = msg
                     self._cond.notify_all()
+                self.watch.arrived(src)
         except BaseException as e:  # noqa: BLE001
             with self._cond:
                 self._errors.setdefault(src, e)
@@ -183,7 +189,7 @@ class Transport:
             items = [(p, e) for p, e in self._errors.items() if peer is None or p == peer]
         if items:
             p, e = items[0]
-            raise PeerError(p, f"rank {self.rank}: link to rank {p} failed ({type(e).__name__}: {e}); rank {p} has probably died")
+            raise self.watch.link_failed(self.rank, p, e)
 
     def charged_bytes(self, ch: int, nbytes: int) -> int:
         """Bytes the link model charges for a payload of ``nbytes`` on channel ``ch``."""
@@ -206,24 +212,24 @@ class Transport:
         header = torch.tensor([ch, payload.numel(), *key, _f2i(arrival), _HOST, _f2i(time.perf_counter()), 0],
                               dtype=torch.int64)
         self._senders[(dst, ch)][0].put((header, payload, release_at))
+        self.watch.sent(dst)
         return arrival
 
     def recv(self, src: int, ch: int, key: tuple[int, int, int, int]) -> Message:
         """Wait (at most timeout_s of wall time) for the message ``key`` from ``src`` on channel ``ch``."""
         deadline = time.monotonic() + self.timeout_s
+        self.watch.waiting(src)
         with self._cond:
             while (src, ch, key) not in self._inbox:
                 if src in self._errors:
                     break
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise PeerError(
-                        src,
-                        f"rank {self.rank}: no message from rank {src} for {self.timeout_s:.0f} s "
-                        f"(waiting for {key}); rank {src} has died or hangs",
-                    )
+                    self.watch.waiting(None)
+                    raise self.watch.receive_timed_out(self.rank, src, key, self.timeout_s)
                 self._cond.wait(min(left, 1.0))
             msg = self._inbox.pop((src, ch, key), None)
+        self.watch.waiting(None)
         if msg is None:
             self._raise_errors(src)
         return msg

@@ -20,6 +20,7 @@ from lowbw.models.flops import count_stage_flops
 from lowbw.models.gpt import GPTStage
 from lowbw.net.clock import Clock, make_clock, planned_durations
 from lowbw.net.link import LinkModel
+from lowbw.net.liveness import LinkWatch
 from lowbw.net.transport import CH_BWD, CH_FWD, Transport
 from lowbw.optim import build_optimizer
 from lowbw.pipeline.durations import planner
@@ -48,6 +49,7 @@ class Rank:
     meter: EnergyMeter
     #: seconds charged for the optimizer step: None = measured, 0.0 under planned durations
     optimizer_seconds: Optional[float]
+    watch: LinkWatch  # liveness verdicts for the transport and the collectives (lowbw.net.liveness)
 
     @property
     def profile(self) -> HardwareProfile:
@@ -109,13 +111,16 @@ def message_charge(plan: Plan) -> Optional[dict[int, tuple[int, int]]]:
     return {CH_FWD: plan.regime.message_bytes["fwd"], CH_BWD: plan.regime.message_bytes["bwd"]}
 
 
-def build_rank(cfg: Any, plan: Plan, rank: int, world: int, local_rank: int = 0) -> Rank:
-    """Build rank ``rank`` of ``world``; the process group must exist already (the transport uses it)."""
+def build_rank(cfg: Any, plan: Plan, rank: int, world: int, local_rank: int = 0,
+               watch: Optional[LinkWatch] = None) -> Rank:
+    """Build rank ``rank`` of ``world``; the process group must exist already (the transport uses it).
+    ``watch``: the liveness hook (a running heartbeat in real runs; None: plain verdicts)."""
     torch.manual_seed(cfg.seed)
     device = pick_device(cfg.device, local_rank)
     clock = make_clock(cfg.clock.name, device)
     link = build_link(plan, rank, cfg.seed)
-    transport = Transport(rank, link, clock, cfg.timeout_s, charge=message_charge(plan))
+    watch = watch or LinkWatch()
+    transport = Transport(rank, link, clock, cfg.timeout_s, charge=message_charge(plan), watch=watch)
     stages = build_stages(cfg, plan, rank, device)
     optimizer = build_optimizer(cfg.train, [st.module for st in stages.values()])
     corpus = Corpus(cfg.data.path, cfg.model.block_size, cfg.data.val_fraction, cfg.seed)
@@ -125,4 +130,4 @@ def build_rank(cfg: Any, plan: Plan, rank: int, world: int, local_rank: int = 0)
     meter = select_meter(str(device), cfg.energy.meter)
     opt_s = None if planned_durations(cfg.clock) is None else 0.0
     return Rank(cfg, plan, rank, world, device, stages, clock, link, transport, executor, optimizer, corpus,
-                meter, opt_s)
+                meter, opt_s, watch)

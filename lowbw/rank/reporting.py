@@ -11,15 +11,17 @@ The step loop (lowbw.rank.loop) is the same on every rank; the difference is thi
 
 from __future__ import annotations
 
+import sys
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import OmegaConf
 
-from lowbw.errors import PeerError
+from lowbw.errors import ConfigError, Diverged, Interrupted, PeerError
 from lowbw.metrics.collector import StepCollector
-from lowbw.metrics.recorder import Recorder
+from lowbw.metrics.files import OutputError
+from lowbw.metrics.recorder import Recorder, format_summary
 from lowbw.metrics.tensorboard import hparams_of
 from lowbw.net.transport import CH_CTRL, Transport
 from lowbw.regime import Regime
@@ -29,10 +31,18 @@ CTRL_DONE = 3  # phase id of the end-of-run report (measured energy)
 
 
 def describe(e: BaseException, rank: int) -> str:
-    """One line for a failure on ``rank`` (a peer's failure names the peer itself)."""
+    """One line for a failure on ``rank`` (a peer's failure names the peer itself); the exception's type
+    only where the message alone would not say what went wrong."""
     if isinstance(e, PeerError):
         return str(e)
-    return f"rank {rank}: {type(e).__name__}: {e}"
+    if isinstance(e, (Interrupted, Diverged, OutputError, ConfigError)):
+        return f"rank {rank}: {e}"
+    text = str(e).strip().splitlines()
+    return f"rank {rank}: {type(e).__name__}: {text[0] if text else ''}"
+
+
+class OutputsFailed(RuntimeError):
+    """The run trained to the end but an output file could not be written (summary.json says which)."""
 
 
 class Reporting(ABC):
@@ -117,10 +127,33 @@ class RecordOnRankZero(Reporting):
             measured = [None] * self.world
         self.recorder.set_energy_inputs(self.cfg.hardware, self.cfg.energy, measured)
 
+    def _warnings(self) -> list[str]:
+        """The plan's warnings, and outages that start after the run's end on the run clock (never happened)."""
+        end = self.recorder.clock_end_s
+        late = [f"faults.outages[{i}] starts at {o.start_s:g} s but the run ended at {end:.4g} s on the run clock: "
+                "it never happened" for i, o in enumerate(self.cfg.faults.outages or []) if o.start_s >= end]
+        for w in late:
+            print(f"lowbw: warning: {w}", file=sys.stderr, flush=True)
+        return list(self.recorder.meta.get("warnings") or []) + late
+
     def complete(self) -> dict:
         self.collector.close()
-        return self.recorder.finish("completed")
+        summary = self.recorder.finish("completed", warnings=self._warnings())
+        if summary["status"] != "completed":
+            raise OutputsFailed(summary["error"])
+        return summary
 
     def fail(self, error: BaseException) -> None:
-        self.collector.close(timeout_s=5.0)  # let it finish the step it is writing, if it can
-        self.recorder.finish("failed", describe(error, self.rank))
+        """Record the run as interrupted, diverged or failed, with the figures of every step recorded."""
+        interrupted = isinstance(error, Interrupted)
+        # let the collector finish the step it is writing, if it can (peers that stop send no more)
+        self.collector.close(timeout_s=0.5 if interrupted else 1.0)
+        if interrupted:  # stop at once: the figures, not the pictures
+            summary = self.recorder.finish("interrupted", describe(error, self.rank), pictures=False)
+        elif isinstance(error, Diverged):
+            summary = self.recorder.finish("diverged", describe(error, self.rank), diverged_step=error.step)
+        else:
+            link = getattr(error, "link", None)
+            peer = None if link else error.peer if isinstance(error, PeerError) else self.rank
+            summary = self.recorder.finish("failed", describe(error, self.rank), failed_rank=peer, failed_link=link)
+        print("\n" + format_summary(summary), file=sys.stderr, flush=True)

@@ -16,6 +16,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Optional
 
+from lowbw.metrics.files import read_json_lines
+
 # (key, markdown heading, format) -- report.csv has the keys as its header, in this order.
 COLUMNS: list[tuple[str, str, str]] = [
     ("run", "run", "s"),
@@ -124,17 +126,9 @@ def _read_yaml(path: Path) -> Any:
 
 
 def read_metrics(path: Path) -> list[dict]:
-    rows = []
-    try:
-        with open(path) as f:
-            for line in f:
-                try:
-                    rows.append(json.loads(line))
-                except ValueError:  # a line cut by a crash
-                    continue
-    except OSError:
-        pass
-    return rows
+    """The rows of a metrics.jsonl: JSON objects with an integer step; anything else (a line cut by a crash,
+    a file that is not text) is left out."""
+    return [r for r in read_json_lines(path) if isinstance(r.get("step"), int) and not isinstance(r["step"], bool)]
 
 
 def _get(d: Any, dotted: str) -> Any:

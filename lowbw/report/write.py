@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import csv
 import math
+import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Any, Optional
 
@@ -28,7 +30,8 @@ CODEC = ["run", "codec", "fwd_ratio", "fwd_rel_error", "fwd_encode_ms", "fwd_dec
 
 GLOSSARY = {
     "run": "run folder, relative to the sweep folder (Hydra job number)",
-    "status": "completed | failed (see error) | incomplete (no summary.json: interrupted or still running)",
+    "status": "completed | failed (see error) | interrupted (SIGINT/SIGTERM) | diverged (loss or gradients not "
+              "finite) | incomplete (no summary.json: killed or still running)",
     "network": "net preset name (net.name)",
     "bandwidth_mbps": "bottleneck bandwidth of the links the pipeline uses (stage i <-> i+1), Mbit/s, from the run's net config",
     "latency_ms": "mean one-way latency of those links, ms",
@@ -118,11 +121,12 @@ def write_report(root: Path, out: Optional[Path] = None, plots: bool = True) -> 
 
     clocks = sorted({r["clock"] for r in rows if r.get("clock")})
     sources = sorted({r["energy_source"] for r in rows if r.get("energy_source")})
-    n = {s: sum(r["status"] == s for r in rows) for s in ("completed", "failed", "incomplete")}
+    n = {s: sum(r["status"] == s for r in rows) for s in ("completed", "failed", "interrupted", "diverged", "incomplete")}
     heads = {"tokens_per_s": f"tokens/s ({'/'.join(clocks) or '?'} clock)",
              "j_per_token": f"J/token ({'/'.join(sources) or 'n/a'})"}
     md = [f"# lowbw sweep report: `{root}`", "",
-          f"{len(rows)} runs: {n['completed']} completed, {n['failed']} failed, {n['incomplete']} incomplete. "
+          f"{len(rows)} runs: {n['completed']} completed, {n['failed']} failed, {n['interrupted']} interrupted, "
+          f"{n['diverged']} diverged, {n['incomplete']} incomplete. "
           f"Clock: {', '.join(clocks) or 'n/a'}. Energy: {', '.join(sources) or 'not recorded'}. "
           f"Every column of every run is in `{csv_path.name}`.", ""]
     main_keys = [k for k in MAIN if k in columns]
@@ -169,7 +173,17 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"lowbw-report: no run folders (summary.json, metrics.jsonl, config.yaml) under {args.sweep}",
               file=sys.stderr)
         return 1
-    rep = write_report(args.sweep, args.out, plots=not args.no_plots)
+    try:
+        rep = write_report(args.sweep, args.out, plots=not args.no_plots)
+    except OSError as e:
+        print(f"lowbw-report: could not write the report: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:  # noqa: BLE001 -- a sentence, the traceback only when asked for
+        if os.environ.get("LOWBW_TRACEBACK"):
+            traceback.print_exc()
+        print(f"lowbw-report: could not read the runs under {args.sweep}: {type(e).__name__}: {e} "
+              "(LOWBW_TRACEBACK=1 prints where)", file=sys.stderr)
+        return 1
     rows = rep["rows"]
     n_ok = sum(r["status"] == "completed" for r in rows)
     print(f"lowbw-report: {len(rows)} runs ({n_ok} completed, {len(rows) - n_ok} not)")
