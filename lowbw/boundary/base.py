@@ -31,7 +31,7 @@ import torch.nn as nn
 
 from lowbw.errors import ConfigError
 
-#: bytes of one token id on the wire: int16 holds any id of a vocabulary of up to 65,536 (here 256 bytes).
+#: bytes of one token id on the wire: int16 holds any id of a vocabulary of up to 32,768 (lowbw's: 256 bytes).
 TOKEN_ID_BYTES = 2
 
 

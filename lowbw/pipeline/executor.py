@@ -155,6 +155,9 @@ class Executor:
     def _forward(self, ctx: _Step, a: Action, b: int, i: int) -> None:
         s, k, st = a.stage, (a.stage, b, i), ctx.state
         xs, ys, _ = ctx.batches[b]
+        # Boundary methods that send token ids (lowbw.boundary, e.g. subspace): the ids ride in the forward
+        # payload (stage.attach_tokens / split_tokens), are kept per (stage, batch, microbatch) in st.tokens,
+        # passed to the stage's module and sent on with its output. Backward messages never carry them.
         tokens = st.tokens.pop(k, None)  # the ids that crossed with the input, if the method sends them
         if s == 0:
             inp = xs[i].to(self.device)
@@ -224,7 +227,7 @@ class Executor:
             x, key, boundary = st.inputs.pop(k).grad, (ctx.phase, b, s - 1, i), f"{s - 1}.bwd"
         codec = self.stages[s].codecs.for_action(a.kind, ctx.train)
         ids = ctx.batches[b][2][i]
-        tokens = st.tokens.pop(k, None) if a.kind == Kind.SEND_F else None
+        tokens = st.tokens.pop(k, None) if a.kind == Kind.SEND_F else None  # boundary method's ids (see _forward)
         payload = self._encode(ctx, codec, x, ids, a, ctx.res.codecs.setdefault(boundary, CodecStats()), tokens)
         dst = peer_of(a, ctx.sched)
         self.transport.send(dst, _CHANNEL[a.kind], key, payload, ctx.emulate)
@@ -244,7 +247,7 @@ class Executor:
         boundary = f"{s - 1}.fwd" if a.kind == Kind.RECV_F else f"{s}.bwd"
         codec = self.stages[s].codecs.for_action(a.kind, ctx.train)
         payload = msg.payload
-        if a.kind == Kind.RECV_F and self.stages[s].sends_tokens:
+        if a.kind == Kind.RECV_F and self.stages[s].sends_tokens:  # boundary method's ids (see _forward)
             payload, st.tokens[k] = split_tokens(payload)
         tensor = self._decode(ctx, codec, payload, ctx.batches[b][2][i], a,
                               ctx.res.codecs.setdefault(boundary, CodecStats()))
