@@ -193,13 +193,9 @@ class Quant(Codec):
         dtype, _, shape = _util.read_meta(m)
         return self.q.dequantize(stats, codes, shape).to(dtype)
 
-    def payload_bytes(self, shape: tuple[int, ...]) -> int:
-        """Exact payload size for a tensor of ``shape`` (the formula the tests check)."""
+    def payload_nbytes(self, shape: tuple[int, ...], dtype: torch.dtype) -> int:
+        """Exact payload size for a tensor of ``shape`` (any float dtype: codes and scales do not depend on it)."""
         return packed_size([_util.meta_spec(shape), *self.q.specs(tuple(shape))])
-
-    def estimate_ratio(self, shape: tuple[int, ...], dtype: torch.dtype) -> float:
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        return _util.numel(shape) * itemsize / self.payload_bytes(tuple(shape))
 
     def error_bound(self, x: torch.Tensor, sample_ids: torch.Tensor | None = None) -> float:
         norm = float(x.detach().double().norm())
