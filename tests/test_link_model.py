@@ -101,7 +101,8 @@ def _wall_pair(rank, port, q):
     t = topo(latency_ms=30.0, uplink_mbps=20.0, downlink_mbps=100.0)
     clock = WallClock(torch.device("cpu"))
     tr = Transport(rank, LinkModel(t, rank), clock, 60.0)
-    tr.open({(1, CH_FWD)} if rank == 0 else set(), {(0, CH_FWD)} if rank == 1 else set())
+    if rank == 1:
+        tr.expect(0, CH_FWD, (0, 0, 1, 0), 1_000_000)
     dist.barrier()
     if rank == 0:
         q.put(time.perf_counter())

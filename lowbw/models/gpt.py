@@ -142,6 +142,11 @@ class GPTStage(nn.Module):
             x = self.head(self.ln_f(x))
         return x
 
+    def hidden_spec(self, tokens: tuple[int, ...]) -> tuple[tuple[int, ...], torch.dtype]:
+        """Shape and dtype of the hidden states for token ids of shape ``tokens`` ([B, T]): what this stage
+        takes in (unless first) and gives out (unless last) -- and their gradients, the other way."""
+        return (*tokens, self.cfg.n_embd), next(self.parameters()).dtype
+
     @staticmethod
     def loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))

@@ -69,3 +69,8 @@ class StageRuntime:
     index: int
     module: torch.nn.Module
     codecs: BoundaryCodecs = field(default_factory=BoundaryCodecs)
+
+    def boundary(self, tokens: tuple[int, ...]) -> tuple[tuple[int, ...], torch.dtype]:
+        """Shape and dtype of what crosses either boundary of this stage, either way, for a microbatch of
+        token ids of shape ``tokens``: receivers size their buffers from it before the message exists."""
+        return self.module.hidden_spec(tuple(tokens))

@@ -20,6 +20,7 @@ from lowbw.models.gpt import GPTStage
 from lowbw.net.clock import Clock, make_clock, planned_durations
 from lowbw.net.link import LinkModel
 from lowbw.net.transport import Transport
+from lowbw.net.wire import Wire
 from lowbw.optim import build_optimizer
 from lowbw.pipeline.durations import planner
 from lowbw.pipeline.executor import Executor
@@ -95,13 +96,14 @@ def stage_seconds(cfg: Any, plan: Plan, rank: int, stages: dict[int, StageRuntim
     return out
 
 
-def build_rank(cfg: Any, plan: Plan, rank: int, world: int, local_rank: int = 0) -> Rank:
-    """Build rank ``rank`` of ``world``; the process group must exist already (the transport uses it)."""
+def build_rank(cfg: Any, plan: Plan, rank: int, world: int, local_rank: int = 0, wire: Optional[Wire] = None) -> Rank:
+    """Build rank ``rank`` of ``world``. ``wire``: what moves the bytes (default: gloo point-to-point; the
+    process group must exist already); lowbw.testing.inproc passes an in-memory one."""
     torch.manual_seed(cfg.seed)
     device = pick_device(cfg.device, local_rank)
     clock = make_clock(cfg.clock.name, device)
     link = build_link(plan, rank, cfg.seed)
-    transport = Transport(rank, link, clock, cfg.timeout_s)
+    transport = Transport(rank, link, clock, cfg.timeout_s, wire)
     stages = build_stages(cfg, plan, rank, device)
     optimizer = build_optimizer(cfg.train, [st.module for st in stages.values()])
     corpus = Corpus(cfg.data.path, cfg.model.block_size, cfg.data.val_fraction, cfg.seed)

@@ -22,7 +22,6 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from lowbw.config import SCRATCH_ENV
-from lowbw.pipeline.executor import channels
 from lowbw.rank.build import build_rank
 from lowbw.rank.loop import train
 from lowbw.rank.reporting import RecordOnRankZero, SendToRankZero, describe
@@ -31,13 +30,10 @@ from lowbw.validation import Plan
 
 def train_rank(cfg: Any, plan: Plan, rank: int, world: int, run_dir: Optional[Path], local_rank: int,
                meta: dict) -> Optional[dict]:
-    """Build this rank, open its channels and train; the summary on rank 0."""
+    """Build this rank and train; the summary on rank 0."""
     r = build_rank(cfg, plan, rank, world, local_rank)
     reporting = (RecordOnRankZero(r.transport, world, cfg, run_dir, meta) if rank == 0
                  else SendToRankZero(r.transport, rank, world))
-    out, inc = channels([plan.schedule, plan.eval_schedule], rank)
-    ctrl_out, ctrl_in = reporting.channels()
-    r.transport.open(out | ctrl_out, inc | ctrl_in)
     return train(r, reporting, run_dir)
 
 

@@ -18,7 +18,7 @@ from typing import Any, Optional
 from lowbw.errors import PeerError
 from lowbw.metrics.collector import StepCollector
 from lowbw.metrics.recorder import Recorder, format_summary
-from lowbw.net.transport import CH_CTRL, Transport
+from lowbw.net.transport import Transport
 
 CTRL_STATS = 2  # phase id of per-step reports on the control channel
 CTRL_DONE = 3  # phase id of the end-of-run report (measured energy)
@@ -34,10 +34,6 @@ def describe(e: BaseException, rank: int) -> str:
 class Reporting(ABC):
     def __init__(self, transport: Transport, rank: int, world: int):
         self.transport, self.rank, self.world = transport, rank, world
-
-    @abstractmethod
-    def channels(self) -> tuple[set, set]:
-        """(peer, channel) pairs this role sends on and receives on."""
 
     @abstractmethod
     def submit(self, step: int, report: dict, eval_wall_s: float) -> None:
@@ -65,9 +61,6 @@ class Reporting(ABC):
 
 
 class SendToRankZero(Reporting):
-    def channels(self) -> tuple[set, set]:
-        return {(0, CH_CTRL)}, set()
-
     def submit(self, step: int, report: dict, eval_wall_s: float) -> None:
         self.transport.send_json(0, (CTRL_STATS, step, self.rank, 0), report)
 
@@ -83,9 +76,6 @@ class RecordOnRankZero(Reporting):
                                  cfg.train.steps, cfg.train.warmup_steps, cfg.progress, meta)
         self.collector = StepCollector(
             world, lambda r, step: transport.recv_json(r, (CTRL_STATS, step, r, 0)), self.recorder.log_step)
-
-    def channels(self) -> tuple[set, set]:
-        return set(), {(r, CH_CTRL) for r in range(1, self.world)}
 
     def submit(self, step: int, report: dict, eval_wall_s: float) -> None:
         self.collector.submit(step, report, eval_wall_s)
