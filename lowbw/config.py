@@ -2,9 +2,9 @@
 
 ``configs/train.yaml`` composes these groups; ``lowbw-train key=value`` overrides any field and
 Hydra checks the types against these dataclasses. :func:`lowbw.validation.validate` then checks what
-types cannot (ranges, divisibility, names), raising :class:`~lowbw.errors.ConfigError` before any
-process is spawned, and hands what it built to the ranks. This module is a leaf: it imports nothing
-else of lowbw.
+types cannot (ranges -- each numeric field's in lowbw.limits --, divisibility, names), raising
+:class:`~lowbw.errors.ConfigError` before any process is spawned, and hands what it built to the ranks.
+This module is a leaf: it imports nothing else of lowbw.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ class ModelConfig:
     n_head: int = 4  # attention heads; must divide n_embd
     block_size: int = 64  # context length in tokens (bytes)
     vocab_size: int = 256  # byte-level tokens
-    dropout: float = 0.0  # kept 0 so that pipelined and single-process gradients compare exactly
     arch: str = "modern"  # block: modern (RMSNorm, rotary positions, no biases) | gpt2 (LayerNorm, learned positions, GELU)
     mlp: Optional[str] = None  # modern block's MLP: gelu | relu2 (squared ReLU) | swiglu; null = relu2 (gpt2: GELU only)
     qk_norm: Optional[bool] = None  # modern block: RMS-normalise queries and keys per head; null = true (gpt2: none)
@@ -59,7 +58,9 @@ class ScheduleConfig:
 @dataclass
 class ClockConfig:
     name: str = "wall"  # wall: really wait for the link; virtual: event time, nothing sleeps
-    durations: str = "measured"  # virtual only. measured: thread CPU time | flops: FLOPs / flops_per_s | fixed
+    # virtual only. flops: FLOPs / flops_per_s, the same on every machine | measured: thread CPU time of this
+    # machine (machine-dependent) | fixed: forward_s, backward_s
+    durations: str = "flops"
     flops_per_s: Optional[float] = None  # FLOP/s for durations=flops; null = each rank's hardware profile (peak x mfu)
     forward_s: float = 1.0  # s per forward of one microbatch on one stage, durations=fixed
     backward_s: float = 2.0  # s per backward of one microbatch on one stage, durations=fixed (GPipe paper: B = 2F)
@@ -127,10 +128,27 @@ class TrainConfig:
     weight_decay: float = 0.0  # decoupled weight decay of AdamW and of Muon (per step, multiplied by each one's lr)
     muon_lr: float = 0.02  # optimizer=muon: a step moves a matrix by muon_lr x sqrt(max(1, rows/cols)) x an orthogonal update
     muon_momentum: float = 0.95  # optimizer=muon: Muon's Nesterov momentum coefficient, in [0, 1)
-    grad_clip: float = 0.0  # global grad-norm clip per stage; 0 = off (clipping per stage is not global clipping)
+    grad_clip: float = 0.0  # max L2 norm of all stages' gradients together (one all-reduce per step); 0 = off
     eval_interval: int = 0  # steps between validation passes; 0 = only at the end
     eval_batches: int = 4  # batches of batch_size sequences per validation pass
     warmup_steps: int = 1  # leading steps excluded from tokens/s (start-up effects)
+    # validation loss (nats/token) to reach: summary.json records the step, tokens, run-clock time, wall time and
+    # joules at which validation first reached it (lowbw.metrics.target); null = no target
+    target_loss: Optional[float] = None
+
+
+@dataclass
+class RegimeConfig:
+    """The deployment whose timing the virtual clock runs on (lowbw/regime.py, docs/time_to_loss.md).
+
+    The run trains its own (small) model; with a target model, each compute action is charged the target's
+    FLOPs for that stage on the run's ``hardware`` profile, and each message the time the target's message
+    would take after the same codec. ``net``, ``schedule``, ``pipeline.stages`` and
+    ``pipeline.microbatches`` are the run's own and the target's alike."""
+
+    name: str = "none"  # none: the clock times the model being trained | a label of the target (configs/regime/)
+    model: Optional[ModelConfig] = None  # the target model (a configs/model preset); null = none
+    activation_dtype: str = "bfloat16"  # dtype of the target's activations and gradients before the codec
 
 
 @dataclass
@@ -142,6 +160,7 @@ class OutageConfig:
 
 @dataclass
 class BandwidthWalkConfig:
+    enabled: bool = False  # true: every link's bandwidth follows this walk (a settable group, never null)
     seed: int = 0  # seed of the walk
     interval_s: float = 1.0  # s between changes, run clock
     sigma: float = 0.3  # std of the log-factor step
@@ -160,7 +179,7 @@ class FaultsConfig:
     straggler_burst: int = 1  # steps per slow burst
     outages: list[OutageConfig] = field(default_factory=list)  # link-down windows
     bandwidth_trace: Optional[str] = None  # CSV "time_s,factor" or "time_s,mbps", piecewise constant
-    bandwidth_walk: Optional[BandwidthWalkConfig] = None  # seeded random walk of the bandwidth factor
+    bandwidth_walk: BandwidthWalkConfig = field(default_factory=BandwidthWalkConfig)  # seeded walk of the factor
 
 
 @dataclass
@@ -182,12 +201,13 @@ class LowbwConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    regime: RegimeConfig = field(default_factory=RegimeConfig)  # configs/regime: the deployment the clock times
     resume: bool = False  # continue from the newest checkpoint every rank has (out_dir = the run's folder)
     hardware: Any = field(default_factory=lambda: {"name": "cpu_local"})  # configs/hardware: per-node profile
     energy: Any = field(default_factory=lambda: {"network": "intensity", "meter": "auto"})  # configs/energy
     seed: int = 1337  # seeds weights, batches and link jitter
     device: str = "auto"  # auto: cuda:LOCAL_RANK when a GPU is there, else cpu | cpu | cuda
-    timeout_s: float = 60.0  # s (wall) a rank waits for a peer before failing with an error naming it
+    timeout_s: float = 60.0  # s (wall) a rank waits for a peer before failing with an error naming it, in [1, 86400]
     progress: bool = True  # progress bar on rank 0
     out_dir: Optional[str] = None  # where run files go; null = Hydra's run folder
 

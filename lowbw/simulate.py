@@ -56,9 +56,10 @@ from omegaconf import DictConfig, OmegaConf
 from lowbw.compress import build_codec
 from lowbw.config import (CompressConfig, FaultsConfig, ModelConfig, NetConfig, PipelineConfig, ScheduleConfig,
                           plain, register_resolvers)
-from lowbw.energy import account
+from lowbw.energy import account, make_network_model
 from lowbw.energy.profiles import HardwareProfile, profiles_for_ranks
 from lowbw.errors import ConfigError, ScheduleError
+from lowbw.limits import check_simulation
 from lowbw.metrics.gantt import chrome_trace, plot_gantt, ranks_note, run_title, select_ranks
 from lowbw.metrics.recorder import atomic_write_json
 from lowbw.metrics.timeline import Timeline
@@ -115,7 +116,10 @@ def register_simulate_config() -> None:
 
 
 def _check(cfg: Any) -> None:
-    """The settings a simulation needs, each error naming its setting."""
+    """The settings a simulation needs, each error naming its setting: ranges and size budgets first
+    (lowbw.limits), before any work."""
+    check_simulation(cfg)
+    make_network_model(cfg.energy)  # an energy setting that cannot work is refused here, not after playing
     pipe, sim, B = cfg.pipeline, cfg.sim, cfg.train.batch_size
     for name, v in (("pipeline.stages", pipe.stages), ("pipeline.microbatches", pipe.microbatches),
                     ("train.batch_size", B), ("sim.steps", sim.steps)):
@@ -399,6 +403,7 @@ def simulate(cfg: Any, keep_timeline: bool = False) -> dict:
     return summary
 
 
+
 def _simulate(cfg: Any, keep_timeline: bool) -> dict:
     setup = _setup(cfg)
     sim = cfg.sim
@@ -478,6 +483,9 @@ def main(cfg) -> Optional[dict]:
     except (ConfigError, ScheduleError) as e:
         print(f"lowbw-simulate: configuration error: {e}", file=sys.stderr)
         sys.exit(2)
+    except OSError as e:  # a full disk or a folder that cannot be written: each file is whole or absent
+        print(f"lowbw-simulate: could not write the outputs: {e}", file=sys.stderr)
+        sys.exit(1)
     print(format_simulation(summary))
     print("\n".join(lines))
     return summary

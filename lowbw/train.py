@@ -19,6 +19,7 @@ import platform
 import socket
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 
 import hydra
@@ -30,13 +31,17 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 import lowbw
-from lowbw.checkpoint import checkpoint_dir, resume_step
 from lowbw.config import register_configs
-from lowbw.errors import ConfigError, ScheduleError
-from lowbw.launch import RunFailed, mark_failed, spawn_and_supervise
-from lowbw.metrics.recorder import atomic_write_json
+from lowbw.errors import EXIT_CONFIG, EXIT_DIVERGED, EXIT_FAILED, ConfigError, Diverged, Interrupted, ScheduleError
+from lowbw.launch import RunFailed, record_outcome, spawn_and_supervise
+from lowbw.logs import log
+from lowbw.metrics.files import OutputError, atomic_write_json, atomic_write_text
+from lowbw.metrics.recorder import format_summary
+from lowbw.metrics.tensorboard import run_name
 from lowbw.rank.process import run_rank
-from lowbw.validation import validate
+from lowbw.run_folder import check_resume, prepare, set_aside
+from lowbw.timing import describe
+from lowbw.validation import Plan, validate
 
 
 def under_torchrun() -> bool:
@@ -76,47 +81,62 @@ def compose(overrides: list[str] | None = None) -> DictConfig:
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
-    """Validate, spawn one process per stage, wait; return summary.json. Raises ConfigError / RunFailed."""
+    """Validate, prepare the folder, spawn one process per stage, wait; return summary.json.
+
+    Raises ConfigError (nothing started, nothing in the folder changed), RunFailed, Diverged or
+    Interrupted -- each recorded in summary.json first."""
     plan = validate(cfg)
-    if cfg.resume:  # every rank's checkpoint must be readable before anything is touched
-        resume_step(checkpoint_dir(cfg, run_dir), cfg.pipeline.stages)
-    else:
-        _set_aside_earlier_attempt(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _write_run_files(cfg, run_dir, cfg.pipeline.stages, "lowbw")
-    summary_path = run_dir / "summary.json"
+    world = cfg.pipeline.stages
+    prepare(cfg, run_dir, world)
+    _write_run_files(cfg, run_dir, world, "lowbw")
+    meta = _meta(cfg, world, plan, plan.warnings)
     try:
-        spawn_and_supervise(OmegaConf.to_container(cfg, resolve=True), plan, cfg.pipeline.stages, run_dir,
-                            _meta(cfg, cfg.pipeline.stages))
+        spawn_and_supervise(OmegaConf.to_container(cfg, resolve=True), plan, world, run_dir, meta)
     except RunFailed as e:
-        mark_failed(run_dir, e.rank, str(e))
+        _record(run_dir, meta, "failed", str(e), failed_rank=e.rank, failed_link=e.link)
         raise
-    return json.loads(summary_path.read_text())
+    except Diverged as e:
+        _record(run_dir, meta, "diverged", str(e), diverged_step=e.step)
+        raise
+    except Interrupted as e:
+        _record(run_dir, meta, "interrupted", str(e))
+        raise
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError) as e:
+        raise RunFailed(0, f"every rank finished but {run_dir / 'summary.json'} cannot be read ({e})") from None
+    log.info("\n" + format_summary(summary))
+    return summary
 
 
-def _set_aside_earlier_attempt(run_dir: Path) -> None:
-    """A fresh run into a folder that holds an earlier run moves that run's results to attempt<k>/."""
-    names = ["summary.json", "metrics.jsonl", "timeline.jsonl", "tb", "errors", "checkpoints"]
-    present = [n for n in names if (run_dir / n).exists()]
-    if not present:
-        return
-    k = 1
-    while (run_dir / f"attempt{k}").exists():
-        k += 1
-    (run_dir / f"attempt{k}").mkdir(parents=True)
-    for n in present:
-        os.replace(run_dir / n, run_dir / f"attempt{k}" / n)
+def _record(run_dir: Path, meta: dict, status: str, message: str, **fields) -> None:
+    """Record how the run ended in summary.json; if even that cannot be written, say so (the exit code is
+    non-zero anyway)."""
+    try:
+        record_outcome(run_dir, status, message, {"clock": None, **meta}, **fields)
+    except OutputError as e:
+        log.error(f"lowbw: the run's end ({status}) could not be recorded: {e}")
 
 
-def _meta(cfg: DictConfig, world: int) -> dict:
-    return {"world_size": world, "schedule": cfg.schedule.name, "net": cfg.net.name,
+def _meta(cfg: DictConfig, world: int, plan: Plan | None = None, warnings: tuple[str, ...] = ()) -> dict:
+    """What summary.json says about the run besides its numbers (``plan``: what the run's clock times;
+    ``warnings``: said now, and kept)."""
+    for w in warnings:
+        log.warning(f"lowbw: warning: {w}")
+    meta = {"warnings": list(warnings), "world_size": world, "schedule": cfg.schedule.name, "net": cfg.net.name,
             "microbatches": cfg.pipeline.microbatches, "compress_fwd": cfg.compress.fwd.name,
-            "compress_bwd": cfg.compress.bwd.name, "baseline_run": cfg.compress.baseline_run}
+            "compress_bwd": cfg.compress.bwd.name, "baseline_run": cfg.compress.baseline_run,
+            "run_name": run_name(HydraConfig.get().job.override_dirname if HydraConfig.initialized() else "")}
+    if plan is not None:
+        meta["timing"] = describe(cfg, plan.profiles, plan.regime)
+        if plan.regime is not None:
+            meta["regime"] = plan.regime.to_dict()
+    return meta
 
 
 def _write_run_files(cfg: DictConfig, run_dir: Path, world: int, launcher: str) -> None:
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    (run_dir / "provenance.json").write_text(json.dumps(provenance(world, launcher), indent=2))
+    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    atomic_write_json(run_dir / "provenance.json", provenance(world, launcher))
 
 
 def _in_multirun() -> bool:
@@ -151,62 +171,105 @@ def _sweep_job(cfg: DictConfig, run_dir: Path) -> dict:
         multiprocessing.set_start_method("spawn", force=True)
     done = _completed_summary(cfg, run_dir)
     if done is not None:
-        print(f"lowbw: {run_dir} already holds a completed run of this config; skipped", file=sys.stderr)
+        log.warning(f"lowbw: {run_dir} already holds a completed run of this config; skipped")
         return done
     if cfg.get("resume"):  # `-m ... resume=true`: runs with checkpoints continue, the others start afresh
         try:
-            resume_step(checkpoint_dir(cfg, run_dir), cfg.pipeline.stages)
+            check_resume(cfg, run_dir, cfg.pipeline.stages)
         except ConfigError:
             cfg = cfg.copy()
             cfg.resume = False
     try:
         return run(cfg, run_dir)
-    except Exception as e:  # noqa: BLE001 - one run's failure must not stop the sweep
-        message = f"{type(e).__name__}: {e}"
-        print(f"lowbw: run failed: {message}\n  outputs kept in {run_dir}; the sweep goes on", file=sys.stderr)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        base = {"status": "failed"}
+    except Exception as e:  # noqa: BLE001 - one run's failure must not stop the sweep (a stop signal does)
+        return _sweep_failure(cfg, run_dir, e)
+
+
+def _sweep_failure(cfg: DictConfig, run_dir: Path, e: Exception) -> dict:
+    """The summary of a sweep's run that did not complete. run() recorded failures of a started run; a
+    run that never started (bad config) is recorded here, after an earlier run's files are set aside."""
+    log.error(f"lowbw: run {'diverged' if isinstance(e, Diverged) else 'failed'}: {_sentence(e)}\n"
+              f"  outputs kept in {run_dir}; the sweep goes on")
+    path = run_dir / "summary.json"
+    if isinstance(e, (RunFailed, Diverged)):  # a started run: run() recorded it
         try:
-            base.update(clock=cfg.clock.name, steps=cfg.train.steps, **_meta(cfg, cfg.pipeline.stages))
-            (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-        except Exception:  # noqa: BLE001 - a config too broken to describe: the error says why
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
             pass
-        path = run_dir / "summary.json"
-        kept = {}
-        if getattr(e, "rank", None) is not None:  # RunFailed: keep what the run's rank 0 wrote
-            try:
-                kept = json.loads(path.read_text())
-            except (OSError, ValueError):
-                kept = {}
-        atomic_write_json(path, {**base, **kept})
-        mark_failed(run_dir, getattr(e, "rank", None), message)
-        return json.loads(path.read_text())
+    base = {"status": "failed", "error": _sentence(e), "failed_rank": getattr(e, "rank", None)}
+    try:
+        base.update(clock=cfg.clock.name, steps=cfg.train.steps, **_meta(cfg, cfg.pipeline.stages))
+    except Exception:  # noqa: BLE001 - a config too broken to describe: the error says why
+        pass
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not isinstance(e, (RunFailed, Diverged)):
+            set_aside(run_dir)  # never write a failure over an earlier run's summary
+        atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        atomic_write_json(path, base)
+    except OSError as write_error:
+        log.error(f"lowbw: the failure could not be recorded in {path}: {write_error}")
+    return base
+
+
+def _sentence(e: BaseException) -> str:
+    if isinstance(e, (ConfigError, ScheduleError, RunFailed, Diverged, Interrupted, OSError)):
+        return str(e)
+    return f"{type(e).__name__}: {e}"
+
+
+def _exit(e: BaseException, run_dir: Path) -> int:
+    """Print the one sentence a user reads for ``e`` (and the traceback with LOWBW_TRACEBACK=1); return the
+    exit code (lowbw.errors)."""
+    if os.environ.get("LOWBW_TRACEBACK"):
+        traceback.print_exception(e)
+    if isinstance(e, (ConfigError, ScheduleError)):
+        log.error(f"lowbw: configuration error: {e}")
+        return EXIT_CONFIG
+    if isinstance(e, Interrupted):
+        log.error(f"lowbw: {e}; summary.json in {run_dir} records the run as interrupted")
+        return e.exit_code
+    if isinstance(e, KeyboardInterrupt):
+        log.error("lowbw: interrupted before the run started")
+        return 130
+    if isinstance(e, Diverged):
+        log.error(f"lowbw: run diverged: {e}\n  outputs kept in {run_dir}")
+        return EXIT_DIVERGED
+    if isinstance(e, (RunFailed, OSError)):
+        log.error(f"lowbw: run failed: {e}\n  outputs kept in {run_dir}")
+        return EXIT_FAILED
+    log.error(f"lowbw: internal error: {_sentence(e)} (LOWBW_TRACEBACK=1 prints where)")
+    return EXIT_FAILED
+
+
+def _torchrun_rank(cfg: DictConfig, run_dir: Path) -> None:
+    """Under torchrun: validate (every rank), prepare the folder (rank 0), then be this process's rank."""
+    world = int(os.environ["WORLD_SIZE"])
+    rank = int(os.environ.get("RANK", 0))
+    plan = validate(cfg, world_size=world)
+    if rank == 0:
+        prepare(cfg, run_dir, world)
+        _write_run_files(cfg, run_dir, world, "torchrun")
+    summary = run_rank(OmegaConf.to_container(cfg, resolve=True), plan, rank, world,
+                       str(run_dir) if rank == 0 else None, int(os.environ.get("LOCAL_RANK", 0)),
+                       _meta(cfg, world, plan, plan.warnings if rank == 0 else ()))
+    if summary is not None:
+        log.info("\n" + format_summary(summary))
 
 
 @hydra.main(config_path="pkg://lowbw_configs", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> dict | None:
-    torchrun = under_torchrun()
-    world = int(os.environ["WORLD_SIZE"]) if torchrun else cfg.pipeline.stages
     run_dir = Path(cfg.out_dir) if cfg.out_dir else Path(HydraConfig.get().runtime.output_dir)
-    if not torchrun and _in_multirun():
-        return _sweep_job(cfg, run_dir)
     try:
-        if not torchrun:
-            return run(cfg, run_dir)
-        plan = validate(cfg, world_size=world)
-    except (ConfigError, ScheduleError) as e:
-        print(f"lowbw: configuration error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except RunFailed as e:
-        print(f"lowbw: run failed: {e}\n  outputs kept in {run_dir}", file=sys.stderr)
-        sys.exit(1)
-    rank = int(os.environ.get("RANK", 0))
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        _write_run_files(cfg, run_dir, world, "torchrun")
-    run_rank(OmegaConf.to_container(cfg, resolve=True), plan, rank, world, str(run_dir) if rank == 0 else None,
-             int(os.environ.get("LOCAL_RANK", 0)), _meta(cfg, world))
-    return None
+        if under_torchrun():
+            return _torchrun_rank(cfg, run_dir)
+        if _in_multirun():
+            return _sweep_job(cfg, run_dir)
+        return run(cfg, run_dir)
+    except SystemExit:
+        raise
+    except BaseException as e:  # noqa: BLE001 -- every way a run ends becomes a sentence and an exit code
+        sys.exit(_exit(e, run_dir))
 
 
 if __name__ == "__main__":

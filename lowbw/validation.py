@@ -10,7 +10,9 @@ each rank validates its own copy of the config and gets the same plan.
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -19,17 +21,19 @@ import torch
 
 from lowbw.compress import build_codec
 from lowbw.config import plain
-from lowbw.data.corpus import check_text_file, min_bytes
-from lowbw.energy import HardwareProfile, make_network_model, profiles_for_ranks
+from lowbw.data.corpus import BUNDLED_BYTES, check_text_file, min_bytes
+from lowbw.energy import HardwareProfile, make_network_model, profiles_for_ranks, select_meter
 from lowbw.errors import ConfigError
 from lowbw.models.gpt import ARCHS
 from lowbw.models.modern import MLPS
+from lowbw.limits import TRAIN_LIMITS, check_limits, check_memory, check_schedule_size, check_walk_points
 from lowbw.net.conditions import Conditions, conditions_from_config
 from lowbw.net.topology import Topology
 from lowbw.optim import OPTIMIZERS
 from lowbw.pipeline.actions import Schedule
 from lowbw.pipeline.partition import partition_layers
 from lowbw.pipeline.schedules import build_schedule, forward_only
+from lowbw.regime import Regime, build_regime
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,8 @@ class Plan:
     conditions: Conditions  # outages, bandwidth traces, packet loss
     profiles: tuple[HardwareProfile, ...]  # one per rank
     codecs: dict[str, Any]  # "fwd" / "bwd" -> the codec spec (plain dict), checked
+    regime: Optional[Regime] = None  # the target deployment the virtual clock times; None: the run's own model
+    warnings: tuple[str, ...] = ()  # settings that are valid but will not do what they seem (printed at start)
 
 
 def positive(value: float, name: str, allow_inf: bool = False) -> None:
@@ -53,11 +59,14 @@ def positive(value: float, name: str, allow_inf: bool = False) -> None:
 
 def validate(cfg: Any, world_size: Optional[int] = None) -> Plan:
     """Check a composed config (DictConfig or LowbwConfig); return its :class:`Plan`."""
+    check_limits(cfg, TRAIN_LIMITS)
     _check_model(cfg.model)
     _check_optimizer(cfg.train)
     _check_run_shape(cfg, world_size)
     _check_clock(cfg)
     p, m = cfg.pipeline.stages, cfg.pipeline.microbatches
+    check_schedule_size(p, m, cfg.schedule.virtual_stages if cfg.schedule.name == "interleaved_1f1b" else 1)
+    check_walk_points(cfg.faults.bandwidth_walk)
     topology = Topology.from_config(cfg.net, p, seed=cfg.seed)
     conditions = conditions_from_config(cfg.faults, cfg.net, p)
     _check_faults(cfg.faults, p)
@@ -66,11 +75,48 @@ def validate(cfg: Any, world_size: Optional[int] = None) -> Plan:
     codecs = {d: _check_codec(cfg.compress, d) for d in ("fwd", "bwd")}
     profiles = profiles_for_ranks(cfg.hardware, p)
     make_network_model(cfg.energy)
+    _check_meter(cfg)
     _check_outputs(cfg)
-    if cfg.data.path is not None:
-        check_text_file(cfg.data.path, min_bytes=min_bytes(cfg.model.block_size, cfg.data.val_fraction))
+    _check_data(cfg)
+    world = world_size or p
+    check_memory(cfg, int(os.environ.get("LOCAL_WORLD_SIZE", world)), world)
+    regime = build_regime(cfg, schedule.n_stages)
     eval_schedule = forward_only(schedule.n_stages, m, schedule.stage_to_rank)
-    return Plan(schedule, eval_schedule, tuple(ranges), topology, conditions, tuple(profiles), codecs)
+    return Plan(schedule, eval_schedule, tuple(ranges), topology, conditions, tuple(profiles), codecs,
+                regime, fault_warnings(cfg))
+
+
+def _check_data(cfg: Any) -> None:
+    need = min_bytes(cfg.model.block_size, cfg.data.val_fraction)
+    if cfg.data.path is not None:
+        check_text_file(cfg.data.path, min_bytes=need)
+    elif need > BUNDLED_BYTES:
+        raise ConfigError(f"data.val_fraction={cfg.data.val_fraction} with model.block_size={cfg.model.block_size} "
+                          f"needs a corpus of {need:,} bytes for one training and one validation sample; the bundled "
+                          f"one has {BUNDLED_BYTES:,}: raise data.val_fraction or give data.path")
+
+
+def _check_meter(cfg: Any) -> None:
+    """energy.meter names a meter that exists and can measure here (auto and none always can)."""
+    meter = cfg.energy.meter
+    if meter not in ("auto", "none"):
+        select_meter("cuda" if cfg.device == "cuda" else "cpu", meter)  # ConfigError saying how to fix it
+
+
+def fault_warnings(cfg: Any) -> tuple[str, ...]:
+    """Faults that are valid but will not happen as written (printed when the run starts)."""
+    f, out = cfg.faults, []
+    if f.crash_rank >= 0 and f.crash_step >= cfg.train.steps:
+        out.append(f"faults.crash_step={f.crash_step} is not before the last step ({cfg.train.steps - 1}): "
+                   f"rank {f.crash_rank} will not crash")
+    if f.straggler_rank >= 0 and f.straggler_factor == 1:
+        out.append(f"faults.straggler_rank={f.straggler_rank} with straggler_factor=1 slows nothing")
+    for i, o in enumerate(f.outages or []):
+        if cfg.clock.name == "wall" and o.end_s - o.start_s >= cfg.timeout_s:
+            out.append(f"faults.outages[{i}] lasts {o.end_s - o.start_s:g} s on the wall clock, not less than "
+                       f"timeout_s={cfg.timeout_s:g}: a rank waiting across it will stop the run with a dead-link "
+                       f"error; raise timeout_s above {o.end_s - o.start_s:g} to ride it out")
+    return tuple(out)
 
 
 def _check_model(m: Any) -> None:
@@ -127,6 +173,15 @@ def _check_run_shape(cfg: Any, world_size: Optional[int]) -> None:
         )
     if not 0 < cfg.data.val_fraction < 1:
         raise ConfigError(f"data.val_fraction={cfg.data.val_fraction} must lie in (0, 1)")
+    if t.eval_interval < 0:
+        raise ConfigError(f"train.eval_interval={t.eval_interval} must be >= 0 (0 = validate only at the end)")
+    if t.target_loss is not None:
+        positive(t.target_loss, "train.target_loss")
+        if not t.eval_interval and t.steps > 1:
+            raise ConfigError(
+                f"train.target_loss={t.target_loss} is read at validation passes, but train.eval_interval=0 "
+                "validates only at the end; set train.eval_interval (e.g. 10) to see when the target is reached"
+            )
     if world_size is not None and world_size != p.stages:
         raise ConfigError(
             f"pipeline.stages={p.stages} but {world_size} processes were started; "
@@ -142,6 +197,9 @@ def _check_clock(cfg: Any) -> None:
         raise ConfigError(f"clock={c.name!r} is not a clock; use clock=wall or clock=virtual")
     if c.durations not in ("measured", "flops", "fixed"):
         raise ConfigError(f"clock.durations={c.durations!r}: use measured, flops or fixed")
+    if c.name == "wall" and c.durations != "measured":
+        raise ConfigError(f"clock.durations={c.durations!r} applies to clock=virtual only: on the wall clock "
+                          "compute takes the time it really takes; drop it or use clock=virtual")
     if c.durations == "flops" and c.flops_per_s is not None:
         positive(c.flops_per_s, "clock.flops_per_s")
     if c.durations == "fixed":
@@ -198,7 +256,24 @@ def _check_outputs(cfg: Any) -> None:
         )
     if cfg.compress.error_every < 0:
         raise ConfigError(f"compress.error_every={cfg.compress.error_every} must be >= 0 (0 = never)")
-    base = cfg.compress.baseline_run
-    if base is not None and not (Path(base) / "summary.json").is_file():
-        raise ConfigError(f"compress.baseline_run={base!r} holds no summary.json; "
-                          "give the folder of a finished uncompressed run")
+    _check_baseline(cfg.compress.baseline_run)
+
+
+def _check_baseline(base: Optional[str]) -> None:
+    """compress.baseline_run: the folder of a completed run whose summary has a validation loss."""
+    if base is None:
+        return
+    where = f"compress.baseline_run={base!r}"
+    try:
+        summary = json.loads((Path(base) / "summary.json").read_text())
+    except OSError:
+        raise ConfigError(f"{where} holds no summary.json; give the folder of a finished uncompressed run") \
+            from None
+    except ValueError:
+        raise ConfigError(f"{where}: its summary.json is not JSON; give the folder of a finished run") from None
+    if not isinstance(summary, dict) or summary.get("status") != "completed":
+        status = summary.get("status") if isinstance(summary, dict) else None
+        raise ConfigError(f"{where} is not a completed run (status {status!r}); give the folder of a finished run")
+    val = summary.get("val_loss")
+    if not isinstance(val, (int, float)) or isinstance(val, bool) or not math.isfinite(val):
+        raise ConfigError(f"{where}: its summary.json has no validation loss (val_loss={val!r}) to compare with")

@@ -126,15 +126,14 @@ def test_explicit_span_charges_setup_and_tail_as_idle():
     assert rep.nodes[0].idle_s == pytest.approx(span + 3.0 - 5.0)
 
 
-@pytest.mark.xfail(strict=True, reason="known defect: sends are instants on the timeline (the link's time is the "
-                   "receiver's recv_wait), so timeline_usage finds no link busy time, and lowbw-train and "
-                   "lowbw-simulate pass none to account(): energy.power.mode=busy charges no fixed power at all")
-def test_power_model_busy_mode_charges_fixed_power_while_a_played_transfer_is_on_the_wire():
-    # 1 MB and 0.5 MB at 8 Mbit/s: the link between ranks 0 and 1 carries bytes for 1.5 s of the step
-    on_wire = 8 * 1_500_000 / (SLOW.uplink_mbps * 1e6)
-    pm = PowerModel(mode="busy", capacity_mbps=None, marginal_j_per_bit=0.0)
-    rep = account_timeline(two_rank_step(), TOY, pm, tokens=1)
-    assert rep.network_j == pytest.approx(pm.link_power_w() * on_wire)
+def test_power_model_busy_mode_is_refused_rather_than_charging_nothing():
+    # sends are instants on the played timeline: a busy mode would find no wire time and charge 0 s
+    tl = two_rank_step()
+    assert all(e.duration == 0 for e in tl.events if e.kind == "send")
+    with pytest.raises(ConfigError, match="energy.power.mode=busy is not available: lowbw records a send as an instant"):
+        PowerModel(mode="busy", capacity_mbps=None, marginal_j_per_bit=0.0)
+    with pytest.raises(ConfigError, match="energy.power.mode=busy"):
+        make_network_model({"network": "power", "power": {"mode": "busy"}})
 
 
 def test_heterogeneous_nodes_use_their_own_powers():
@@ -226,8 +225,6 @@ def test_power_model_charges_fixed_power_per_active_link_plus_marginal_bits():
     assert lk.fixed_j == pytest.approx(42.0 * span)
     assert lk.marginal_j == pytest.approx(2 * 8e9 * 2e-8)
     assert lk.per_rank_j[0] == pytest.approx(42.0 * span / 2 + 8e9 * 2e-8)
-    busy = PowerModel(mode="busy").energy(links, span, {(1, 0): 5.0})
-    assert busy[0].fixed_j == pytest.approx(42.0 * 5.0)
     # twice the bytes: intensity doubles, power model barely moves (the models disagree)
     double = {k: 2 * v for k, v in links.items()}
     im = IntensityModel()

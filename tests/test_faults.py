@@ -71,7 +71,7 @@ def test_a_trace_file_with_bad_rows_is_rejected_naming_the_line(tmp_path, text, 
 
 
 def test_a_random_bandwidth_walk_is_seeded_and_bounded():
-    walk = BandwidthWalkConfig(seed=4, interval_s=1.0, sigma=0.5, min_factor=0.2, max_factor=1.0, horizon_s=100)
+    walk = BandwidthWalkConfig(enabled=True, seed=4, interval_s=1.0, sigma=0.5, min_factor=0.2, max_factor=1.0, horizon_s=100)
     a = conditions_from_config(FaultsConfig(bandwidth_walk=walk), NetConfig(), 2)
     b = conditions_from_config(FaultsConfig(bandwidth_walk=walk), NetConfig(), 2)
     assert a.trace_v == b.trace_v and min(a.trace_v) >= 0.2 and max(a.trace_v) <= 1.0 and len(set(a.trace_v)) > 10

@@ -26,7 +26,7 @@ REGEN = bool(os.environ.get("LOWBW_REGEN_GOLDEN"))
 
 TINY = ["model.arch=gpt2", "model.n_layer=4", "model.n_embd=32", "model.n_head=2", "model.block_size=16", "progress=false",
         "clock=virtual", "clock.durations=flops", "train.steps=3", "train.batch_size=8", "train.eval_batches=1",
-        "train.eval_interval=2", "net=home", "net.jitter_ms=3", "hardware=rtx4090"]
+        "train.eval_interval=2", "net=home", "net.jitter_ms=3", "hardware=rtx4090", "regime=none"]
 
 CASES = {
     "gpipe": ["schedule=gpipe", "pipeline.stages=4"],

@@ -73,6 +73,37 @@ def test_same_seed_gives_identical_losses_and_step_times(compose, tmp_path, refe
     assert ref["status"] == "completed" and ref["clock"] == "virtual"
 
 
+# Every figure of a metrics line that is on the run's clock (or priced from it), and the losses.
+CLOCK_FIGURES = ("step_time_s", "tokens_per_s", "bubble_fraction", "busy_s", "idle_s", "bytes_per_link",
+                 "elapsed_s", "elapsed_j", "loss", "val_loss")
+
+
+def test_two_default_runs_give_bit_identical_virtual_clock_figures_and_losses(compose, tmp_path):
+    """The default clock charges FLOPs / the stated profile (cpu_local): nothing of the machine's speed or load."""
+    short = ["progress=false", "train.steps=3", "train.eval_batches=1"]  # shorter, the clock left at its defaults
+    runs = [run(compose(short), tmp_path / str(i)) for i in (0, 1)]
+    lines = [[json.loads(x) for x in (tmp_path / str(i) / "metrics.jsonl").read_text().splitlines()] for i in (0, 1)]
+    assert runs[0]["timing"]["durations"] == "flops" and runs[0]["timing"]["deterministic"] is True
+    assert "deterministic" in runs[0]["timing"]["timing"] and "cpu_local" in runs[0]["timing"]["timing"]
+    for a, b in zip(*lines):
+        assert {k: a.get(k) for k in CLOCK_FIGURES} == {k: b.get(k) for k in CLOCK_FIGURES}
+    for key in ("step_time_s", "tokens_per_s", "bubble_fraction", "train_loss", "val_loss"):
+        assert runs[0][key] == runs[1][key], key
+    assert runs[0]["energy"]["total_j"] == runs[1]["energy"]["total_j"]
+    assert lines[0][0]["step_time_wall_s"] != lines[1][0]["step_time_wall_s"]  # the wall clock is not the run's
+
+
+def test_measured_durations_are_labelled_machine_dependent(compose):
+    from lowbw.timing import describe
+    from lowbw.validation import validate
+
+    cfg = compose(["clock.durations=measured"])
+    t = describe(cfg, validate(cfg).profiles)
+    assert t["deterministic"] is False and "machine-dependent" in t["timing"]
+    wall = compose(["clock=wall"])
+    assert "machine-dependent" in describe(wall, validate(wall).profiles)["timing"]
+
+
 def test_a_dying_rank_ends_the_run_quickly_with_an_error_naming_it(compose, tmp_path):
     cfg = compose(TINY + ["clock=virtual", "net=ideal", "train.steps=20", "faults.crash_rank=2",
                           "faults.crash_step=1", "timeout_s=60"])

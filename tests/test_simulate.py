@@ -178,3 +178,16 @@ def test_simulate_config_errors_name_the_setting():
         simulate(compose(["train.batch_size=7", "pipeline.microbatches=4", "pipeline.stages=2"]))
     with pytest.raises(ConfigError, match="sim.timeline"):
         simulate(compose(["pipeline.stages=2", "pipeline.microbatches=2", "sim.durations=timeline"]))
+
+
+def test_the_simulator_caps_links_at_the_packet_loss_ceiling_as_a_run_does():
+    from lowbw.net.conditions import MATHIS_C
+
+    base = ["pipeline.stages=2", "pipeline.microbatches=2", "sim.steps=2", "sim.picture_steps=0", "net=home",
+            "net.latency_ms=50", "net.uplink_mbps=1000", "net.downlink_mbps=1000", "sim.durations=fixed",
+            "sim.forward_s=0.001", "sim.backward_s=0.002"]
+    clean, lossy = simulate(compose(base)), simulate(compose(base + ["net.loss_rate=0.01"]))
+    ceiling = 8 * 1460 / 0.1 * MATHIS_C / 0.1  # bit/s at 1% loss, RTT 100 ms: about 1.4 Mbit/s
+    fwd_bytes = lossy["message_bytes"]["fwd"]
+    # each step moves one activation and one gradient message per microbatch over the same pair
+    assert lossy["step_time_s"] > clean["step_time_s"] + 2 * 8 * fwd_bytes / ceiling

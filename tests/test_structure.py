@@ -128,3 +128,21 @@ def test_pyproject_lists_every_package_so_a_regular_install_is_whole():
     listed = set(tomllib.loads((ROOT.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     present = {_module_name(p) for p in ROOT.rglob("__init__.py")}
     assert present - listed == set(), "packages missing from pyproject.toml [tool.setuptools] packages"
+
+
+#: Calls that unpickle bytes (which may come from another process): none in the library.
+UNPICKLING = ("pickle.load", "broadcast_object_list", "all_gather_object", "gather_object", "scatter_object_list",
+              "recv_object_list", "torch.load(")
+
+
+def test_nothing_in_lowbw_unpickles_what_another_process_sent():
+    found = []
+    for name, path in _modules().items():
+        if name.startswith("lowbw.testing"):  # checks only, never part of a run
+            continue
+        for i, line in enumerate(path.read_text().splitlines(), 1):
+            code = line.split("#")[0]
+            for call in UNPICKLING:
+                if call in code and not (call == "torch.load(" and "weights_only=True" in code):
+                    found.append(f"{name}:{i}: {line.strip()}")
+    assert not found, "; ".join(found)

@@ -20,6 +20,7 @@ import torch
 from lowbw.errors import PeerError
 from lowbw.net.clock import VirtualClock, WallClock
 from lowbw.net.link import LinkModel
+from lowbw.net.liveness import LinkWatch
 from lowbw.net.topology import PairLink, Topology
 from lowbw.net.transport import _HOST, CH_BWD, CH_FWD, Message, Transport
 from lowbw.net.wire import MemoryWire, Switchboard
@@ -86,7 +87,7 @@ def test_a_silent_peer_becomes_a_peer_error_after_the_timeout():
     _, (a, b) = pair(timeout_s=0.3)
     b.expect(0, CH_FWD, (0, 0, 1, 0), 8)
     t0 = time.monotonic()
-    with pytest.raises(PeerError, match="nothing from rank 0 for 0.3 s") as info:
+    with pytest.raises(PeerError, match="no message from rank 0 for 0.3 s") as info:
         b.recv(0, CH_FWD, (0, 0, 1, 0))
     assert info.value.peer == 0 and time.monotonic() - t0 >= 0.29
 
@@ -143,6 +144,73 @@ def test_wall_latency_counts_from_the_senders_release_on_one_host_and_from_arriv
     t = clock.now()
     left_ago = 0.004 if same_host else 0.010 - 0.020  # seconds before now that latency starts counting
     assert tr.delivery_time(msg) == pytest.approx(t - left_ago + 0.030, abs=2e-3)
+
+
+# ---- the liveness hook and a regime's charge ----------------------------------------------------
+
+
+class Recording(LinkWatch):
+    def __init__(self):
+        self.events: list[tuple] = []
+
+    def sent(self, dst):
+        self.events.append(("sent", dst))
+
+    def arrived(self, src):
+        self.events.append(("arrived", src))
+
+    def waiting(self, src):
+        self.events.append(("waiting", src))
+
+
+def slow_topology(bps: float) -> Topology:
+    pair_link = PairLink(0.0, 0.0, bps)
+    return Topology(2, "pipelined", (bps, bps), (bps, bps), {(0, 1): pair_link, (1, 0): pair_link})
+
+
+def test_the_liveness_hook_hears_of_every_send_every_arrival_and_every_wait():
+    board, watches = Switchboard(), [Recording(), Recording()]
+    a, b = [Transport(r, None, VirtualClock(CPU), 5.0, MemoryWire(board, r), watch=watches[r]) for r in range(2)]
+    b.expect(0, CH_FWD, (0, 0, 1, 0), 8)
+    b.expect(0, CH_BWD, (0, 0, 1, 0), None)
+    a.send(1, CH_FWD, (0, 0, 1, 0), payload(8, 1))
+    a.send(1, CH_BWD, (0, 0, 1, 0), payload(5, 2), sized=False)
+    a.send_json(1, (2, 0, 0, 0), {"step": 0})
+    b.recv(0, CH_FWD, (0, 0, 1, 0))
+    b.recv(0, CH_BWD, (0, 0, 1, 0))
+    b.recv_json(0, (2, 0, 0, 0))
+    assert watches[0].events == [("sent", 1)] * 3
+    assert watches[1].events.count(("arrived", 0)) == 3
+    assert watches[1].events[-3:] == [("waiting", 0), ("arrived", 0), ("waiting", None)]  # the report
+    assert ("waiting", 0) in watches[1].events[:-3]  # a pipeline receive says whom it waits for
+
+
+def test_a_regime_charges_the_link_its_target_bytes_on_the_channels_it_names():
+    topo = slow_topology(8_000.0)  # 1000 bytes/s: arrival in seconds = bytes / 1000
+    board = Switchboard()
+    a, b = [Transport(r, LinkModel(topo, r), VirtualClock(CPU), 5.0, MemoryWire(board, r), charge={CH_FWD: (3, 1)})
+            for r in range(2)]
+    assert a.charged_bytes(CH_FWD, 100) == 300 and a.charged_bytes(CH_BWD, 100) == 100
+    b.expect(0, CH_FWD, (0, 0, 1, 0), 100)
+    arrival = a.send(1, CH_FWD, (0, 0, 1, 0), payload(100, 0))
+    assert arrival == pytest.approx(0.3, rel=0.05)  # 300 bytes charged, 100 moved
+    msg = b.recv(0, CH_FWD, (0, 0, 1, 0))
+    assert msg.nbytes == 100 and b.delivery_time(msg) >= arrival
+
+
+def test_on_the_wall_clock_a_message_its_uplink_holds_past_the_timeout_is_a_timeout_and_not_an_arrival():
+    topo = slow_topology(80.0)  # 10 bytes/s: 1000 bytes leave the emulated uplink after 100 s
+    board, watch = Switchboard(), Recording()
+    a = Transport(0, LinkModel(topo, 0), WallClock(CPU), 0.3, MemoryWire(board, 0))
+    b = Transport(1, LinkModel(topo, 1), WallClock(CPU), 0.3, MemoryWire(board, 1), watch=watch)
+    b.expect(0, CH_FWD, (0, 0, 1, 0), 1000)
+    a.send(1, CH_FWD, (0, 0, 1, 0), payload(1000, 0))
+    t0 = time.monotonic()
+    msg = b.recv(0, CH_FWD, (0, 0, 1, 0))  # in at once: the bytes moved in memory
+    with pytest.raises(PeerError, match="no message from rank 0 for 0.3 s") as info:
+        b.delivery_time(msg)
+    assert info.value.peer == 0 and 0.29 <= time.monotonic() - t0 < 5
+    assert ("arrived", 0) not in watch.events  # the heartbeat counts it in flight: the link is blamed
 
 
 # ---- gloo: a send whose handle is dropped is cancelled; the transport keeps them -------------------

@@ -9,6 +9,7 @@ rank computes the same batch with no communication.
 from __future__ import annotations
 
 import gzip
+import math
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -18,17 +19,30 @@ import torch
 
 from lowbw.errors import ConfigError
 
-BUNDLED = "tinyshakespeare.txt.gz"  # public domain, 1,115,394 bytes (see lowbw/data/README.md)
+BUNDLED = "tinyshakespeare.txt.gz"  # public domain (see lowbw/data/README.md)
+BUNDLED_BYTES = 1_115_394  # its length once decompressed (tests/test_config_errors.py checks it)
+_NEVER = 10**18  # more bytes than any file holds
 
 
 def min_bytes(block_size: int, val_fraction: float) -> int:
-    """Smallest file that yields one training and one validation window of block_size + 1 bytes."""
-    n = 2 * (block_size + 1)
-    while True:
+    """Smallest file that yields one training and one validation window of block_size + 1 bytes.
+
+    Both splits need block_size + 1 bytes: n * (1 - val_fraction) >= block_size + 1 and the tail
+    n - int(n * (1 - val_fraction)) > block_size, i.e. n > block_size / val_fraction. Computed in closed
+    form and confirmed by a few steps of the exact rule (rounding), so it takes no time whatever the
+    fraction."""
+    def fits(n: int) -> bool:
         split = int(n * (1 - val_fraction))
-        if (split - 1) // block_size >= 1 and (n - split - 1) // block_size >= 1:
+        return (split - 1) // block_size >= 1 and (n - split - 1) // block_size >= 1
+
+    if not 0 < val_fraction < 1 or max(block_size / val_fraction, (block_size + 1) / (1 - val_fraction)) >= _NEVER:
+        return _NEVER
+    estimate = max(2 * (block_size + 1), math.ceil((block_size + 1) / (1 - val_fraction)),
+                   math.floor(block_size / val_fraction) + 1)
+    for n in range(max(2 * (block_size + 1), estimate - 4), estimate + 1000):
+        if fits(n):
             return n
-        n += 1
+    return estimate  # beyond float precision (a fraction near 1e-12): the exact answer of the inequalities
 
 
 def check_text_file(path: str, min_bytes: int) -> None:

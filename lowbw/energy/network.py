@@ -24,8 +24,8 @@ The literature disagrees on how to charge network energy, and the choice changes
     equipment draws a near-constant baseline power plus a small marginal cost per bit. Each
     *active link* (an unordered pair of ranks that exchanged at least one byte) draws
     ``link_power_w + capacity_w_per_mbps * capacity_mbps`` for as long as the run lasts
-    (``mode: span``, the default: the line and its equipment are held by the run whether or not bytes
-    flow) or only while a transfer is in flight (``mode: busy``, a lower bound), plus
+    (``mode: span``, the only mode: the line and its equipment are held by the run whether or not bytes
+    flow; a ``busy`` mode is refused, since sends are recorded as instants and no wire time is known), plus
     ``marginal_j_per_bit`` for each bit sent (``energy=power``). Default numbers from Malmodin (2020)
     fixed broadband, as reproduced in Mytton's notebook for the 2024 paper (docs/energy.md says where
     they differ from the paper): per subscription 16.5 W home router (CPE) idle + 1.5 W fixed
@@ -183,10 +183,14 @@ class IntensityModel(NetworkEnergyModel):
 
     def __init__(self, kwh_per_gb: float = 0.06, year: int = 2015, halving_years: float | None = 2.0,
                  at_year: int | None = None):
-        if kwh_per_gb < 0:
-            raise ConfigError(f"energy.intensity.kwh_per_gb must be >= 0, got {kwh_per_gb}")
+        if not isinstance(kwh_per_gb, (int, float)) or not math.isfinite(kwh_per_gb) or kwh_per_gb < 0:
+            raise ConfigError(f"energy.intensity.kwh_per_gb must be a finite number >= 0, got {kwh_per_gb}")
         if at_year is not None and not halving_years:
             raise ConfigError("energy.intensity.at_year needs energy.intensity.halving_years")
+        if halving_years is not None and not (math.isfinite(halving_years) and halving_years > 0):
+            raise ConfigError(f"energy.intensity.halving_years={halving_years} must be a number > 0 (or null)")
+        if at_year is not None and abs(at_year - year) > 100:
+            raise ConfigError(f"energy.intensity.at_year={at_year} is more than 100 years from year={year}")
         self.kwh_per_gb = float(kwh_per_gb)
         self.year = int(year)
         self.halving_years = None if halving_years is None else float(halving_years)
@@ -207,20 +211,25 @@ class IntensityModel(NetworkEnergyModel):
 
 @register_network_model
 class PowerModel(NetworkEnergyModel):
-    """Fixed power per active link (while the run lasts, or while busy) + marginal J per bit."""
+    """Fixed power per active link while the run lasts + marginal J per bit."""
 
     name = "power"
     source = ("Mytton, Lunden & Malmodin (2024), J. Ind. Ecol. 28(4) 966-980 (power model); numbers from "
               "Malmodin (2020, Electronics Goes Green) fixed broadband: 16.5 W CPE idle + 1.5 W network "
               "baseline + 0.03 W/Mbps capacity per subscription, 0.02 W/Mbps of traffic (2e-8 J/bit)")
-    MODES = ("span", "busy")
+    MODES = ("span",)
 
     def __init__(self, link_power_w: float = 36.0, capacity_w_per_mbps: float = 0.06,
                  capacity_mbps: float | None = 100.0, marginal_j_per_bit: float = 2e-8, mode: str = "span"):
+        if mode == "busy":  # refused rather than silently charging nothing (docs/energy.md)
+            raise ConfigError("energy.power.mode=busy is not available: lowbw records a send as an instant, so no "
+                              "link busy time is known and the fixed power would be charged for 0 s; use "
+                              "energy.power.mode=span (the link's fixed power over the whole run)")
         if mode not in self.MODES:
             raise ConfigError(f"energy.power.mode={mode!r}: choose one of {self.MODES}")
-        if min(link_power_w, capacity_w_per_mbps, marginal_j_per_bit) < 0:
-            raise ConfigError("energy.power: powers and per-bit cost must be >= 0")
+        values = (link_power_w, capacity_w_per_mbps, marginal_j_per_bit, capacity_mbps or 0.0)
+        if not all(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0 for v in values):
+            raise ConfigError("energy.power: powers, capacity and per-bit cost must be finite numbers >= 0")
         self.base_w = float(link_power_w)
         self.capacity_w_per_mbps = float(capacity_w_per_mbps)
         self.capacity_mbps = None if capacity_mbps is None else float(capacity_mbps)
@@ -234,7 +243,7 @@ class PowerModel(NetworkEnergyModel):
         return 8.0 * self.marginal_j_per_bit
 
     def active_seconds(self, span_s: float, busy_s: float) -> float:
-        return span_s if self.mode == "span" else busy_s
+        return span_s
 
     def params(self) -> dict[str, Any]:
         return {"link_power_w": self.base_w, "capacity_w_per_mbps": self.capacity_w_per_mbps,

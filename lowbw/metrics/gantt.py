@@ -13,11 +13,12 @@ the PNG shows the first few steps after warm-up, the trace every step. The PNG d
 from __future__ import annotations
 
 import argparse
+import io
 import json
-import sys
 from pathlib import Path
 from typing import Iterable, Optional
 
+from lowbw.metrics.files import atomic_write_bytes, atomic_write_text
 from lowbw.metrics.timeline import Event, Timeline
 
 #: Colour of each event kind in both pictures (Perfetto takes "cname" only from a fixed palette, so
@@ -147,8 +148,10 @@ def plot_gantt(tl: Timeline, path: str | Path, title: str = "", width: float = 1
     fig.legend(handles=handles, loc="lower center", ncol=ncol, fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, legend_h / fig.get_figheight(), 1, 1))
     path = Path(path)
-    fig.savefig(path, dpi=130)
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=130, format="png")
     plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())  # complete or absent
     return path
 
 
@@ -183,7 +186,7 @@ def chrome_trace(tl: Timeline, path: Optional[str | Path] = None, title: str = "
     trace = {"traceEvents": out, "displayTimeUnit": "ms",
              "otherData": {"clock": tl.clock, "title": title, "time_unit": f"us of the {tl.clock} clock"}}
     if path is not None:
-        Path(path).write_text(json.dumps(trace))
+        atomic_write_text(Path(path), json.dumps(trace))  # complete or absent
     return trace
 
 
@@ -196,26 +199,32 @@ def run_title(meta: dict, clock: str) -> str:
 
 
 def write_run_pictures(run_dir: Path, clock: str, world: int, warmup: int, meta: dict, steps: int = 2,
-                       ranks: int = MAX_RANKS_DRAWN) -> None:
+                       ranks: int = MAX_RANKS_DRAWN) -> list[str]:
     """timeline.png (``steps`` steps after warm-up, the first ``ranks`` ranks) and trace.json (all steps, all
     ranks) from a run's timeline.jsonl.
 
-    Never raises: a picture that cannot be drawn is reported on stderr and the run stays completed.
+    Each file is written whole or not at all. Returns what could not be written, one sentence each
+    (empty when both were written): the recorder turns that into a failed run, never a silent one.
     """
+    src = Path(run_dir) / "timeline.jsonl"
+    if not src.exists() or src.stat().st_size == 0:
+        return []
+    problems = []
     try:
-        src = Path(run_dir) / "timeline.jsonl"
-        if not src.exists() or src.stat().st_size == 0:
-            return
         tl = load_timeline(src, clock, world)
-        title = run_title(meta, clock)
-        chrome_trace(tl, Path(run_dir) / "trace.json", title)
-        plot_gantt(select_ranks(select_steps(tl, warmup, steps), ranks), Path(run_dir) / "timeline.png", title,
-                   of_ranks=tl.n_ranks)
-        if ranks < tl.n_ranks:
-            print(f"lowbw: timeline.png shows {ranks_note(ranks, tl.n_ranks)} (trace.json has them all)",
-                  file=sys.stderr)
-    except Exception as e:  # noqa: BLE001 -- pictures are a convenience, never a failure of the run
-        print(f"lowbw: could not draw the timeline of {run_dir}: {type(e).__name__}: {e}", file=sys.stderr)
+    except (OSError, ValueError, TypeError) as e:
+        return [f"could not read {src} to draw the timeline: {type(e).__name__}: {e}"]
+    title = run_title(meta, clock)
+    drawn = select_ranks(select_steps(tl, warmup, steps), ranks)
+    for name, draw in (("trace.json", lambda p: chrome_trace(tl, p, title)),
+                       ("timeline.png", lambda p: plot_gantt(drawn, p, title, of_ranks=tl.n_ranks))):
+        try:
+            draw(Path(run_dir) / name)
+        except Exception as e:  # noqa: BLE001 -- reported as the run's failure by the recorder
+            problems.append(str(e) if isinstance(e, OSError) else f"could not draw {name}: {type(e).__name__}: {e}")
+    if ranks < tl.n_ranks:
+        print(f"lowbw: timeline.png shows {ranks_note(ranks, tl.n_ranks)} (trace.json has them all)", file=sys.stderr)
+    return problems
 
 
 def main(argv: Optional[Iterable[str]] = None) -> None:

@@ -2,8 +2,14 @@
 
 Every rank sends rank 0 a small report per step (its busy time, when it finished on the run
 clock, the bytes it sent, the loss if it holds the last stage). Rank 0 turns them into one line
-of ``metrics.jsonl`` (flushed at once, so a crash loses no completed step), TensorBoard scalars,
-and at the end ``summary.json`` (written to a temporary file and renamed: never half-written).
+of ``metrics.jsonl`` (written whole or not at all, at once, so a crash loses no completed step),
+TensorBoard scalars, and at the end ``summary.json`` (written to a temporary file and renamed: never
+half-written). Every file is complete or absent (lowbw.metrics.files); what could not be written
+turns the run's status into ``failed``, with the sentence saying which file and why.
+
+A run ends with one status: ``completed``, ``failed`` (with the error, the failed rank if known),
+``interrupted`` (SIGINT/SIGTERM; the figures up to the last completed step) or ``diverged`` (a loss
+or gradient that is not finite, with the step). ``last_step`` is the last step recorded.
 
 Step time on the run clock: every rank's clock starts at 0 together, and step k ends when the last
 rank finishes it, ``T_k = max_r end_r``; step time is ``T_k - T_{k-1}``. Bubble fraction is the
@@ -13,42 +19,47 @@ share of rank-seconds in that span not spent computing: ``1 - sum_r busy_r / (R 
 from __future__ import annotations
 
 import json
-import os
+import threading
 import time
 from pathlib import Path
 from typing import Any, Optional
 
 from tqdm import tqdm
 
-from lowbw.energy import Measurement, account
+from lowbw.energy import Measurement, account, make_network_model, profiles_for_ranks
+from lowbw.metrics.files import LineLog, atomic_write_json, dumps, read_json_lines, rewrite_lines
 from lowbw.metrics.gantt import write_run_pictures
+from lowbw.metrics.tensorboard import TensorBoardLog
+from lowbw.metrics.target import Elapsed, time_to_target
 from lowbw.net.topology import link_key, parse_link_key
 
+__all__ = ["Recorder", "atomic_write_json", "format_summary", "STATUSES"]
 
-def atomic_write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+#: Every status a summary.json can hold.
+STATUSES = ("completed", "failed", "interrupted", "diverged")
 
 
 class Recorder:
     def __init__(self, run_dir: Path, clock: str, world: int, tokens_per_step: int, steps: int,
-                 warmup_steps: int, progress: bool, meta: dict):
+                 warmup_steps: int, progress: bool, meta: dict, hardware: Any = None, energy: Any = None,
+                 target_loss: Optional[float] = None, hparams: Optional[dict] = None):
+        """``hardware``, ``energy``: the run's config nodes, pricing each step's ``elapsed_j`` (None: not priced);
+        ``target_loss``: the validation loss whose first crossing summary.json records (None: no target);
+        ``hparams``: the run's settings for TensorBoard's HParams tab."""
         self.run_dir, self.clock, self.world = run_dir, clock, world
+        self.target_loss = target_loss
         self.tokens_per_step, self.steps, self.warmup = tokens_per_step, steps, warmup_steps
         self.meta = meta
         run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = run_dir / "metrics.jsonl"
-        self._metrics = open(self.metrics_path, "a")
-        self._timeline = open(run_dir / "timeline.jsonl", "a")
+        self._metrics = LineLog(self.metrics_path)
+        self._timeline = LineLog(run_dir / "timeline.jsonl")
+        # log_step runs on the collector thread, finish on the main thread: once finished, nothing more
+        # is appended, so summary.json and metrics.jsonl agree on the last step.
+        self._lock = threading.Lock()
+        self._finished = False
         self.tb_dir = run_dir / "tb"
-        # Imported here: only rank 0 records, and the import costs every process ~2 s of start-up.
-        from torch.utils.tensorboard import SummaryWriter
-
-        self._tb = SummaryWriter(str(self.tb_dir))
+        self._tb = TensorBoardLog(self.tb_dir, meta.get("run_name") or "run", hparams or {})
         self._bar = None
         if progress:
             self._bar = tqdm(total=steps, desc="train", unit="step", dynamic_ncols=True)
@@ -60,8 +71,20 @@ class Recorder:
         self.link_bytes: dict[str, int] = {}
         self.codec_totals: dict[str, dict[str, float]] = {}
         self._energy_inputs: Optional[tuple] = None
+        self._prices = None if hardware is None else (profiles_for_ranks(hardware, world), make_network_model(energy))
+        self.elapsed = Elapsed(world, self._elapsed_j if hardware is not None else None)
 
-    def log_step(self, step: int, reports: list[dict], excluded_wall_s: float = 0.0) -> dict:
+    def _elapsed_j(self, busy: list[float], span: float, links: dict[str, int]) -> float:
+        """Modelled joules of busy seconds per rank, a span and bytes per link (the run's profiles and model)."""
+        profiles, model = self._prices
+        return account(busy, span, profiles, model, link_bytes={parse_link_key(k): n for k, n in links.items()},
+                       clock=self.clock).total_j
+
+    def log_step(self, step: int, reports: list[dict], excluded_wall_s: float = 0.0) -> Optional[dict]:
+        with self._lock:
+            return None if self._finished else self._log_step(step, reports, excluded_wall_s)
+
+    def _log_step(self, step: int, reports: list[dict], excluded_wall_s: float) -> dict:
         t_end = max(r["end"] for r in reports)
         span = t_end - self._t_prev
         self._t_prev = t_end
@@ -94,36 +117,19 @@ class Recorder:
             "busy_s": busy,
             "idle_s": [max(0.0, span - b) for b in busy],
         }
+        row.update(self.elapsed.add(row, t_end))
         codecs = self._codec_step(reports)
         if codecs:
             row["compression"] = codecs
         vals = [r["val_loss"] for r in reports if r.get("val_loss") is not None]
         if vals:
             row["val_loss"] = self.val_loss = vals[0]
-        self.rows.append(row)
-        self._metrics.write(json.dumps(row) + "\n")
-        self._metrics.flush()
         for r in reports:
             for e in r.get("events", []):
-                self._timeline.write(json.dumps(e) + "\n")
-        self._timeline.flush()
-        tb = self._tb
-        tb.add_scalar("train/loss", loss, step)
-        if vals:
-            tb.add_scalar("val/loss", vals[0], step)
-        tb.add_scalar(f"perf/step_time_s_{self.clock}", span, step)
-        tb.add_scalar("perf/step_time_s_wall", wall, step)
-        if span > 0:
-            tb.add_scalar(f"perf/tokens_per_s_{self.clock}", self.tokens_per_step / span, step)
-        tb.add_scalar("perf/bubble_fraction", row["bubble_fraction"], step)
-        tb.add_scalar("net/bytes_per_token", row["bytes_per_token"], step)
-        for key, c in codecs.items():
-            for name in ("ratio", "rel_error", "encode_s", "decode_s"):
-                if c.get(name) is not None:
-                    tb.add_scalar(f"compress/{key}/{name}", c[name], step)
-        for rank, (b, i) in enumerate(zip(busy, row["idle_s"])):
-            tb.add_scalar(f"rank{rank}/busy_s", b, step)
-            tb.add_scalar(f"rank{rank}/idle_s", i, step)
+                self._timeline.append(dumps(e))
+        self._metrics.append(dumps(row))  # last: a step is in metrics.jsonl only with all its events
+        self.rows.append(row)
+        self._tb.scalars(step, _tb_scalars(row))
         if self._bar is not None:
             self._bar.update(1)
             self._bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{row['tokens_per_s'] or 0:.0f}", refresh=False)
@@ -154,22 +160,25 @@ class Recorder:
         n = state["n_rows"]
         self._metrics.close()
         self._timeline.close()
-        lines = self.metrics_path.read_text().splitlines() if self.metrics_path.exists() else []
-        self.rows = [json.loads(line) for line in lines[:n]]
+        self.rows = read_json_lines(self.metrics_path)[:n]
         last_step = self.rows[-1]["step"] if self.rows else -1
-        _rewrite(self.metrics_path, [json.dumps(r) for r in self.rows])
+        rewrite_lines(self.metrics_path, [dumps(r) for r in self.rows])
         tl = self.run_dir / "timeline.jsonl"
-        kept = [line for line in (tl.read_text().splitlines() if tl.exists() else [])
-                if json.loads(line)["step"] <= last_step]
-        _rewrite(tl, kept)
-        self._metrics = open(self.metrics_path, "a")
-        self._timeline = open(tl, "a")
+        rewrite_lines(tl, [dumps(e) for e in read_json_lines(tl) if e.get("step", last_step + 1) <= last_step])
+        self._metrics = LineLog(self.metrics_path)
+        self._timeline = LineLog(tl)
         self._t_prev = state["t_prev"]
         self.link_bytes = dict(state["link_bytes"])
         self.codec_totals = {k: dict(v) for k, v in state["codec_totals"].items()}
         self.val_loss = state["val_loss"]
+        self.elapsed.replay(self.rows)
         if self._bar is not None:
             self._bar.update(n)
+
+    @property
+    def clock_end_s(self) -> float:
+        """When the last recorded step ended, on the run clock (s)."""
+        return self._t_prev
 
     def set_energy_inputs(self, hardware: Any, energy: Any, measured: list) -> None:
         """Profiles, network model and each rank's measured window (or None), for the energy report."""
@@ -195,8 +204,7 @@ class Recorder:
                 links[parse_link_key(k)] = links.get(parse_link_key(k), 0) + n
         report = account([min(b, span) for b in busy], span, hardware, energy,
                          tokens=self.tokens_per_step * len(rows), link_bytes=links, measured=meas, clock=self.clock)
-        for name, value in report.scalars().items():
-            self._tb.add_scalar(name, value, len(self.rows) - 1)
+        self._tb.scalars(len(self.rows) - 1, report.scalars())
         return report.to_dict()
 
     def _loss_gap(self) -> Optional[float]:
@@ -204,11 +212,12 @@ class Recorder:
         base = self.meta.get("baseline_run")
         if not base or self.val_loss is None:
             return None
-        try:
-            ref = json.loads((Path(base) / "summary.json").read_text()).get("val_loss")
+        try:  # checked before the run (lowbw.validation); read again here, so never trusted blindly
+            ref = json.loads((Path(base) / "summary.json").read_text())
         except (OSError, ValueError):
             return None
-        return None if ref is None else self.val_loss - ref
+        ref = ref.get("val_loss") if isinstance(ref, dict) else None
+        return self.val_loss - ref if isinstance(ref, (int, float)) and not isinstance(ref, bool) else None
 
     def summary(self, status: str, error: Optional[str] = None) -> dict:
         rows = self.rows
@@ -222,6 +231,7 @@ class Recorder:
             "error": error,
             "clock": self.clock,
             "steps_completed": len(rows),
+            "last_step": rows[-1]["step"] if rows else None,
             "steps": self.steps,
             "tokens": tokens,
             "tokens_per_s": self.tokens_per_step * len(measured) / t if t > 0 else None,
@@ -237,6 +247,7 @@ class Recorder:
             "val_loss": self.val_loss,
             "compression": {k: _codec_view(c) for k, c in self.codec_totals.items()},
             "loss_gap": self._loss_gap(),
+            "target": None if self.target_loss is None else time_to_target(rows, self.target_loss),
             "energy": self.energy(),
             "run_wall_s": time.perf_counter() - self._wall_start,
             "run_dir": str(self.run_dir),
@@ -245,23 +256,59 @@ class Recorder:
             **self.meta,
         }
 
-    def finish(self, status: str, error: Optional[str] = None) -> dict:
-        summary = self.summary(status, error)
-        atomic_write_json(self.run_dir / "summary.json", summary)
+    def finish(self, status: str, error: Optional[str] = None, pictures: bool = True, **extra: Any) -> dict:
+        """Close the files and write summary.json with ``status`` (one of STATUSES) and ``extra`` fields
+        (e.g. ``failed_rank``, ``diverged_step``). A file that cannot be written makes the status
+        ``failed`` with a sentence naming it; summary.json itself failing raises OutputError.
+        ``pictures=False``: no timeline.png / trace.json (a run asked to stop, stops at once; draw them
+        later with ``python -m lowbw.metrics.gantt RUN_DIR``)."""
+        assert status in STATUSES, status
+        with self._lock:
+            self._finished = True
         for f in (self._metrics, self._timeline):
             f.close()
-        self._tb.flush()
-        self._tb.close()
         if self._bar is not None:
             self._bar.close()
-        write_run_pictures(self.run_dir, self.clock, self.world, self.warmup, self.meta)
+        summary = {**self.summary(status, error), **extra}  # before TensorBoard closes: energy scalars
+        path = self.run_dir / "summary.json"
+        if status != "completed":  # the record of what happened first, the pictures after
+            atomic_write_json(path, summary)
+        problems = self._post_process(pictures, summary)
+        if problems:
+            summary["error"] = "; ".join(([error] if error else []) + problems)
+            summary["status"] = "failed" if status == "completed" else status
+        if problems or status == "completed":
+            atomic_write_json(path, summary)
         return summary
 
+    def _post_process(self, pictures: bool, summary: dict) -> list[str]:
+        problems = []
+        try:  # the final metrics and the run's settings for the HParams tab, then close
+            self._tb.finish(max(0, len(self.rows) - 1), summary)
+        except Exception as e:  # noqa: BLE001 -- tensorboard's writer thread re-raises what it met
+            problems.append(f"could not write {self.tb_dir}: {type(e).__name__}: {e}")
+        if not pictures:
+            return problems
+        return problems + write_run_pictures(self.run_dir, self.clock, self.world, self.warmup, self.meta)
 
-def _rewrite(path: Path, lines: list[str]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in lines))
-    os.replace(tmp, path)
+
+def _tb_scalars(row: dict) -> dict[str, Optional[float]]:
+    """One step's TensorBoard scalars: one tag per quantity, on the run's clock unless named wall."""
+    out = {
+        "train/loss": row["loss"],
+        "val/loss": row.get("val_loss"),
+        "perf/step_time_s": row["step_time_s"],
+        "perf/step_time_wall_s": row["step_time_wall_s"],
+        "perf/tokens_per_s": row["tokens_per_s"],
+        "perf/bubble_fraction": row["bubble_fraction"],
+        "net/bytes_per_token": row["bytes_per_token"],
+    }
+    for key, c in row.get("compression", {}).items():
+        for name in ("ratio", "rel_error", "encode_s", "decode_s"):
+            out[f"compress/{key}/{name}"] = c.get(name)
+    for rank, (b, i) in enumerate(zip(row["busy_s"], row["idle_s"])):
+        out[f"rank{rank}/busy_s"], out[f"rank{rank}/idle_s"] = b, i
+    return out
 
 
 def _codec_view(c: dict) -> dict:
@@ -277,6 +324,17 @@ def _codec_view(c: dict) -> dict:
 
 def _j(joules: float) -> str:
     return f"{joules:,.0f} J" if abs(joules) >= 1000 else f"{joules:.4g} J"
+
+
+def format_target(t: dict, clock: str) -> str:
+    """One console line: when validation loss first reached the target, or the best it reached."""
+    if not t["reached"]:
+        return (f"  target       validation loss {t['loss']:g} not reached in {t['evaluations']} evaluations; "
+                f"best {t['best_val_loss']:.4f} at step {t['best_step']}")
+    p = t["first_crossing"]
+    energy = "" if p["energy_j"] is None else f", {_j(p['energy_j'])} (modelled)"
+    return (f"  target       validation loss {t['loss']:g} reached at step {p['step']} ({p['tokens']:,.0f} tokens): "
+            f"{p['time_s']:,.4g} s ({clock} clock), {p['wall_s']:,.4g} s wall{energy}")
 
 
 def format_summary(s: dict) -> str:
@@ -296,6 +354,11 @@ def format_summary(s: dict) -> str:
         f"  loss         train {num(s['train_loss'], '.4f')}   validation {num(s['val_loss'], '.4f')}",
         f"  outputs      {s['run_dir']}  (summary.json, metrics.jsonl, timeline.png, trace.json, tb/)",
     ]
+    t = s.get("timing")
+    if t:
+        lines[1:1] = [f"  timing       {t['timing']}", f"  learning     {t['learning']}"]
+    if s.get("target"):
+        lines.insert(-1, format_target(s["target"], c))
     compressed = (s.get("compress_fwd"), s.get("compress_bwd")) != ("none", "none")
     for key, c in sorted((s.get("compression") or {}).items()) if compressed else []:
         rel = "n/a" if c["rel_error"] is None else f"{c['rel_error']:.2e}"

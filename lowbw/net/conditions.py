@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import bisect
 import csv
+import io
 import math
 import random
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from typing import Any, Optional
 from lowbw.errors import ConfigError
 
 MATHIS_C = math.sqrt(1.5)  # Mathis et al. 1997, periodic-loss model constant
+MAX_TRACE_BYTES = 64 * 2**20  # a bandwidth trace every rank reads and keeps (about 3 million rows)
 
 
 def mathis_ceiling_bps(loss_rate: float, rtt_s: float, mss_bytes: int) -> float:
@@ -95,8 +97,18 @@ def read_trace(path: str) -> tuple[list[float], list[float], str]:
     p = Path(path).expanduser()
     if not p.is_file():
         raise ConfigError(f"faults.bandwidth_trace={path!r} does not exist; give a CSV file with a header time_s,factor or time_s,mbps")
-    with open(p, newline="") as f:
-        rows = list(csv.reader(f))
+    if p.stat().st_size > MAX_TRACE_BYTES:
+        raise ConfigError(f"faults.bandwidth_trace={path!r} is {p.stat().st_size:,} bytes, more than "
+                          f"{MAX_TRACE_BYTES:,}; every rank holds the whole trace: thin it out")
+    raw = p.read_bytes()
+    if b"\0" in raw:
+        raise ConfigError(f"faults.bandwidth_trace={path!r} looks binary (it holds NUL bytes); give a CSV text file")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"faults.bandwidth_trace={path!r} is not UTF-8 text (bad byte at offset {e.start}); "
+                          "give a CSV text file") from None
+    rows = list(csv.reader(io.StringIO(text, newline="")))
     if not rows or [c.strip() for c in rows[0]] not in (["time_s", "factor"], ["time_s", "mbps"]):
         raise ConfigError(f"faults.bandwidth_trace={path!r}: the first line must be the header 'time_s,factor' or 'time_s,mbps'")
     kind = "factor" if rows[0][1].strip() == "factor" else "bps"
@@ -136,7 +148,7 @@ def conditions_from_config(faults: Any, net: Any, n: int) -> Conditions:
     outages = []
     for o in faults.outages or []:
         src, dst = _parse_link(o.link, n)
-        if not (0 <= o.start_s < o.end_s) or math.isinf(o.end_s):
+        if not (0 <= o.start_s < o.end_s) or not math.isfinite(o.end_s):
             raise ConfigError(f"faults.outages: window [{o.start_s}, {o.end_s}) s must have 0 <= start < end < inf")
         outages.append(Outage(src, dst, float(o.start_s), float(o.end_s)))
     cond = Conditions(outages=outages, loss_rate=float(net.loss_rate), mss_bytes=int(net.mss_bytes))
@@ -144,12 +156,13 @@ def conditions_from_config(faults: Any, net: Any, n: int) -> Conditions:
         raise ConfigError(f"net.loss_rate={net.loss_rate} must lie in [0, 1)")
     if cond.mss_bytes <= 0:
         raise ConfigError(f"net.mss_bytes={net.mss_bytes} must be > 0")
-    if faults.bandwidth_trace and faults.bandwidth_walk is not None:
+    walk = faults.bandwidth_walk if getattr(faults.bandwidth_walk, "enabled", False) else None
+    if faults.bandwidth_trace and walk is not None:
         raise ConfigError("faults.bandwidth_trace and faults.bandwidth_walk are exclusive; set one of them")
     if faults.bandwidth_trace:
         cond.trace_t, cond.trace_v, cond.trace_kind = read_trace(faults.bandwidth_trace)
-    elif faults.bandwidth_walk is not None:
-        w = faults.bandwidth_walk
+    elif walk is not None:
+        w = walk
         if not (w.interval_s > 0 and w.sigma >= 0 and 0 < w.min_factor <= 1 <= w.max_factor and w.horizon_s > 0):
             raise ConfigError("faults.bandwidth_walk needs interval_s > 0, sigma >= 0, 0 < min_factor <= 1 <= max_factor, horizon_s > 0")
         cond.trace_t, cond.trace_v = random_walk(w.seed, w.interval_s, w.sigma, w.min_factor, w.max_factor, w.horizon_s)

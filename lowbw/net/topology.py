@@ -15,6 +15,8 @@ from typing import Any
 from lowbw.errors import ConfigError
 
 MBIT = 1e6  # bits per Mbit/s unit (network convention, SI)
+MAX_LATENCY_MS = 60_000.0  # a minute one way: beyond any terrestrial or geostationary link (lowbw.limits)
+MIN_BANDWIDTH_MBPS = 1e-3  # 1 kbit/s (lowbw.limits)
 
 
 def link_key(src: int, dst: int) -> str:
@@ -90,13 +92,15 @@ class Topology:
         name = getattr(net, "name", "?")
 
         def check_latency(v: float, what: str) -> float:
-            if v is None or math.isnan(v) or v < 0 or math.isinf(v):
-                raise ConfigError(f"net.{what}={v} (preset {name!r}): latency must be a finite number >= 0 ms")
+            if v is None or math.isnan(v) or v < 0 or v > MAX_LATENCY_MS:
+                raise ConfigError(f"net.{what}={v} (preset {name!r}): latency must be a number in [0, 60,000] ms "
+                                  "(on the wall clock the run would wait that long for real)")
             return v / 1e3
 
         def check_bw(v: float, what: str) -> float:
-            if v is None or math.isnan(v) or v <= 0:
-                raise ConfigError(f"net.{what}={v} (preset {name!r}): bandwidth must be > 0 Mbit/s (.inf allowed)")
+            if v is None or math.isnan(v) or v < MIN_BANDWIDTH_MBPS:
+                raise ConfigError(f"net.{what}={v} (preset {name!r}): bandwidth must be at least 0.001 Mbit/s "
+                                  "(inf allowed): below 1 kbit/s a step's messages take hours")
             return v * MBIT
 
         if net.semantics not in ("pipelined", "serialized"):

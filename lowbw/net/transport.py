@@ -30,8 +30,18 @@ synchronisation between machines is needed. The real arrival is noticed between 
 (:meth:`progress` reads the meta block's first word, which the sender writes non-zero).
 
 A receive waits at most ``timeout_s`` (wall) for its message; a dead or silent peer becomes a
-:class:`PeerError` naming its rank. Only the compute thread uses the pipeline channels; the control
-channel's receives (:meth:`recv_json`) may run on another thread (rank 0's collector).
+:class:`PeerError` naming its rank. Which rank, and whether it died, hangs or sits behind a dead
+link, is the verdict of the :class:`~lowbw.net.liveness.LinkWatch` hook (heartbeats), which this
+module tells when a message is handed to the link (``sent``), when one is taken off it (``arrived``:
+in, and on the wall clock past the emulated uplink's ``release``, as if the sender had held it till
+then), around every blocking wait (``waiting``), and asks for the error when a wait times out or a
+link fails. On the wall clock a message whose emulated uplink would not release it within
+``timeout_s`` of the receive is such a timeout too (:meth:`delivery_time`). Only the compute thread
+uses the pipeline channels; the control channel's receives (:meth:`recv_json`) may run on another
+thread (rank 0's collector).
+
+A regime (lowbw/regime.py) makes the link model charge a target deployment's message length instead
+of the payload's (``charge``, :meth:`charged_bytes`); what moves on the wire is the payload.
 """
 
 from __future__ import annotations
@@ -49,9 +59,9 @@ from typing import Optional
 import numpy as np
 import torch
 
-from lowbw.errors import PeerError
 from lowbw.net.clock import Clock
 from lowbw.net.link import LinkModel
+from lowbw.net.liveness import LinkWatch
 from lowbw.net.wire import GlooWire, Handle, Wire
 
 # Channels: activations forward, gradients backward, run control (reports to rank 0, never emulated).
@@ -83,6 +93,7 @@ class Message:
     sent_host: int = 0  # the sender's host id
     sent_wall: float = 0.0  # sender's perf_counter when the last bit left its emulated uplink ("release")
     hold: float = 0.0  # seconds from the send to that moment
+    deadline: float = float("inf")  # perf_counter by which the receive wanted it (timeout_s after it began)
 
     @property
     def nbytes(self) -> int:
@@ -104,6 +115,14 @@ class _Incoming:
     def arrived(self) -> bool:
         return self.meta[0] == _MAGIC
 
+    def released(self, now: float) -> bool:
+        """In, and past the moment its last bit left the sender's emulated uplink (wall clock)."""
+        if not self.arrived():
+            return False
+        f = self.meta.view(np.float64)
+        release = f[7] if self.meta[9] == _HOST else (self.received if self.received is not None else now) + f[8]
+        return now >= release
+
 
 def _empty_meta_buffer(nbytes: int) -> torch.Tensor:
     buf = torch.empty(_META + nbytes, dtype=torch.uint8)
@@ -113,8 +132,14 @@ def _empty_meta_buffer(nbytes: int) -> torch.Tensor:
 
 class Transport:
     def __init__(self, rank: int, link: Optional[LinkModel], clock: Clock, timeout_s: float,
-                 wire: Optional[Wire] = None):
+                 wire: Optional[Wire] = None, charge: Optional[dict[int, tuple[int, int]]] = None,
+                 watch: Optional[LinkWatch] = None):
+        """``charge``: channel -> (target, run) bytes: the link model charges a payload of n bytes on that
+        channel round(n * target / run) bytes -- a target deployment's messages (lowbw/regime.py); None or a
+        missing channel: its length. ``watch``: the liveness hook (None: plain verdicts)."""
         self.rank, self.link, self.timeout_s = rank, link, timeout_s
+        self._charge = dict(charge or {})
+        self.watch = watch or LinkWatch()  # liveness hook: counts, waits, verdicts on timeouts and failures
         self.virtual = clock.virtual
         self.now = clock.now  # the run clock (seconds), read only from the compute thread
         self.wire = wire if wire is not None else GlooWire()
@@ -122,6 +147,7 @@ class Transport:
         self._expected: dict[tuple[int, int, tuple], _Incoming] = {}
         self._unsized: dict[tuple[int, int], deque[_Incoming]] = {}  # payload receive not posted yet, in order
         self._unstamped: list[_Incoming] = []
+        self._uncounted: list[_Incoming] = []  # pipeline messages not yet reported to the watch as arrived
         self._round = 0
         self._sends: deque[tuple[int, int, Handle, tuple]] = deque()  # (round, dst, handle, buffers kept alive)
         self._ctrl_sends: deque[tuple[int, int, Handle, tuple]] = deque()
@@ -130,23 +156,36 @@ class Transport:
 
     # ---- waiting, with failures named ------------------------------------------------------------
 
-    def _wait(self, handle: Handle, peer: int, what: str) -> None:
+    def _wait(self, handle: Handle, peer: int, key: Optional[object]) -> None:
+        """Wait for a posted operation; ``key``: the message received (None: a send). A receive that takes
+        timeout_s, or any failure, becomes the watch's verdict."""
         t0 = time.monotonic()
         try:
             handle.wait(self._timeout)
         except RuntimeError as e:
-            if time.monotonic() - t0 >= 0.99 * self.timeout_s:
-                raise PeerError(peer, f"rank {self.rank}: nothing from rank {peer} for {self.timeout_s:g} s "
-                                      f"({what}); rank {peer} has died or hangs") from None
-            raise PeerError(peer, f"rank {self.rank}: link to rank {peer} failed ({e}); "
-                                  f"rank {peer} has probably died") from None
+            if threading.current_thread() is threading.main_thread():  # the compute thread owns the list
+                self._count_arrivals()  # the verdict compares what was sent with what got here
+            if key is not None and time.monotonic() - t0 >= 0.99 * self.timeout_s:
+                raise self.watch.receive_timed_out(self.rank, peer, key, self.timeout_s) from None
+            raise self.watch.link_failed(self.rank, peer, e) from None
 
     def _post(self, sending: bool, buf: torch.Tensor, peer: int, t: int) -> Handle:
         try:
             return (self.wire.isend if sending else self.wire.irecv)(buf, peer, t)
         except RuntimeError as e:  # the connection is already closed: the peer is gone
-            raise PeerError(peer, f"rank {self.rank}: link to rank {peer} failed ({e}); "
-                                  f"rank {peer} has probably died") from None
+            raise self.watch.link_failed(self.rank, peer, e) from None
+
+    def _count_arrivals(self) -> None:
+        """Tell the watch of each message taken off its link since the last call (see the module's docstring)."""
+        if not self._uncounted:
+            return
+        now, left = time.perf_counter(), []
+        for inc in self._uncounted:
+            if inc.arrived() if self.virtual else inc.released(now):
+                self.watch.arrived(inc.src)
+            else:
+                left.append(inc)
+        self._uncounted = left
 
     # ---- rounds: send handles live until their receivers have certainly posted -----------------
 
@@ -159,14 +198,14 @@ class Transport:
         self._round += 1
         while self._sends and self._sends[0][0] <= self._round - 2:
             _, dst, handle, _ = self._sends.popleft()
-            self._wait(handle, dst, "sending")
+            self._wait(handle, dst, None)
 
     def flush(self) -> None:
         """Wait until every message sent so far has left this process."""
         for q in (self._sends, self._ctrl_sends):
             while q:
                 _, dst, handle, _ = q.popleft()
-                self._wait(handle, dst, "sending")
+                self._wait(handle, dst, None)
 
     def close(self) -> None:
         """The run is over on this rank: every send completed, every expected message taken."""
@@ -188,6 +227,7 @@ class Transport:
         inc = _Incoming(src, ch, key, buf, self._post(False, buf, src, tag(ch, _MESSAGE if sized else _HEADER)), sized)
         self._expected[(src, ch, key)] = inc
         self._unstamped.append(inc)
+        self._uncounted.append(inc)
         if not sized:
             self._unsized.setdefault((src, ch), deque()).append(inc)
 
@@ -201,7 +241,7 @@ class Transport:
         t = self.now()
         arrival, hold = t, 0.0
         if emulate and self.link is not None:
-            timing = self.link.send(dst, n, t)
+            timing = self.link.send(dst, self.charged_bytes(ch, n), t)
             arrival, hold = timing.arrival, timing.tx_done - t
         buf = _empty_meta_buffer(n if sized else 0)
         if sized:
@@ -211,7 +251,15 @@ class Transport:
             self._sends.append((self._round, dst, self._post(True, buf, dst, tag(ch, _MESSAGE)), (buf,)))
         else:
             self._send_unsized(self._sends, dst, ch, buf, payload.to("cpu", torch.uint8).contiguous())
+        self.watch.sent(dst)
         return arrival
+
+    def charged_bytes(self, ch: int, nbytes: int) -> int:
+        """Bytes the link model charges for a payload of ``nbytes`` on channel ``ch``."""
+        if ch not in self._charge:
+            return nbytes
+        target, run = self._charge[ch]
+        return (2 * nbytes * target + run) // (2 * run)  # round(n * target / run) in integers
 
     def _send_unsized(self, q: deque, dst: int, ch: int, head: torch.Tensor, body: torch.Tensor) -> None:
         q.append((self._round, dst, self._post(True, head, dst, tag(ch, _HEADER)), (head,)))
@@ -235,12 +283,13 @@ class Transport:
                 if inc.received is None and inc.arrived():
                     inc.received = now
             self._unstamped = [inc for inc in self._unstamped if inc.received is None]
+        self._count_arrivals()
         for q in self._unsized.values():
             while q and q[0].arrived():
                 self._post_payload(q.popleft())
 
     def _post_payload(self, inc: _Incoming) -> None:
-        self._wait(inc.handle, inc.src, f"header of {inc.key}")  # in already: returns at once
+        self._wait(inc.handle, inc.src, inc.key)  # the header is in already: returns at once
         inc.body = torch.empty(int(inc.meta[1]), dtype=torch.uint8)
         if inc.body.numel():
             inc.body_handle = self._post(False, inc.body, inc.src, tag(inc.ch, _PAYLOAD))
@@ -250,17 +299,23 @@ class Transport:
         inc = self._expected.pop((src, ch, key), None)
         if inc is None:
             raise RuntimeError(f"rank {self.rank}: message {key} from rank {src} was never expected")
-        what = f"waiting for {key}"
-        if inc.sized:
-            self._wait(inc.handle, src, what)
-        else:
-            q = self._unsized[(src, ch)]
-            while inc.body is None:  # payload receives go out in the sender's order
-                self._post_payload(q.popleft())
-            if inc.body_handle is not None:
-                self._wait(inc.body_handle, src, what)
+        deadline = time.perf_counter() + self.timeout_s
+        self._count_arrivals()
+        self.watch.waiting(src)
+        try:
+            if inc.sized:
+                self._wait(inc.handle, src, key)
+            else:
+                q = self._unsized[(src, ch)]
+                while inc.body is None:  # payload receives go out in the sender's order
+                    self._post_payload(q.popleft())
+                if inc.body_handle is not None:
+                    self._wait(inc.body_handle, src, key)
+        finally:
+            self.watch.waiting(None)
         if inc.received is None:
             inc.received = time.perf_counter()
+        self._count_arrivals()
         m = inc.meta
         got = tuple(int(v) for v in m[2:6])
         if m[0] != _MAGIC or got != tuple(key):
@@ -268,18 +323,36 @@ class Transport:
                                "the two ranks disagree on the order of their messages")
         n, f = int(m[1]), m.view(np.float64)
         payload = inc.buf[_META:_META + n] if inc.sized else inc.body
-        return Message(src, ch, key, payload, float(f[6]), inc.received, int(m[9]), float(f[7]), float(f[8]))
+        return Message(src, ch, key, payload, float(f[6]), inc.received, int(m[9]), float(f[7]), float(f[8]),
+                       deadline)
 
     def delivery_time(self, msg: Message, emulate: bool = True) -> float:
-        """When the message is usable on this rank's clock, charging this rank's downlink."""
+        """When the message is usable on this rank's clock, charging this rank's downlink.
+
+        Wall clock: a message the sender's emulated uplink releases later than ``timeout_s`` after its
+        receive began (an outage, a link far too slow) is waited for until then and becomes the watch's
+        verdict, as if it had never come."""
         if not emulate or self.link is None:
             return self.now() if not self.virtual else msg.sent_arrival
         if self.virtual:
             arrival = msg.sent_arrival
         else:  # from when it left the sender's emulated uplink (same host) or really arrived here, plus hold
             left = msg.sent_wall if msg.sent_host == _HOST else msg.received_wall + msg.hold
+            if left > msg.deadline:
+                self._held_past_deadline(msg)
             arrival = self.link.arrival_after_receipt(msg.src, self.now() - (time.perf_counter() - left))
-        return self.link.deliver(msg.src, msg.nbytes, arrival)
+        return self.link.deliver(msg.src, self.charged_bytes(msg.channel, msg.nbytes), arrival)
+
+    def _held_past_deadline(self, msg: Message) -> None:
+        """Wait out the receive's timeout on a message still on the sender's emulated uplink, then fail."""
+        self.watch.waiting(msg.src)
+        try:
+            while (left := msg.deadline - time.perf_counter()) > 0:
+                time.sleep(min(left, 0.1))
+                self._count_arrivals()  # other messages keep arriving meanwhile: the verdict counts them
+        finally:
+            self.watch.waiting(None)
+        raise self.watch.receive_timed_out(self.rank, msg.src, msg.key, self.timeout_s)
 
     # ---- control messages (reports to rank 0), never emulated ------------------------------------
 
@@ -288,19 +361,26 @@ class Transport:
         head = _empty_meta_buffer(0)
         self._write_meta(head, body.numel(), key, 0.0, 0.0)
         self._send_unsized(self._ctrl_sends, dst, CH_CTRL, head, body)
+        self.watch.sent(dst)
         while len(self._ctrl_sends) > _CTRL_WINDOW:
             _, peer, handle, _ = self._ctrl_sends.popleft()
-            self._wait(handle, peer, "sending a report")
+            self._wait(handle, peer, None)
 
     def recv_json(self, src: int, key: tuple[int, int, int, int]) -> dict:
         """The report ``key`` from ``src``; reports that come first are kept for their turn."""
+        what = f"report {key}"
         with self._ctrl_lock:
-            while (src, key) not in self._ctrl_inbox:
-                head = _empty_meta_buffer(0)
-                self._wait(self._post(False, head, src, tag(CH_CTRL, _HEADER)), src, f"waiting for report {key}")
-                m = _meta_view(head)
-                body = torch.empty(int(m[1]), dtype=torch.uint8)
-                if body.numel():
-                    self._wait(self._post(False, body, src, tag(CH_CTRL, _PAYLOAD)), src, f"waiting for report {key}")
-                self._ctrl_inbox[(src, tuple(int(v) for v in m[2:6]))] = body.numpy().tobytes()
+            self.watch.waiting(src)
+            try:
+                while (src, key) not in self._ctrl_inbox:
+                    head = _empty_meta_buffer(0)
+                    self._wait(self._post(False, head, src, tag(CH_CTRL, _HEADER)), src, what)
+                    m = _meta_view(head)
+                    body = torch.empty(int(m[1]), dtype=torch.uint8)
+                    if body.numel():
+                        self._wait(self._post(False, body, src, tag(CH_CTRL, _PAYLOAD)), src, what)
+                    self.watch.arrived(src)
+                    self._ctrl_inbox[(src, tuple(int(v) for v in m[2:6]))] = body.numpy().tobytes()
+            finally:
+                self.watch.waiting(None)
             return json.loads(self._ctrl_inbox.pop((src, key)).decode())

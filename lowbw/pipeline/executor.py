@@ -65,7 +65,7 @@ class StepResult:
     events: list[Event] = field(default_factory=list)
     loss_sum: float = 0.0  # sum over microbatches of the (unscaled) loss, last stage only
     n_loss: int = 0
-    bytes_sent: dict[int, int] = field(default_factory=dict)  # destination rank -> payload bytes
+    bytes_sent: dict[int, int] = field(default_factory=dict)  # destination rank -> bytes the link charged
     codecs: dict[str, CodecStats] = field(default_factory=dict)
 
 
@@ -237,10 +237,12 @@ class Executor:
         payload = self._encode(ctx, codec, x, ids, a, ctx.res.codecs.setdefault(boundary, CodecStats()))
         nbytes = self._agreed_length(a, codec, x, payload, ctx.batches[b][0][i].shape)
         dst = peer_of(a, ctx.sched)
-        self.transport.send(dst, _CHANNEL[a.kind], key, payload, ctx.emulate, sized=nbytes is not None)
-        ctx.res.bytes_sent[dst] = ctx.res.bytes_sent.get(dst, 0) + payload.numel()
+        ch = _CHANNEL[a.kind]
+        self.transport.send(dst, ch, key, payload, ctx.emulate, sized=nbytes is not None)
+        charged = self.transport.charged_bytes(ch, payload.numel())  # a target regime's, if any
+        ctx.res.bytes_sent[dst] = ctx.res.bytes_sent.get(dst, 0) + charged
         now = self.clock.now()
-        ctx.record(self.rank, "send", now, now, a, payload.numel(), dst)
+        ctx.record(self.rank, "send", now, now, a, charged, dst)
 
     def _receive(self, ctx: _Step, a: Action, b: int, i: int) -> None:
         """RECV_F / RECV_B: wait for delivery on this rank's clock, then decode (busy)."""

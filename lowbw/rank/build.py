@@ -19,7 +19,8 @@ from lowbw.models.flops import count_stage_flops
 from lowbw.models.gpt import GPTStage
 from lowbw.net.clock import Clock, make_clock, planned_durations
 from lowbw.net.link import LinkModel
-from lowbw.net.transport import Transport
+from lowbw.net.liveness import LinkWatch
+from lowbw.net.transport import CH_BWD, CH_FWD, Transport
 from lowbw.net.wire import Wire
 from lowbw.optim import build_optimizer
 from lowbw.pipeline.durations import planner
@@ -48,6 +49,7 @@ class Rank:
     meter: EnergyMeter
     #: seconds charged for the optimizer step: None = measured, 0.0 under planned durations
     optimizer_seconds: Optional[float]
+    watch: LinkWatch  # liveness verdicts for the transport and the collectives (lowbw.net.liveness)
 
     @property
     def profile(self) -> HardwareProfile:
@@ -78,13 +80,16 @@ def build_link(plan: Plan, rank: int, seed: int) -> Optional[LinkModel]:
 
 def stage_seconds(cfg: Any, plan: Plan, rank: int, stages: dict[int, StageRuntime],
                   device: torch.device) -> Optional[dict[int, tuple[float, float]]]:
-    """(forward_s, backward_s) of one microbatch per held stage under planned durations; None = measured."""
+    """(forward_s, backward_s) of one microbatch per held stage under planned durations; None = measured.
+    FLOPs are the held module's, counted, or under a regime the target model's for that stage."""
     mode = planned_durations(cfg.clock)
     if mode is None:
         return None
     if mode == "fixed":
         return {s: (cfg.clock.forward_s, cfg.clock.backward_s) for s in stages}
     rate = cfg.clock.flops_per_s or plan.profiles[rank].effective_flops
+    if plan.regime is not None:  # the target model's FLOPs for each stage (lowbw/regime.py)
+        return {s: (plan.regime.stage_flops[s][0] / rate, plan.regime.stage_flops[s][1] / rate) for s in stages}
     mb, T, last = cfg.train.batch_size // cfg.pipeline.microbatches, cfg.model.block_size, plan.schedule.n_stages - 1
     out = {}
     for s, st in stages.items():
@@ -96,14 +101,24 @@ def stage_seconds(cfg: Any, plan: Plan, rank: int, stages: dict[int, StageRuntim
     return out
 
 
-def build_rank(cfg: Any, plan: Plan, rank: int, world: int, local_rank: int = 0, wire: Optional[Wire] = None) -> Rank:
+def message_charge(plan: Plan) -> Optional[dict[int, tuple[int, int]]]:
+    """Channel -> (target, run) payload bytes the link model charges under a regime; None: payload lengths."""
+    if plan.regime is None:
+        return None
+    return {CH_FWD: plan.regime.message_bytes["fwd"], CH_BWD: plan.regime.message_bytes["bwd"]}
+
+
+def build_rank(cfg: Any, plan: Plan, rank: int, world: int, local_rank: int = 0, wire: Optional[Wire] = None,
+               watch: Optional[LinkWatch] = None) -> Rank:
     """Build rank ``rank`` of ``world``. ``wire``: what moves the bytes (default: gloo point-to-point; the
-    process group must exist already); lowbw.testing.inproc passes an in-memory one."""
+    process group must exist already); lowbw.testing.inproc passes an in-memory one. ``watch``: the liveness
+    hook (a running heartbeat in real runs; None: plain verdicts)."""
     torch.manual_seed(cfg.seed)
     device = pick_device(cfg.device, local_rank)
     clock = make_clock(cfg.clock.name, device)
     link = build_link(plan, rank, cfg.seed)
-    transport = Transport(rank, link, clock, cfg.timeout_s, wire)
+    watch = watch or LinkWatch()
+    transport = Transport(rank, link, clock, cfg.timeout_s, wire, charge=message_charge(plan), watch=watch)
     stages = build_stages(cfg, plan, rank, device)
     optimizer = build_optimizer(cfg.train, [st.module for st in stages.values()])
     corpus = Corpus(cfg.data.path, cfg.model.block_size, cfg.data.val_fraction, cfg.seed)
@@ -113,4 +128,4 @@ def build_rank(cfg: Any, plan: Plan, rank: int, world: int, local_rank: int = 0,
     meter = select_meter(str(device), cfg.energy.meter)
     opt_s = None if planned_durations(cfg.clock) is None else 0.0
     return Rank(cfg, plan, rank, world, device, stages, clock, link, transport, executor, optimizer, corpus,
-                meter, opt_s)
+                meter, opt_s, watch)

@@ -3,8 +3,16 @@
 The same on every rank; what differs per rank is built in (the :class:`~lowbw.rank.build.Rank`)
 or is a role (lowbw.rank.reporting). One step::
 
-    batch (from the seed, no data messages) -> executor.run(schedule) -> optimizer step (timed)
-    -> report (busy time, end time, bytes, loss, events, codec stats) -> [evaluation] -> [checkpoint]
+    batch (from the seed, no data messages) -> executor.run(schedule) -> global gradient norm
+    (one all-reduce) -> [clip] -> optimizer step (timed) -> report (busy time, end time, bytes, loss,
+    events, codec stats) -> [evaluation] -> [checkpoint]
+
+The global gradient norm: each rank sums the squares of its stages' gradients (plus infinity when
+its loss is not finite), one all-reduce of that single number gives every rank the norm over all
+stages. A norm that is not finite stops every rank at the same step (:class:`~lowbw.errors.Diverged`,
+status ``diverged``); ``train.grad_clip > 0`` scales every gradient by ``clip / (norm + 1e-6)`` when
+the norm exceeds it, as ``torch.nn.utils.clip_grad_norm_`` does in one process. The all-reduce is
+control traffic: neither emulated nor charged to the run clock.
 
 Evaluation runs a forward-only schedule with the clock paused and emulation off. Checkpoints are
 written with the clock paused too.
@@ -12,13 +20,17 @@ written with the clock paused too.
 
 from __future__ import annotations
 
+import math
+import sys
 import time
 from pathlib import Path
 from typing import Optional
 
+import torch
 import torch.distributed as dist
 
 from lowbw.checkpoint import checkpoint_dir
+from lowbw.errors import Diverged, ignore_stop_signals
 from lowbw.metrics.timeline import Event, busy_seconds
 from lowbw.pipeline.executor import PHASE_EVAL, PHASE_TRAIN
 from lowbw.rank.build import Rank
@@ -33,8 +45,10 @@ def train(r: Rank, reporting: Reporting, run_dir: Optional[Path]) -> Optional[di
     faults = RankFaults(cfg.faults, r.rank, r.clock, r.transport)
     ckpt_root = checkpoint_dir(cfg, run_dir)
     try:
+        r.watch.await_all("built")  # start-up and building may take longer than timeout_s: not a failure
         first_step, resumed_at = restore_rank(r, reporting, ckpt_root) if cfg.resume else (0, 0.0)
-        dist.barrier()  # every rank's clock starts together (at 0, or where the checkpoint left it)
+        # every rank's clock starts together (at 0, or where the checkpoint left it)
+        r.watch.collective(r.rank, "the start barrier", lambda: dist.barrier(async_op=True), cfg.timeout_s)
         r.clock.start(resumed_at)
         # The meter covers the steps throughput and energy are averaged over (warm-up left out).
         measure_from = max(first_step, cfg.train.warmup_steps if cfg.train.steps > cfg.train.warmup_steps else 0)
@@ -63,7 +77,11 @@ def train(r: Rank, reporting: Reporting, run_dir: Optional[Path]) -> Optional[di
         reporting.finish(measurement.to_dict() if measurement is not None else None)
         r.transport.close()
     except BaseException as e:
-        reporting.fail(e)
+        ignore_stop_signals()  # record the failure whole (a stop signal now would cut it short)
+        try:
+            reporting.fail(e)
+        except Exception as record_error:  # noqa: BLE001 -- the first error is the one to report
+            print(f"lowbw: rank {r.rank}: could not record the failure: {record_error}", file=sys.stderr, flush=True)
         raise
     return reporting.complete()
 
@@ -76,6 +94,7 @@ def train_step(r: Rank, step: int) -> dict:
     every = cfg.compress.error_every
     res = r.executor.run(r.plan.schedule, PHASE_TRAIN, step, batch.x, batch.y, batch.ids,
                          measure_error=bool(every) and step % every == 0)
+    clip_gradients(r, step, global_grad_norm(r, step, res.loss_sum if res.n_loss else 0.0))
     _, t0, t1 = r.clock.compute(r.optimizer.step, r.optimizer_seconds)
     res.events.append(Event(r.rank, "optimizer", t0, t1, step, "optimizer"))
     return {
@@ -86,6 +105,37 @@ def train_step(r: Rank, step: int) -> dict:
         "events": [e.__dict__ for e in res.events],
         "codecs": {k: v.__dict__ for k, v in res.codecs.items()},
     }
+
+
+def _gradients(r: Rank) -> list[torch.Tensor]:
+    return [p.grad for st in r.stages.values() for p in st.module.parameters() if p.grad is not None]
+
+
+def global_grad_norm(r: Rank, step: int, loss_sum: float) -> float:
+    """The L2 norm of every stage's gradients together (one all-reduce); Diverged when it or the loss is
+    not finite on any rank."""
+    grads = _gradients(r)
+    sq = (torch.stack([g.detach().double().pow(2).sum() for g in grads]).sum().cpu() if grads
+          else torch.zeros((), dtype=torch.float64))
+    if not math.isfinite(loss_sum):
+        sq = torch.tensor(math.inf, dtype=torch.float64)
+    sq = sq.reshape(1)
+    r.watch.collective(r.rank, f"the gradient-norm all-reduce of step {step}",
+                       lambda: dist.all_reduce(sq, async_op=True), r.cfg.timeout_s)
+    total = float(sq.item())
+    if not math.isfinite(total):
+        raise Diverged(step, f"training diverged at step {step}: the loss or the gradients are not finite "
+                             f"(train.lr={r.cfg.train.lr}); lower train.lr or set train.grad_clip")
+    return math.sqrt(total)
+
+
+def clip_gradients(r: Rank, step: int, norm: float) -> None:
+    """``train.grad_clip > 0``: scale every gradient so that the global norm is at most the clip."""
+    clip = r.cfg.train.grad_clip
+    if clip > 0 and norm > clip:
+        coef = clip / (norm + 1e-6)  # torch.nn.utils.clip_grad_norm_'s rule
+        for g in _gradients(r):
+            g.mul_(coef)
 
 
 def evaluate(r: Rank, step: int) -> Optional[float]:

@@ -11,24 +11,38 @@ The step loop (lowbw.rank.loop) is the same on every rank; the difference is thi
 
 from __future__ import annotations
 
+import sys
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, Optional
 
-from lowbw.errors import PeerError
+from omegaconf import OmegaConf
+
+from lowbw.errors import ConfigError, Diverged, Interrupted, PeerError
 from lowbw.metrics.collector import StepCollector
+from lowbw.metrics.files import OutputError
 from lowbw.metrics.recorder import Recorder, format_summary
+from lowbw.metrics.tensorboard import hparams_of
 from lowbw.net.transport import Transport
+from lowbw.regime import Regime
 
 CTRL_STATS = 2  # phase id of per-step reports on the control channel
 CTRL_DONE = 3  # phase id of the end-of-run report (measured energy)
 
 
 def describe(e: BaseException, rank: int) -> str:
-    """One line for a failure on ``rank`` (a peer's failure names the peer itself)."""
+    """One line for a failure on ``rank`` (a peer's failure names the peer itself); the exception's type
+    only where the message alone would not say what went wrong."""
     if isinstance(e, PeerError):
         return str(e)
-    return f"rank {rank}: {type(e).__name__}: {e}"
+    if isinstance(e, (Interrupted, Diverged, OutputError, ConfigError)):
+        return f"rank {rank}: {e}"
+    text = str(e).strip().splitlines()
+    return f"rank {rank}: {type(e).__name__}: {text[0] if text else ''}"
+
+
+class OutputsFailed(RuntimeError):
+    """The run trained to the end but an output file could not be written (summary.json says which)."""
 
 
 class Reporting(ABC):
@@ -69,11 +83,17 @@ class SendToRankZero(Reporting):
 
 
 class RecordOnRankZero(Reporting):
-    def __init__(self, transport: Transport, world: int, cfg: Any, run_dir: Path, meta: dict):
+    def __init__(self, transport: Transport, world: int, cfg: Any, run_dir: Path, meta: dict,
+                 regime: Optional[Regime] = None):
+        """``regime``: the target deployment the clock times (lowbw/regime.py): tokens are the target's, and
+        energy is modelled for the target only (a meter here would measure this machine, not the target)."""
         super().__init__(transport, 0, world)
-        self.cfg = cfg
-        self.recorder = Recorder(run_dir, cfg.clock.name, world, cfg.train.batch_size * cfg.model.block_size,
-                                 cfg.train.steps, cfg.train.warmup_steps, cfg.progress, meta)
+        self.cfg, self.regime = cfg, regime
+        tokens = regime.tokens_per_step if regime is not None else cfg.train.batch_size * cfg.model.block_size
+        self.recorder = Recorder(run_dir, cfg.clock.name, world, tokens,
+                                 cfg.train.steps, cfg.train.warmup_steps, cfg.progress, meta, hardware=cfg.hardware,
+                                 energy=cfg.energy, target_loss=cfg.train.target_loss,
+                                 hparams=hparams_of(OmegaConf.to_container(cfg, resolve=True)))
         self.collector = StepCollector(
             world, lambda r, step: transport.recv_json(r, (CTRL_STATS, step, r, 0)), self.recorder.log_step)
 
@@ -93,14 +113,37 @@ class RecordOnRankZero(Reporting):
         self.collector.drain()
         measured = [measurement] + [self.transport.recv_json(r, (CTRL_DONE, 0, r, 0))["measurement"]
                                     for r in range(1, self.world)]
+        if self.regime is not None:
+            measured = [None] * self.world
         self.recorder.set_energy_inputs(self.cfg.hardware, self.cfg.energy, measured)
+
+    def _warnings(self) -> list[str]:
+        """The plan's warnings, and outages that start after the run's end on the run clock (never happened)."""
+        end = self.recorder.clock_end_s
+        late = [f"faults.outages[{i}] starts at {o.start_s:g} s but the run ended at {end:.4g} s on the run clock: "
+                "it never happened" for i, o in enumerate(self.cfg.faults.outages or []) if o.start_s >= end]
+        for w in late:
+            print(f"lowbw: warning: {w}", file=sys.stderr, flush=True)
+        return list(self.recorder.meta.get("warnings") or []) + late
 
     def complete(self) -> dict:
         self.collector.close()
-        summary = self.recorder.finish("completed")
-        print("\n" + format_summary(summary), flush=True)
+        summary = self.recorder.finish("completed", warnings=self._warnings())
+        if summary["status"] != "completed":
+            raise OutputsFailed(summary["error"])
         return summary
 
     def fail(self, error: BaseException) -> None:
-        self.collector.close(timeout_s=5.0)  # let it finish the step it is writing, if it can
-        self.recorder.finish("failed", describe(error, self.rank))
+        """Record the run as interrupted, diverged or failed, with the figures of every step recorded."""
+        interrupted = isinstance(error, Interrupted)
+        # let the collector finish the step it is writing, if it can (peers that stop send no more)
+        self.collector.close(timeout_s=0.5 if interrupted else 1.0)
+        if interrupted:  # stop at once: the figures, not the pictures
+            summary = self.recorder.finish("interrupted", describe(error, self.rank), pictures=False)
+        elif isinstance(error, Diverged):
+            summary = self.recorder.finish("diverged", describe(error, self.rank), diverged_step=error.step)
+        else:
+            link = getattr(error, "link", None)
+            peer = None if link else error.peer if isinstance(error, PeerError) else self.rank
+            summary = self.recorder.finish("failed", describe(error, self.rank), failed_rank=peer, failed_link=link)
+        print("\n" + format_summary(summary), file=sys.stderr, flush=True)

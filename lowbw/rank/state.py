@@ -8,6 +8,7 @@ by lowbw.checkpoint (atomic, read without pickle).
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from lowbw.checkpoint import load, save, steps
+from lowbw.config import plain
 from lowbw.rank.build import Rank
 from lowbw.rank.reporting import Reporting
 
@@ -32,6 +34,7 @@ def save_rank(r: Rank, reporting: Reporting, root: Path, step: int) -> None:
         "clock": r.clock.now(),
         "link": r.link.state_dict() if r.link is not None else None,
         "recorder": reporting.state_dict(),
+        "config": json.dumps(plain(r.cfg)),  # compared with a resumed run's before it starts
     }
     save(root, r.rank, step, state, r.cfg.checkpoint.keep)
 
@@ -40,7 +43,8 @@ def restore_rank(r: Rank, reporting: Reporting, root: Path) -> tuple[int, float]
     """Load the newest checkpoint all ranks share; return (first step to run, clock time to resume at)."""
     have = steps(root, r.rank) if root is not None else []
     mine = torch.tensor([have[-1] if have else -1])
-    dist.all_reduce(mine, op=dist.ReduceOp.MIN)  # the newest step every rank has
+    r.watch.collective(r.rank, "the resume all-reduce",
+                       lambda: dist.all_reduce(mine, op=dist.ReduceOp.MIN, async_op=True), r.cfg.timeout_s)
     step = int(mine.item())
     if step < 0:
         raise RuntimeError(f"resume=true but rank {r.rank} finds no checkpoint every rank has under {root}")

@@ -1,8 +1,8 @@
 """lowbw-report: one table and six figures (PNG, with a PDF of each beside it) from a sweep folder.
 
     lowbw-train -m net=datacenter,home compress/fwd=none,int8 schedule=gpipe,1f1b
-    lowbw-report multirun/2025-01-31/12-00-00            # -> report.md, report.csv, *.png, *.pdf in that folder
-    lowbw-report multirun/... --out reports/first-sweep  # elsewhere
+    lowbw-report outputs/sweeps/2025-01-31/12-00-00            # -> report.md, report.csv, *.png, *.pdf in that folder
+    lowbw-report outputs/sweeps/... --out reports/first-sweep  # elsewhere
 
 Reads every run folder under the sweep (summary.json, config.yaml, metrics.jsonl, .hydra/overrides.yaml),
 training and simulator sweeps alike; see docs/sweeps.md for the columns and figures.

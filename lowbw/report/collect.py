@@ -16,6 +16,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Optional
 
+from lowbw.metrics.files import read_json_lines
+
 # (key, markdown heading, format) -- report.csv has the keys as its header, in this order.
 COLUMNS: list[tuple[str, str, str]] = [
     ("run", "run", "s"),
@@ -46,6 +48,17 @@ COLUMNS: list[tuple[str, str, str]] = [
     ("train_loss_gap", "train loss gap", "+.3g"),
     ("val_loss_gap", "val loss gap", "+.3g"),
     ("baseline_run", "baseline run", "s"),
+    ("target_loss", "target val loss", "g"),
+    ("target_reached", "reached", "s"),
+    ("target_step", "step at target", "d"),
+    ("target_tokens", "tokens at target", ",.0f"),
+    ("target_time_s", "time to target s", ",.4g"),
+    ("target_wall_s", "wall s to target", ",.4g"),
+    ("target_energy_j", "J to target", ",.4g"),
+    ("target_time_interp_s", "time to target s (interp.)", ",.4g"),
+    ("target_energy_interp_j", "J to target (interp.)", ",.4g"),
+    ("best_val_loss", "best val loss", ".4f"),
+    ("timing", "timing", "s"),
     ("fwd_ratio", "fwd ratio", ".3g"),
     ("fwd_rel_error", "fwd rel. error", ".2e"),
     ("fwd_encode_ms", "fwd encode ms", ".3g"),
@@ -113,17 +126,9 @@ def _read_yaml(path: Path) -> Any:
 
 
 def read_metrics(path: Path) -> list[dict]:
-    rows = []
-    try:
-        with open(path) as f:
-            for line in f:
-                try:
-                    rows.append(json.loads(line))
-                except ValueError:  # a line cut by a crash
-                    continue
-    except OSError:
-        pass
-    return rows
+    """The rows of a metrics.jsonl: JSON objects with an integer step; anything else (a line cut by a crash,
+    a file that is not text) is left out."""
+    return [r for r in read_json_lines(path) if isinstance(r.get("step"), int) and not isinstance(r["step"], bool)]
 
 
 def _get(d: Any, dotted: str) -> Any:
@@ -204,6 +209,31 @@ def _codec_stats(compression: Any, direction: str) -> dict[str, Optional[float]]
     return out
 
 
+def _target_columns(target: Any) -> dict[str, Any]:
+    """The target_* columns from summary.json's "target" (lowbw.metrics.target): the first crossing (an
+    upper bound, at an evaluation) and the interpolated estimate."""
+    if not isinstance(target, dict):
+        return {}
+    first = target.get("first_crossing") or {}
+    interp = target.get("interpolated") or {}
+    return {"target_loss": _num(target.get("loss")), "target_reached": "yes" if target.get("reached") else "no",
+            "target_step": first.get("step"), "target_tokens": _num(first.get("tokens")),
+            "target_time_s": _num(first.get("time_s")), "target_wall_s": _num(first.get("wall_s")),
+            "target_energy_j": _num(first.get("energy_j")), "target_time_interp_s": _num(interp.get("time_s")),
+            "target_energy_interp_j": _num(interp.get("energy_j")), "best_val_loss": _num(target.get("best_val_loss"))}
+
+
+def rank_by_target(rows: list[dict]) -> list[dict]:
+    """Runs that had a target, best first: those that reached it by time to target on the run's clock (then
+    joules), then those that did not by their best validation loss."""
+    had = [r for r in rows if r.get("target_loss") is not None]
+    reached = sorted((r for r in had if r["target_reached"] == "yes"),
+                     key=lambda r: (r["target_time_s"], r["target_energy_j"] or 0.0))
+    missed = sorted((r for r in had if r["target_reached"] != "yes"),
+                    key=lambda r: math.inf if r["best_val_loss"] is None else r["best_val_loss"])
+    return reached + missed
+
+
 def load_run(run_dir: Path, root: Path) -> dict:
     summary = _read_json(run_dir / "summary.json") or {}
     cfg = _read_yaml(run_dir / "config.yaml") or _read_yaml(run_dir / ".hydra" / "config.yaml") or {}
@@ -250,6 +280,9 @@ def load_run(run_dir: Path, root: Path) -> dict:
             row[f"{part}_j_per_token"] = j / tokens if j is not None and tokens else None
         row["energy_source"] = energy.get("label")
         row["measured_j_per_token"] = _num(energy.get("measured_j_per_token"))
+    row.update(_target_columns(summary.get("target")))
+    timing = summary.get("timing")
+    row["timing"] = timing.get("timing") if isinstance(timing, dict) else None
     row.update(_codec_stats(summary.get("compression"), "fwd"))
     row.update(_codec_stats(summary.get("compression"), "bwd"))
     if isinstance(summary.get("loss_gap"), (int, float)):  # computed by the run itself (compress.baseline_run)

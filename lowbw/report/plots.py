@@ -32,6 +32,8 @@ PLOTS = {
 #: gids of the artists tests and readers count: one "series" line per group of runs, the Pareto front.
 SERIES_GID = "series"
 FRONT_GID = "pareto-front"
+TARGET_GID = "target-loss"  # the dashed target validation loss of runs with train.target_loss
+CROSSING_GID = "target-crossing"  # each run's first evaluation at or below it, ringed
 #: Points of one series are joined by a line only from three x values on: a line between two samples
 #: decades apart claims a shape nobody measured.
 MIN_POINTS_FOR_LINE = 3
@@ -241,18 +243,36 @@ def _loss_curves(rows: list[dict], x: Callable[[Curve], Optional[list[float]]], 
     kind = "validation" if kinds == {"validation"} else "/".join(sorted(kinds))
     lay = layout([r for r, _ in done], force_panels=("clock",))
     curve_of = {id(r): c for r, c in done}
+    targets = sorted({r["target_loss"] for r, c in done if c.kind == "validation" and _finite(r.get("target_loss"))})
+    title = f"{kind.capitalize()} loss vs {what}, one curve per run"
     with figure_style():
-        fig, panels = _panels([r for r, _ in done], lay, f"{kind.capitalize()} loss vs {what}, one curve per run")
+        fig, panels = _panels([r for r, _ in done], lay, title + ("; dashed: target loss" if targets else ""))
         for ax, sel in panels:
             for r in sel:
                 c = curve_of[id(r)]
                 ax.plot(x(c), c.loss, color=colour(lay.colour_index(r)), linestyle=linestyle(lay.style_index(r)),
                         marker="o" if len(c.loss) < 30 else None, markersize=3.5, label=lay.series_label(r),
                         gid=SERIES_GID)
+                _first_crossing(ax, r, c, x(c))
+            for t in targets:
+                ax.axhline(t, color="black", linestyle="--", linewidth=0.9, gid=TARGET_GID)
             quantity_axis(ax, [v for _, c in done for v in x(c)], "x", xlabel.format(clock=_clock(sel)))
-            broken_axis(ax, [v for _, c in done for v in c.loss], f"{kind} loss (nats/token)")
-        _legend(fig, lay, lines=True)
+            broken_axis(ax, [v for _, c in done for v in c.loss] + targets, f"{kind} loss (nats/token)")
+        extra = () if not targets else (
+            (Line2D([], [], color="black", linestyle="--", linewidth=0.9), "target loss"),
+            (Line2D([], [], marker="o", markersize=9, markerfacecolor="none", markeredgecolor="black",
+                    linestyle="none"), "first evaluation at\nor below the target"))
+        _legend(fig, lay, lines=True, extra=extra)
         return _finish(fig)
+
+
+def _first_crossing(ax, row: dict, c: Curve, xs: list[float]) -> None:
+    """Ring the evaluation at which the run's validation loss first reached its target (summary's target block)."""
+    if c.kind != "validation" or row.get("target_reached") != "yes" or row.get("target_step") not in c.step:
+        return
+    i = c.step.index(row["target_step"])
+    ax.scatter([xs[i]], [c.loss[i]], s=90, facecolors="none", edgecolors="black", linewidths=1.1, zorder=5,
+               gid=CROSSING_GID)
 
 
 def loss_vs_step(rows: list[dict]) -> Figure:

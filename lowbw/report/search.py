@@ -2,7 +2,7 @@
 
     pip install hydra-optuna-sweeper
     python -m lowbw.report.search +experiment=codec_search            # configs/experiment/codec_search.yaml
-    lowbw-report multirun/codec_search/<date_time>
+    lowbw-report outputs/sweeps/codec_search/<date_time>
 
 Each trial is an ordinary lowbw-train run of the trial's config (same folders, resume and failure handling
 as ``lowbw-train -m``). Its value for the sweeper (maximised) is
