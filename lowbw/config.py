@@ -50,7 +50,7 @@ class PipelineConfig:
 
 @dataclass
 class ScheduleConfig:
-    name: str = "1f1b"  # gpipe | 1f1b  (see lowbw.pipeline.schedules.SCHEDULES)
+    name: str = "1f1b"  # a registered generator (lowbw.pipeline.schedules.SCHEDULES: gpipe, 1f1b, zbv, ...) or csv
     csv: Optional[str] = None  # name=csv: path of a per-rank action CSV (torch.distributed.pipelining format)
     virtual_stages: int = 1  # name=interleaved_1f1b: model chunks per rank (v); the model is cut into stages*v parts
 
@@ -104,7 +104,10 @@ class NetConfig:
     random: Optional[RandomLinksConfig] = None  # seeded heterogeneous links
     emulate: bool = True  # false: no emulated delay on top of the real transport (real WAN runs)
     loss_rate: float = 0.0  # packet loss probability; caps each pair at the Mathis TCP ceiling (lowbw/net/conditions.py)
-    mss_bytes: int = 1460  # TCP maximum segment size for the Mathis ceiling, bytes (Ethernet MTU 1500 - 40)
+    mss_bytes: int = 1460  # TCP maximum segment size (payload per segment), bytes: Ethernet MTU 1500 - 40 of headers
+    framing: str = "payload"  # bits charged per message: payload (8 a payload byte) | line (+ headers and framing per segment)
+    tcp_ip_header_bytes: int = 40  # framing=line: IPv4 20 (RFC 791) + TCP 20 (RFC 9293) header bytes per segment, no options
+    ethernet_overhead_bytes: int = 38  # framing=line: preamble+SFD 8, MAC header 14, FCS 4, inter-frame gap 12 (IEEE 802.3), bytes
     energy: NetEnergyConfig = field(default_factory=NetEnergyConfig)  # network energy of this link class (W, J/bit)
 
 

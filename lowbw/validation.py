@@ -224,10 +224,11 @@ def _partition(cfg: Any, schedule: Schedule) -> list[tuple[int, int]]:
     ``pipeline.stages x schedule.virtual_stages`` for interleaved schedules."""
     m, p = cfg.model, cfg.pipeline
     if schedule.n_stages != p.stages and schedule.n_stages > m.n_layer:  # every chunk needs a block
+        per_rank = schedule.n_stages // p.stages
+        fewer = "fewer virtual stages" if cfg.schedule.name == "interleaved_1f1b" else "fewer pipeline stages"
         raise ConfigError(
-            f"schedule={cfg.schedule.name} cuts the model into {schedule.n_stages} chunks (pipeline.stages="
-            f"{p.stages} x schedule.virtual_stages) but model.n_layer={m.n_layer}; use more layers or fewer "
-            "virtual stages"
+            f"schedule={cfg.schedule.name} cuts the model into {schedule.n_stages} chunks ({per_rank} per rank, "
+            f"pipeline.stages={p.stages}) but model.n_layer={m.n_layer}; use more layers or {fewer}"
         )
     return partition_layers(m.n_layer, schedule.n_stages, p.partition)
 

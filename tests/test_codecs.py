@@ -122,7 +122,7 @@ def test_quant_bound_holds_for_any_shape_block_and_magnitude(bits, block, symmet
     codec = build_codec({"name": "quant", "bits": bits, "block": block, "symmetric": symmetric})
     x = (random_tensor(seed, tuple(shape)) + offset) * scale
     payload = codec.encode(x)
-    assert payload.numel() == codec.payload_bytes(tuple(shape))
+    assert payload.numel() == codec.payload_nbytes(tuple(shape), x.dtype)
     assert rel_err(codec.decode(payload), x) <= codec.error_bound(x)
 
 
@@ -181,6 +181,54 @@ def test_payload_bytes_equal_the_formula(spec, expected):
     assert codec.estimate_ratio(SHAPE, torch.float32) == pytest.approx(4 * N / expected, rel=1e-12)
 
 
+# Every parameter each codec takes, drawn at random: payload_nbytes must hold for all of them.
+_QUANT_PARAMS = {"block": st.sampled_from([0, 1, 3, 7, 64, 100]), "symmetric": st.booleans(),
+                 "scale_dtype": st.sampled_from(["bfloat16", "float16", "float32"])}
+_SPARSE_PARAMS = {"ratio": st.floats(1e-3, 1.0), "error_feedback": st.booleans()}
+CODEC_PARAMS = {
+    "none": {}, "fp16": {}, "bf16": {},
+    "quant": {"bits": st.sampled_from([2, 4, 8]), **_QUANT_PARAMS},
+    "int8": _QUANT_PARAMS, "int4": _QUANT_PARAMS, "int2": _QUANT_PARAMS,
+    "topk": _SPARSE_PARAMS,
+    "randk": {**_SPARSE_PARAMS, "seed": st.integers(0, 99)},
+    "powersgd": {"rank": st.integers(1, 9), "factor_dtype": st.sampled_from(["float32", "bfloat16", "float16"]),
+                 "seed": st.integers(0, 99)},
+    "aqsgd": {"bits": st.sampled_from([2, 4, 8]), "base_bits": st.sampled_from([2, 4, 8]), **_QUANT_PARAMS,
+              "cache_dtype": st.sampled_from(["float32", "bfloat16"])},
+}
+
+
+def test_every_registered_codec_has_its_parameters_drawn_in_the_payload_size_test():
+    assert set(CODEC_PARAMS) == set(CODECS)
+
+
+@st.composite
+def codec_specs(draw):
+    name = draw(st.sampled_from(sorted(CODEC_PARAMS)))
+    return {"name": name, **{k: draw(v) for k, v in CODEC_PARAMS[name].items()}}
+
+
+@settings(max_examples=300, deadline=None)
+@given(spec=codec_specs(), shape=st.lists(st.integers(1, 40), min_size=1, max_size=4),
+       dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16, torch.float64]), seed=st.integers(0, 99))
+def test_payload_nbytes_is_the_length_encode_produces_for_every_codec_and_parameter(spec, shape, dtype, seed):
+    codec = build_codec(spec)
+    x = random_tensor(seed, tuple(shape)).to(dtype)
+    nbytes = codec.payload_nbytes(tuple(shape), dtype)
+    if spec["name"] == "aqsgd":  # length depends on the cache: no formula from the shape alone
+        assert nbytes is None
+        ids = torch.arange(shape[0])
+        seen = shape[0] // 2
+        codec.encode(x[:seen], ids[:seen])  # the first half of the rows is in the cache before
+        assert codec.encode(x, ids).numel() == codec.payload_bytes(tuple(shape), n_new=shape[0] - seen)
+        return
+    for _ in range(2):  # stateful codecs (residuals, warm starts, counters): the second message too
+        assert codec.encode(x).numel() == nbytes
+    if spec["name"] != "none":  # `none` is the reference: ratio 1 by definition, headers left out
+        assert codec.estimate_ratio(tuple(shape), dtype) == pytest.approx(
+            x.numel() * x.element_size() / nbytes, rel=1e-12)
+
+
 def int8_wire_ratio(shape: tuple[int, ...]) -> tuple[int, int]:
     """(bytes of the uncompressed float32 payload, bytes of the int8 payload) for a tensor of ``shape``,
     from the payload layout alone: ``none`` packs the tensor itself; ``int8`` packs an int64 meta
@@ -224,6 +272,7 @@ def test_aqsgd_payload_bytes_equal_the_formula_for_mixed_new_and_seen_rows():
     codec.encode(x[:4], torch.arange(4))
     payload = codec.encode(x, torch.arange(8))  # rows 0-3 seen, 4-7 new
     assert payload.numel() == codec.payload_bytes((8, 16, 64), n_new=4)
+    assert codec.payload_nbytes((8, 16, 64), torch.float32) is None
 
 
 def test_estimate_ratio_for_a_billion_parameter_shape_needs_no_allocation():

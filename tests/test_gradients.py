@@ -1,4 +1,4 @@
-"""Pipelined gradients equal single-process gradients (no compression)."""
+"""Pipelined gradients equal single-process gradients (no compression): classic and V-shaped schedules."""
 
 import torch
 
@@ -11,6 +11,11 @@ SCENARIOS = [
     Scenario("1f1b", stages=2, n_layer=4, partition=[3, 1]),
     Scenario("1f1b", stages=4, n_layer=4),
     Scenario("1f1b", stages=4, n_layer=5, partition=[1, 1, 2, 1], microbatches=2),
+    # V shapes: two stages a rank (r and 2p-1-r), the turn of the V handed over in memory on the last rank
+    Scenario("zbv", stages=2, n_layer=4),
+    Scenario("zbv", stages=3, n_layer=7, microbatches=3, batch_size=6),
+    Scenario("dualpipev", stages=2, n_layer=4, microbatches=4),
+    Scenario("dualpipev", stages=3, n_layer=6, microbatches=7, batch_size=7),
 ]
 
 

@@ -87,6 +87,42 @@ def test_bad_link_numbers_are_config_errors_naming_the_field(field, value):
         topo(**{field: value})
 
 
+
+# ---- line rate: TCP/IP headers and Ethernet framing per segment (net.framing=line) -----------------
+
+
+def test_payload_framing_charges_eight_bits_a_payload_byte():
+    assert topo().framing.wire_bytes(1_000_000) == 1_000_000
+
+
+def test_line_framing_charges_78_bytes_for_each_segment_of_1460():
+    # per segment: IPv4 20 + TCP 20 (no options) + preamble/SFD 8 + MAC header 14 + FCS 4 + inter-frame gap 12
+    f = topo(framing="line").framing
+    assert f.per_segment_bytes == 78
+    assert [f.wire_bytes(b) for b in (0, 1, 1460, 1461, 1_000_000)] == [0, 79, 1538, 1617, 1_000_000 + 685 * 78]
+    assert topo(framing="line", mss_bytes=1448, tcp_ip_header_bytes=52).framing.wire_bytes(1448) == 1448 + 90
+
+
+def test_line_framing_gives_the_textbook_tcp_goodput_of_gigabit_ethernet():
+    # full segments only: 1460 payload bytes in 1538 bytes of line time, 949.3 Mbit/s of goodput on 1 Gbit/s
+    t = topo(framing="line", uplink_mbps=1000.0, downlink_mbps=1000.0, latency_ms=0.0)
+    b = 1460 * 100_000
+    seconds = LinkModel(t, 0).send(1, b, 0.0).arrival
+    assert seconds == pytest.approx(8 * 1538 * 100_000 / 1e9, rel=1e-12)
+    assert 8 * b / seconds / 1e6 == pytest.approx(949.284, abs=1e-3)
+    assert LinkModel(t, 1).deliver(0, b, seconds) == seconds  # the downlink is charged the same line bytes
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("framing", "ethernet", "net.framing='ethernet'"),
+    ("mss_bytes", 0, "net.mss_bytes=0"),
+    ("tcp_ip_header_bytes", -1, "net.tcp_ip_header_bytes=-1"),
+])
+def test_bad_framing_settings_are_config_errors_naming_the_field(field, value, match):
+    kw = {"framing": "line", field: value}
+    with pytest.raises(ConfigError, match=match.replace("(", r"\(")):
+        topo(**kw)
+
 # ---- wall clock over a real transport -------------------------------------------------------
 
 def _wall_pair(rank, port, q):
@@ -101,7 +137,8 @@ def _wall_pair(rank, port, q):
     t = topo(latency_ms=30.0, uplink_mbps=20.0, downlink_mbps=100.0)
     clock = WallClock(torch.device("cpu"))
     tr = Transport(rank, LinkModel(t, rank), clock, 60.0)
-    tr.open({(1, CH_FWD)} if rank == 0 else set(), {(0, CH_FWD)} if rank == 1 else set())
+    if rank == 1:
+        tr.expect(0, CH_FWD, (0, 0, 1, 0), 1_000_000)
     dist.barrier()
     if rank == 0:
         q.put(time.perf_counter())

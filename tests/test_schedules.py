@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lowbw.errors import ConfigError
+from lowbw.errors import ConfigError, ScheduleError
 from lowbw.pipeline.actions import Action, Kind, Schedule
 from lowbw.pipeline.schedules import SCHEDULES, build_schedule
 from lowbw.pipeline.player import play, validate_schedule
@@ -22,6 +22,8 @@ VARIANTS = [
     ("zb_h1", {}),
     ("interleaved_1f1b", {"virtual_stages": 2}),
     ("interleaved_1f1b", {"virtual_stages": 3}),
+    ("zbv", {}),
+    ("dualpipev", {}),
 ]
 
 
@@ -30,7 +32,14 @@ def make(name: str, p: int, m: int, **params) -> Schedule:
 
 
 def is_valid_shape(name: str, p: int, m: int) -> bool:
+    if name == "dualpipev":
+        return m >= 2 * p  # a microbatch per chunk in flight
     return name != "interleaved_1f1b" or m % p == 0  # Megatron's rule for interleaving
+
+
+def chunks(name: str, params: dict) -> int:
+    """Model chunks (stages) per rank."""
+    return 2 if name in ("zbv", "dualpipev") else params.get("virtual_stages", 1)
 
 
 # Published setting: T_F = T_B = T_W (full backward = T_B + T_W); interleaved chunks take 1/v of a stage.
@@ -59,7 +68,7 @@ def test_every_schedule_validates_for_2_to_8_stages_and_1_to_16_microbatches():
                     continue
                 sched = make(name, p, m, **params)  # build_schedule validates: no deadlock, all sends matched
                 assert sched.n_ranks == p
-                assert sched.n_stages == p * params.get("virtual_stages", 1)
+                assert sched.n_stages == p * chunks(name, params)
                 checked += 1
     assert checked > 300
 
@@ -79,7 +88,7 @@ def test_schedules_never_deadlock_whatever_the_durations(variant, p, k, seed):
     from lowbw.net.topology import PairLink, Topology
 
     name, params = variant
-    m = k * p
+    m = k * 2 * p if name == "dualpipev" else k * p
     sched = make(name, p, m, **params)
     rng = random.Random(seed)
     pairs = {(i, j): PairLink(rng.uniform(0, 0.1), 0.0, rng.uniform(1e6, 1e9)) for i in range(p) for j in range(p) if i != j}
@@ -215,6 +224,32 @@ def test_csv_schedule_runs_through_the_config(tmp_path):
     assert sched.actions == make("zb_h1", 3, 6).actions
 
 
+@pytest.mark.parametrize("rank, cell, named", [
+    (0, "0F0", "rank 0 never runs 0F0 (stage 0's forward of microbatch 0)"),
+    (1, "1F0", "rank 1 never runs 1F0 (stage 1's forward of microbatch 0)"),
+    (1, "1B3", "rank 1 never runs 1B3 (stage 1's backward of microbatch 3; or 1I3 and 1W3)"),
+])
+def test_a_csv_missing_an_action_is_refused_naming_the_missing_action(tmp_path, rank, cell, named):
+    path = tmp_path / "missing.csv"
+    make("1f1b", 2, 4).to_csv(path, compute_only=True)
+    rows = path.read_text().splitlines()
+    rows[rank] = ",".join(c for c in rows[rank].split(",") if c != cell)
+    path.write_text("\n".join(rows) + "\n")
+    with pytest.raises(ScheduleError) as info:
+        build_schedule(SimpleNamespace(name="csv", csv=str(path)), 2, 4)
+    assert str(info.value) == named + "; every stage needs it for every microbatch"
+
+
+def test_a_csv_missing_a_weight_gradient_names_it(tmp_path):
+    path = tmp_path / "missing_w.csv"
+    make("zb_h1", 2, 4).to_csv(path, compute_only=True)
+    rows = path.read_text().splitlines()
+    rows[0] = ",".join(c for c in rows[0].split(",") if c != "0W2")
+    path.write_text("\n".join(rows) + "\n")
+    with pytest.raises(ScheduleError, match=r"rank 0 never runs 0W2 \(stage 0's weight gradient of microbatch 2, after 0I2\)"):
+        build_schedule(SimpleNamespace(name="csv", csv=str(path)), 2, 4)
+
+
 def test_csv_reader_skips_torch_bookkeeping_actions(tmp_path):
     path = tmp_path / "t.csv"
     path.write_text("0UNSHARD,0F0,0SEND_F0,0RECV_B0,0B0,0REDUCE_GRAD\n1UNSHARD,1RECV_F0,1F0,1B0,1SEND_B0,\n")
@@ -236,10 +271,12 @@ def fake_group():
         yield world
 
 
-def _torch_stages(p: int, v: int):
+def _torch_stages(p: int, v: int, placed: list[int] | None = None):
+    """Rank 0's stages as torch builds them: chunk c is stage c * p, unless ``placed`` names them."""
     from torch.distributed.pipelining import PipelineStage
 
-    return [PipelineStage(torch.nn.Linear(2, 2), c * p, p * v, torch.device("cpu")) for c in range(v)]
+    placed = placed or [c * p for c in range(v)]
+    return [PipelineStage(torch.nn.Linear(2, 2), s, p * v, torch.device("cpu")) for s in placed]
 
 
 def _loss(out, target):
@@ -272,12 +309,12 @@ def test_torch_dumped_csv_loads_in_lowbw_as_the_same_schedule(tmp_path, fake_gro
 @needs_torch_private
 @pytest.mark.parametrize("name,params", VARIANTS)
 def test_lowbw_csv_loads_in_torch(tmp_path, fake_group, name, params):
-    p, v = fake_group, params.get("virtual_stages", 1)
+    p, v = fake_group, chunks(name, params)
     mine = make(name, p, 8, **params)
     for compute_only in (False, True):
         path = tmp_path / f"mine_{compute_only}.csv"
         mine.to_csv(path, compute_only=compute_only)
-        rt = torch_private.schedule_runtime(_torch_stages(p, v), 8, _loss)
+        rt = torch_private.schedule_runtime(_torch_stages(p, v, mine.stages_of(0)), 8, _loss)
         torch_private.load_csv(rt, path, "compute_only" if compute_only else "compute_comms")
         assert rt.stage_index_to_group_rank == dict(enumerate(mine.stage_to_rank))
         back = tmp_path / f"back_{compute_only}.csv"
@@ -303,5 +340,5 @@ def test_missing_private_torch_api_is_named_in_one_sentence_with_the_versions_ch
 
 
 def test_registered_schedules_include_the_new_ones():
-    assert {"gpipe", "1f1b", "interleaved_1f1b", "zb_h1"} <= set(SCHEDULES)
+    assert {"gpipe", "1f1b", "interleaved_1f1b", "zb_h1", "zbv", "dualpipev"} <= set(SCHEDULES)
     assert str(Action(3, Kind.BACKWARD_WEIGHT, 2)) == "3W2"

@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from lowbw.compress.payload import pack, unpack
+from lowbw.compress.payload import pack, packed_size, unpack
 from lowbw.errors import ConfigError
 
 
@@ -56,10 +56,23 @@ class Codec(ABC):
     def decode(self, payload: torch.Tensor, sample_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Invert :meth:`encode` (exactly for lossless codecs)."""
 
+    def payload_nbytes(self, shape: tuple[int, ...], dtype: torch.dtype) -> int | None:
+        """Exact length of :meth:`encode`'s payload for a tensor of this shape and dtype, nothing encoded.
+
+        None when the length depends on the data or on the codec's state (``aqsgd``: which samples its
+        cache holds). The transport posts a receive of exactly this many bytes before the message
+        exists (lowbw.net.transport); for None it sends a small fixed-size header first. The built-in
+        codecs each give the formula of their docstring; the tests check it against ``encode``.
+        """
+        return None
+
     def estimate_ratio(self, shape: tuple[int, ...], dtype: torch.dtype) -> float:
         """Raw bytes / payload bytes for a tensor of this shape, without encoding one (for the simulator)."""
-        x = torch.zeros(shape, dtype=dtype)
-        return x.numel() * x.element_size() / self.encode(x).numel()
+        raw = math.prod(int(d) for d in shape) * torch.empty((), dtype=dtype).element_size()
+        nbytes = self.payload_nbytes(tuple(shape), dtype)
+        if nbytes is None:  # a codec without a formula: encode zeros once
+            nbytes = self.encode(torch.zeros(shape, dtype=dtype)).numel()
+        return raw / nbytes
 
     def error_bound(self, x: torch.Tensor, sample_ids: torch.Tensor | None = None) -> float:
         """Guaranteed upper bound on ``‖x̂ − x‖ / ‖x‖`` if ``x`` were encoded now (``math.inf``: none known).
@@ -131,6 +144,9 @@ class NoCodec(Codec):
     def decode(self, payload: torch.Tensor, sample_ids: torch.Tensor | None = None) -> torch.Tensor:
         (x,) = unpack(payload)
         return x
+
+    def payload_nbytes(self, shape: tuple[int, ...], dtype: torch.dtype) -> int:
+        return packed_size([(dtype, tuple(shape))])
 
     def estimate_ratio(self, shape: tuple[int, ...], dtype: torch.dtype) -> float:
         return 1.0

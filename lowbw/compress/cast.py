@@ -37,12 +37,8 @@ class _Cast(Codec):
         dtype, _, _ = _util.read_meta(m)
         return y.to(dtype)
 
-    def _bytes(self, shape: tuple[int, ...]) -> int:
+    def payload_nbytes(self, shape: tuple[int, ...], dtype: torch.dtype) -> int:
         return packed_size([(torch.int64, (1,)), (self.wire, tuple(shape))])
-
-    def estimate_ratio(self, shape: tuple[int, ...], dtype: torch.dtype) -> float:
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        return _util.numel(shape) * itemsize / self._bytes(shape)
 
     def error_bound(self, x: torch.Tensor, sample_ids: torch.Tensor | None = None) -> float:
         if x.dtype == self.wire:

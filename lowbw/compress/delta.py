@@ -206,6 +206,10 @@ class AQSGD(Codec):
         return self._last[1].to(dtype)
 
     # --- sizes and bounds -----------------------------------------------------------------------
+    def payload_nbytes(self, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        """None: the length depends on how many rows the cache has seen (:meth:`payload_bytes`)."""
+        return None
+
     def payload_bytes(self, shape: tuple[int, ...], n_new: int) -> int:
         """Exact payload size for a batch of ``shape`` of which ``n_new`` rows are first sightings."""
         row = tuple(shape[1:])

@@ -125,14 +125,10 @@ class PowerSGD(Codec):
         dtype, _, shape = _util.read_meta(m)
         return (p.float() @ q.float().t()).to(dtype).reshape(shape)
 
-    def payload_bytes(self, shape: tuple[int, ...]) -> int:
+    def payload_nbytes(self, shape: tuple[int, ...], dtype: torch.dtype) -> int:
         n, d = _matrix_shape(tuple(shape))
         r = self._r(n, d)
         return packed_size([_util.meta_spec(shape), (self.factor_dtype, (n, r)), (self.factor_dtype, (d, r))])
-
-    def estimate_ratio(self, shape: tuple[int, ...], dtype: torch.dtype) -> float:
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        return _util.numel(shape) * itemsize / self.payload_bytes(tuple(shape))
 
     def error_bound(self, x: torch.Tensor, sample_ids: torch.Tensor | None = None) -> float:
         """``(‖M − P·Pᵀ·M‖ + ‖x − M‖ + rounding) / ‖x‖`` for the ``P`` the next message would carry."""

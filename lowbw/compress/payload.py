@@ -25,21 +25,40 @@ def _pad(n: int) -> int:
 
 def pack(tensors: list[torch.Tensor]) -> torch.Tensor:
     """Concatenate tensors (any device) into one uint8 tensor on the device of the first."""
-    header = bytearray(struct.pack("<I", len(tensors)))
-    for t in tensors:
-        if t.dtype not in _CODE:
-            raise TypeError(f"cannot pack dtype {t.dtype}")
-        header += struct.pack("<BB", _CODE[t.dtype], t.dim())
-        header += struct.pack(f"<{t.dim()}q", *t.shape)
-    header += b"\0" * _pad(len(header))
     device = tensors[0].device if tensors else torch.device("cpu")
-    parts = [torch.frombuffer(header, dtype=torch.uint8).to(device)]
-    for t in tensors:
-        raw = t.detach().contiguous().reshape(-1).view(torch.uint8)
-        parts.append(raw)
-        if _pad(raw.numel()):
-            parts.append(torch.zeros(_pad(raw.numel()), dtype=torch.uint8, device=device))
-    return torch.cat(parts)
+    payload, views = pack_layout([(t.dtype, tuple(t.shape)) for t in tensors], device)
+    for t, v in zip(tensors, views):
+        v.copy_(t.detach())
+    return payload
+
+
+def pack_layout(specs: list[tuple[torch.dtype, tuple[int, ...]]],
+                device: torch.device = torch.device("cpu")) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """A payload for tensors of these ``(dtype, shape)``, header and padding written, and a view of each
+    tensor's place in it: a codec fills the views where they lie, with no copy into a payload afterwards."""
+    header = bytearray(struct.pack("<I", len(specs)))
+    for dtype, shape in specs:
+        if dtype not in _CODE:
+            raise TypeError(f"cannot pack dtype {dtype}")
+        header += struct.pack("<BB", _CODE[dtype], len(shape))
+        header += struct.pack(f"<{len(shape)}q", *shape)
+    header += b"\0" * _pad(len(header))
+    payload = torch.empty(packed_size(specs), dtype=torch.uint8, device=device)
+    payload[: len(header)].copy_(torch.frombuffer(header, dtype=torch.uint8))
+    views, pos = [], len(header)
+    for dtype, shape in specs:
+        nbytes = _ITEMSIZE[dtype] * _numel(shape)
+        views.append(payload[pos : pos + nbytes].view(dtype).view(shape))
+        payload[pos + nbytes : pos + nbytes + _pad(nbytes)] = 0
+        pos += nbytes + _pad(nbytes)
+    return payload, views
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
 
 
 def unpack(payload: torch.Tensor) -> list[torch.Tensor]:

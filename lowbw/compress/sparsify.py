@@ -96,14 +96,7 @@ class _Sparsify(Codec):
     def reset(self) -> None:
         self._residual = None
 
-    def estimate_ratio(self, shape: tuple[int, ...], dtype: torch.dtype) -> float:
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        return _util.numel(shape) * itemsize / self.payload_bytes(tuple(shape), dtype)
-
     def _kept_error_factor(self, n: int) -> float:
-        raise NotImplementedError
-
-    def payload_bytes(self, shape: tuple[int, ...], dtype: torch.dtype) -> int:
         raise NotImplementedError
 
 
@@ -144,7 +137,7 @@ class TopK(_Sparsify):
     def _chunks(n: int) -> int:
         return max(1, -(-n // _CHUNK))
 
-    def payload_bytes(self, shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    def payload_nbytes(self, shape: tuple[int, ...], dtype: torch.dtype) -> int:
         n = _util.numel(shape)
         k = self.k(n)
         return packed_size(
@@ -197,7 +190,7 @@ class RandK(_Sparsify):
         out[self._indices(n, step, payload.device)] = vals.to(dtype)
         return out.view(shape)
 
-    def payload_bytes(self, shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    def payload_nbytes(self, shape: tuple[int, ...], dtype: torch.dtype) -> int:
         return packed_size([_util.meta_spec(shape, 1), (dtype, (self.k(_util.numel(shape)),))])
 
     def _kept_error_factor(self, n: int) -> float:

@@ -171,6 +171,11 @@ class GPTStage(nn.Module):
             return self.head(self.ln_f(self.method.residual(x)))
         return self.send(x) if self.send is not None else x
 
+    def hidden_spec(self, tokens: tuple[int, ...]) -> tuple[tuple[int, ...], torch.dtype]:
+        """Shape and dtype of what crosses a boundary for token ids of shape ``tokens`` ([B, T]): what this stage
+        takes in (unless first) and gives out (unless last) -- and their gradients, the other way."""
+        return (*tokens, self.method.wire_width()), next(self.parameters()).dtype  # n_embd unless a boundary method
+
     @staticmethod
     def loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))

@@ -3,7 +3,7 @@
 Sender side (one queue per sender uplink, shared by all its destinations)::
 
     start       = max(t, uplink_free)
-    tx          = 8 b / B_ij                         (B_ij = min(uplink_i, downlink_j, pair cap))
+    tx          = 8 w(b) / B_ij                      (B_ij = min(uplink_i, downlink_j, pair cap))
     pipelined:  uplink_free = start + tx;            arrival = uplink_free + latency_ij + jitter
     serialized: uplink_free = start + tx + latency;  arrival = uplink_free + jitter
 
@@ -11,8 +11,12 @@ FIFO per pair: arrival = max(arrival, previous arrival on the pair) -- jitter ne
 
 Receiver side, in the order the receiver consumes messages (deterministic)::
 
-    delivery      = max(arrival, downlink_free + 8 b / downlink_j)
+    delivery      = max(arrival, downlink_free + 8 w(b) / downlink_j)
     downlink_free = delivery
+
+``w(b)`` is what the message occupies on the wire (``Topology.framing``): its payload ``b`` by
+default; with ``net.framing=line`` also TCP/IP headers and Ethernet framing for each of its
+``ceil(b / MSS)`` segments, ``w(b) = b + ceil(b / MSS)·(H_tcpip + H_eth)``.
 
 With one incoming flow no faster than the downlink, delivery == arrival, which is uplink_free + latency
 when there is no jitter (pipelined; docs/architecture.md, "The link model").
@@ -76,7 +80,7 @@ class LinkModel:
         bw = link.bandwidth_bps
         if self.conditions is not None:
             bw = self.conditions.bandwidth_bps(bw, link.latency_s, t)
-        return 0.0 if math.isinf(bw) else 8.0 * nbytes / bw
+        return 0.0 if math.isinf(bw) else 8.0 * self.topo.framing.wire_bytes(nbytes) / bw
 
     def send(self, dst: int, nbytes: int, t: float) -> SendTiming:
         """Charge a message from this rank to ``dst`` entering the uplink at ``t``."""
@@ -122,7 +126,7 @@ class LinkModel:
     def deliver(self, src: int, nbytes: int, arrival: float) -> float:
         """Charge the receiver's downlink; called in consumption order. Returns the delivery time."""
         down = self.topo.downlink_bps[self.rank]
-        rx = 0.0 if math.isinf(down) else 8.0 * nbytes / down
+        rx = 0.0 if math.isinf(down) else 8.0 * self.topo.framing.wire_bytes(nbytes) / down
         delivery = max(arrival, self.downlink_free + rx)
         self.downlink_free = delivery
         return delivery

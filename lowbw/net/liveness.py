@@ -58,13 +58,13 @@ class LinkWatch:
         """A message for ``dst`` was handed to the link (main thread)."""
 
     def arrived(self, src: int) -> None:
-        """A whole message from ``src`` was taken off the link (receiver thread)."""
+        """A whole message from ``src`` was taken off the link (the compute thread; rank 0's collector for reports)."""
 
     def waiting(self, src: Optional[int]) -> None:
         """The calling thread blocks on a message from ``src`` (None: it stopped waiting)."""
 
     def receive_timed_out(self, me: int, src: int, key: Any, waited_s: float) -> PeerError:
-        return PeerError(src, f"rank {me}: no message from rank {src} for {waited_s:.0f} s (waiting for {key}); "
+        return PeerError(src, f"rank {me}: no message from rank {src} for {waited_s:g} s (waiting for {key}); "
                               f"rank {src} has died or hangs")
 
     def link_failed(self, me: int, peer: int, error: BaseException) -> PeerError:

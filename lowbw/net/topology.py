@@ -42,6 +42,38 @@ class PairLink:
 
 
 @dataclass(frozen=True)
+class Framing:
+    """Bytes a message of ``b`` payload bytes occupies on a link (``net.framing``).
+
+    ``per_segment_bytes = 0`` charges the payload alone (what WAN benchmarks and cloud bills count);
+    otherwise the message is cut into ``ceil(b / mss_bytes)`` TCP segments and each carries
+    ``per_segment_bytes`` of headers and framing (docs/networks.md, "Line rate")."""
+
+    mss_bytes: int = 1460
+    per_segment_bytes: int = 0
+
+    def wire_bytes(self, nbytes: int) -> int:
+        if not self.per_segment_bytes:
+            return nbytes
+        return nbytes + self.per_segment_bytes * -(-nbytes // self.mss_bytes)
+
+
+def framing_from_config(net: Any) -> Framing:
+    """``net.framing``: ``payload`` (the default) or ``line`` (TCP/IP headers and Ethernet framing per segment)."""
+    how = getattr(net, "framing", "payload")
+    if how == "payload":
+        return Framing(int(net.mss_bytes), 0)
+    if how != "line":
+        raise ConfigError(f"net.framing={how!r}: use payload (8 bits a payload byte) or line (plus TCP/IP and "
+                          "Ethernet framing per segment)")
+    sizes = {k: getattr(net, k) for k in ("mss_bytes", "tcp_ip_header_bytes", "ethernet_overhead_bytes")}
+    for k, v in sizes.items():
+        if isinstance(v, bool) or not isinstance(v, int) or v < (1 if k == "mss_bytes" else 0):
+            raise ConfigError(f"net.{k}={v!r} must be a whole number of bytes ({'> 0' if k == 'mss_bytes' else '>= 0'})")
+    return Framing(sizes["mss_bytes"], sizes["tcp_ip_header_bytes"] + sizes["ethernet_overhead_bytes"])
+
+
+@dataclass(frozen=True)
 class Topology:
     n: int
     semantics: str  # "pipelined" | "serialized"
@@ -49,6 +81,7 @@ class Topology:
     downlink_bps: tuple[float, ...]
     pairs: dict[tuple[int, int], PairLink]
     emulate: bool = True
+    framing: Framing = Framing()  # what a message costs on the wire (default: its payload)
 
     def link(self, src: int, dst: int) -> PairLink:
         return self.pairs[(src, dst)]
@@ -121,7 +154,8 @@ class Topology:
                 pairs[(i, j)] = PairLink(lat, jitter, bw)
         if rnd is not None:  # per-pair draws replace the node caps
             up = down = math.inf
-        return Topology(n, net.semantics, (up,) * n, (down,) * n, pairs, bool(getattr(net, "emulate", True)))
+        return Topology(n, net.semantics, (up,) * n, (down,) * n, pairs, bool(getattr(net, "emulate", True)),
+                        framing_from_config(net))
 
     def describe(self) -> str:
         lat = sorted({round(p.latency_s * 1e3, 3) for p in self.pairs.values()})

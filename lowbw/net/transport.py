@@ -1,195 +1,258 @@
-"""Real point-to-point messages between ranks over torch.distributed, with the link model on top.
+"""Keyed, emulated messages between ranks: receives posted early, sends issued from the compute thread.
 
-Every message is a fixed 10-int64 header followed by a uint8 body -- the codec's payload, whose
-length is what the link model charges. One sender thread per (destination, channel) and one
-receiver thread per (source, channel) make sends never block compute and keep a receive posted at
-all times, so a message is taken off the wire as soon as it is sent. Only the main thread touches
-the link model and the clock.
+A message is a codec payload with a key ``(phase, batch, stage, microbatch)`` and the times the link
+model needs. It travels one of two ways, by whether its length is known before it exists:
 
-Emulation: in virtual time the sender computes the arrival time and ships it in the header; in
-wall time the sender thread holds the message until its last bit would have left the uplink, and
-the receiver adds latency and jitter from the moment it really got it -- no clock synchronisation
-between machines is needed.
+* **sized** (every codec whose ``payload_nbytes`` gives the length): one buffer -- an 80-byte meta
+  block, then the payload -- on the channel's message tag. The receiver posts it with
+  :meth:`Transport.expect` before the step starts, into a buffer of exactly that size, in the order
+  the sender will send, so it moves as soon as it is sent and the compute thread takes it without a
+  hand-over between threads;
+* **unsized** (AQ-SGD, whose length follows its cache; the JSON reports to rank 0): the meta block
+  alone on the channel's header tag, then the payload on its payload tag. Headers are posted early
+  like sized messages; a payload's receive is posted once its header is in (:meth:`progress`,
+  between actions, or when the message is wanted).
 
-On one host the sender stamps when the message left (CLOCK_MONOTONIC, which all processes share),
-so the receiver counts the emulated latency from then and the real loopback transfer does not add
-to it; between hosts the latency counts from the real arrival.
+Three tags a channel because a gloo receive takes the next message its peer sent *on that tag*,
+whatever its size: a receive posted early for a header would take a payload sent before it (and
+gloo aborts the process when a message is longer than the buffer). docs/architecture.md,
+"Messages", tells that story and a second trap: a send whose handle is dropped is cancelled, so
+every send handle is kept until it is waited for -- a round later (:meth:`start_round`), when its
+receiver has certainly posted the receive.
+
+Emulation is arithmetic. The sender's link model charges its uplink and writes into the meta block
+the arrival time (virtual clock) or, for the wall clock, when the last bit would have left the
+emulated uplink (``release``, on this host's CLOCK_MONOTONIC) and how long after the send that is
+(``hold``). The receiver charges its downlink and waits until delivery: on the wall clock, latency
+and jitter count from ``release`` when both ranks share a host (all processes of a host share
+``perf_counter``) and from the message's real arrival plus ``hold`` when they do not, so no clock
+synchronisation between machines is needed. The real arrival is noticed between actions
+(:meth:`progress` reads the meta block's first word, which the sender writes non-zero).
 
 A receive waits at most ``timeout_s`` (wall) for its message; a dead or silent peer becomes a
 :class:`PeerError` naming its rank. Which rank, and whether it died, hangs or sits behind a dead
-link, is the verdict of the :class:`~lowbw.net.liveness.LinkWatch` hook (heartbeats). This module
-assumes nothing about work handles of ``batch_isend_irecv`` (which once hung on gloo): it uses plain
-blocking send/recv in its threads.
+link, is the verdict of the :class:`~lowbw.net.liveness.LinkWatch` hook (heartbeats), which this
+module tells when a message is handed to the link (``sent``), when one is taken off it (``arrived``:
+in, and on the wall clock past the emulated uplink's ``release``, as if the sender had held it till
+then), around every blocking wait (``waiting``), and asks for the error when a wait times out or a
+link fails. On the wall clock a message whose emulated uplink would not release it within
+``timeout_s`` of the receive is such a timeout too (:meth:`delivery_time`). Only the compute thread
+uses the pipeline channels; the control channel's receives (:meth:`recv_json`) may run on another
+thread (rank 0's collector).
+
+A regime (lowbw/regime.py) makes the link model charge a target deployment's message length instead
+of the payload's (``charge``, :meth:`charged_bytes`); what moves on the wire is the payload.
 """
 
 from __future__ import annotations
 
 import json
-import queue
 import socket
-import struct
 import threading
 import time
 import zlib
+from collections import deque
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Optional
 
+import numpy as np
 import torch
-import torch.distributed as dist
 
-from lowbw.errors import PeerError
 from lowbw.net.clock import Clock
 from lowbw.net.link import LinkModel
 from lowbw.net.liveness import LinkWatch
+from lowbw.net.wire import GlooWire, Handle, Wire
 
-# Channels (gloo tags): activations forward, gradients backward, run control (metrics to rank 0).
+# Channels: activations forward, gradients backward, run control (reports to rank 0, never emulated).
 CH_FWD, CH_BWD, CH_CTRL = 1, 2, 3
-_CLOSE = -1
-_HEADER = 10  # ch, nbytes, phase, step, stage, microbatch, arrival (f64 bits), host id, sent at (f64 bits), 0
+# Tags of a channel: sized messages; headers of unsized ones; payloads of unsized ones.
+_MESSAGE, _HEADER, _PAYLOAD = 0, 1, 2
+_META = 80  # int64 x 10: magic, nbytes, phase, batch, stage, microbatch, arrival, release, hold, host
+_MAGIC = 0x6C6F7762_6D736721  # written last by the sender: non-zero once a message is in
 _HOST = zlib.crc32(socket.gethostname().encode())  # same host: perf_counter (CLOCK_MONOTONIC) is shared
+_CTRL_WINDOW = 16  # control sends kept in flight before the oldest is waited for (rank 0 reads them late)
 
 
-def _f2i(x: float) -> int:
-    return struct.unpack("<q", struct.pack("<d", x))[0]
+def tag(channel: int, part: int) -> int:
+    return 4 * channel + part
 
 
-def _i2f(x: int) -> float:
-    return struct.unpack("<d", struct.pack("<q", x))[0]
+def _meta_view(buf: torch.Tensor) -> np.ndarray:
+    return buf[:_META].numpy().view(np.int64)
 
 
 @dataclass
 class Message:
     src: int
     channel: int
-    key: tuple[int, int, int, int]  # (phase, step, stage, microbatch)
+    key: tuple[int, int, int, int]  # (phase, batch, stage, microbatch)
     payload: torch.Tensor  # uint8, CPU
-    sent_arrival: float  # virtual: arrival time computed by the sender; wall: unused
-    received_wall: float  # time.perf_counter() when the receiver thread had the whole message
+    sent_arrival: float  # virtual: arrival time computed by the sender
+    received_wall: float  # time.perf_counter() when this rank saw the message in (at the latest)
     sent_host: int = 0  # the sender's host id
-    sent_wall: float = 0.0  # the sender's time.perf_counter() when the message left it
+    sent_wall: float = 0.0  # sender's perf_counter when the last bit left its emulated uplink ("release")
+    hold: float = 0.0  # seconds from the send to that moment
+    deadline: float = float("inf")  # perf_counter by which the receive wanted it (timeout_s after it began)
 
     @property
     def nbytes(self) -> int:
         return int(self.payload.numel())
 
 
+class _Incoming:
+    """A receive posted for one expected message (and, unsized, its payload's receive once known)."""
+
+    __slots__ = ("src", "ch", "key", "buf", "meta", "handle", "sized", "body", "body_handle", "received")
+
+    def __init__(self, src: int, ch: int, key: tuple, buf: torch.Tensor, handle: Handle, sized: bool):
+        self.src, self.ch, self.key, self.buf, self.handle, self.sized = src, ch, key, buf, handle, sized
+        self.meta = _meta_view(buf)
+        self.body: Optional[torch.Tensor] = None
+        self.body_handle: Optional[Handle] = None
+        self.received: Optional[float] = None
+
+    def arrived(self) -> bool:
+        return self.meta[0] == _MAGIC
+
+    def released(self, now: float) -> bool:
+        """In, and past the moment its last bit left the sender's emulated uplink (wall clock)."""
+        if not self.arrived():
+            return False
+        f = self.meta.view(np.float64)
+        release = f[7] if self.meta[9] == _HOST else (self.received if self.received is not None else now) + f[8]
+        return now >= release
+
+
+def _empty_meta_buffer(nbytes: int) -> torch.Tensor:
+    buf = torch.empty(_META + nbytes, dtype=torch.uint8)
+    _meta_view(buf)[0] = 0
+    return buf
+
+
 class Transport:
-    def __init__(
-        self,
-        rank: int,
-        link: Optional[LinkModel],
-        clock: Clock,
-        timeout_s: float,
-        group: Optional[dist.ProcessGroup] = None,
-        charge: Optional[dict[int, tuple[int, int]]] = None,
-        watch: Optional[LinkWatch] = None,
-    ):
+    def __init__(self, rank: int, link: Optional[LinkModel], clock: Clock, timeout_s: float,
+                 wire: Optional[Wire] = None, charge: Optional[dict[int, tuple[int, int]]] = None,
+                 watch: Optional[LinkWatch] = None):
         """``charge``: channel -> (target, run) bytes: the link model charges a payload of n bytes on that
         channel round(n * target / run) bytes -- a target deployment's messages (lowbw/regime.py); None or a
-        missing channel: its length."""
+        missing channel: its length. ``watch``: the liveness hook (None: plain verdicts)."""
         self.rank, self.link, self.timeout_s = rank, link, timeout_s
         self._charge = dict(charge or {})
-        self.virtual = clock.virtual
-        self.now = clock.now  # the run clock (seconds), read only from the main thread
-        self.group = group
         self.watch = watch or LinkWatch()  # liveness hook: counts, waits, verdicts on timeouts and failures
-        self._cond = threading.Condition()
-        self._inbox: dict[tuple[int, int, tuple], Message] = {}
-        self._errors: dict[int, BaseException] = {}
-        self._senders: dict[tuple[int, int], tuple[queue.Queue, threading.Thread]] = {}
-        self._receivers: dict[tuple[int, int], threading.Thread] = {}
+        self.virtual = clock.virtual
+        self.now = clock.now  # the run clock (seconds), read only from the compute thread
+        self.wire = wire if wire is not None else GlooWire()
+        self._timeout = timedelta(seconds=timeout_s)
+        self._expected: dict[tuple[int, int, tuple], _Incoming] = {}
+        self._unsized: dict[tuple[int, int], deque[_Incoming]] = {}  # payload receive not posted yet, in order
+        self._unstamped: list[_Incoming] = []
+        self._uncounted: list[_Incoming] = []  # pipeline messages not yet reported to the watch as arrived
+        self._round = 0
+        self._sends: deque[tuple[int, int, Handle, tuple]] = deque()  # (round, dst, handle, buffers kept alive)
+        self._ctrl_sends: deque[tuple[int, int, Handle, tuple]] = deque()
+        self._ctrl_lock = threading.Lock()
+        self._ctrl_inbox: dict[tuple[int, tuple], bytes] = {}
 
-    # ---- set-up and tear-down -----------------------------------------------------------
+    # ---- waiting, with failures named ------------------------------------------------------------
 
-    def open(self, outgoing: set[tuple[int, int]], incoming: set[tuple[int, int]]) -> None:
-        """Start a thread per (peer, channel) this rank sends to and receives from."""
-        for dst, ch in sorted(outgoing):
-            q: queue.Queue = queue.Queue()
-            t = threading.Thread(target=self._send_loop, args=(dst, ch, q), daemon=True, name=f"send-{dst}-{ch}")
-            t.start()
-            self._senders[(dst, ch)] = (q, t)
-        for src, ch in sorted(incoming):
-            t = threading.Thread(target=self._recv_loop, args=(src, ch), daemon=True, name=f"recv-{src}-{ch}")
-            t.start()
-            self._receivers[(src, ch)] = t
+    def _wait(self, handle: Handle, peer: int, key: Optional[object]) -> None:
+        """Wait for a posted operation; ``key``: the message received (None: a send). A receive that takes
+        timeout_s, or any failure, becomes the watch's verdict."""
+        t0 = time.monotonic()
+        try:
+            handle.wait(self._timeout)
+        except RuntimeError as e:
+            if threading.current_thread() is threading.main_thread():  # the compute thread owns the list
+                self._count_arrivals()  # the verdict compares what was sent with what got here
+            if key is not None and time.monotonic() - t0 >= 0.99 * self.timeout_s:
+                raise self.watch.receive_timed_out(self.rank, peer, key, self.timeout_s) from None
+            raise self.watch.link_failed(self.rank, peer, e) from None
 
-    def flush(self, timeout_s: float = 10.0) -> None:
-        """Wait until every message handed over so far has left this process."""
-        deadline = time.monotonic() + timeout_s
-        for q, _ in self._senders.values():
-            while q.unfinished_tasks and time.monotonic() < deadline:
-                time.sleep(0.005)
+    def _post(self, sending: bool, buf: torch.Tensor, peer: int, t: int) -> Handle:
+        try:
+            return (self.wire.isend if sending else self.wire.irecv)(buf, peer, t)
+        except RuntimeError as e:  # the connection is already closed: the peer is gone
+            raise self.watch.link_failed(self.rank, peer, e) from None
+
+    def _count_arrivals(self) -> None:
+        """Tell the watch of each message taken off its link since the last call (see the module's docstring)."""
+        if not self._uncounted:
+            return
+        now, left = time.perf_counter(), []
+        for inc in self._uncounted:
+            if inc.arrived() if self.virtual else inc.released(now):
+                self.watch.arrived(inc.src)
+            else:
+                left.append(inc)
+        self._uncounted = left
+
+    # ---- rounds: send handles live until their receivers have certainly posted -----------------
+
+    def start_round(self) -> None:
+        """A new executor run begins: wait for the sends of two runs ago (long complete in practice).
+
+        Every receiver posts the messages of a run at the start of its own run, and no rank starts
+        run N+1 before each of its peers has started run N-1 (a run's messages need their peers'
+        runs), so these waits return at once; they free the buffers and surface errors."""
+        self._round += 1
+        while self._sends and self._sends[0][0] <= self._round - 2:
+            _, dst, handle, _ = self._sends.popleft()
+            self._wait(handle, dst, None)
+
+    def flush(self) -> None:
+        """Wait until every message sent so far has left this process."""
+        for q in (self._sends, self._ctrl_sends):
+            while q:
+                _, dst, handle, _ = q.popleft()
+                self._wait(handle, dst, None)
 
     def close(self) -> None:
-        """Tell every receiver this rank is done, then wait for the peers to say the same."""
-        for q, _ in self._senders.values():
-            q.put(None)
-        deadline = time.monotonic() + self.timeout_s
-        for (dst, _), (_, t) in self._senders.items():
-            t.join(max(0.0, deadline - time.monotonic()))
-            if t.is_alive():
-                raise PeerError(dst, f"rank {self.rank}: could not finish sending to rank {dst} within {self.timeout_s:.0f} s")
-        for (src, _), t in self._receivers.items():
-            t.join(max(0.0, deadline - time.monotonic()))
-            if t.is_alive():
-                raise PeerError(src, f"rank {self.rank}: rank {src} did not close its channel within {self.timeout_s:.0f} s")
-        self._raise_errors()
+        """The run is over on this rank: every send completed, every expected message taken."""
+        self.flush()
+        left = sorted(str(k) for k in self._expected)
+        if left:
+            raise RuntimeError(f"rank {self.rank}: {len(left)} expected message(s) never taken: {', '.join(left[:5])}")
 
-    # ---- threads ------------------------------------------------------------------------
+    # ---- pipeline messages (compute thread) ------------------------------------------------------
 
-    def _send_loop(self, dst: int, ch: int, q: queue.Queue) -> None:
-        try:
-            while True:
-                item = q.get()
-                if item is None:
-                    dist.send(torch.tensor([_CLOSE] + [0] * (_HEADER - 1), dtype=torch.int64), dst, self.group, tag=ch)
-                    return
-                header, body, release_at = item
-                if release_at is not None:  # wall clock: hold until the last bit has left the uplink
-                    delay = release_at - time.perf_counter()
-                    if delay > 0:
-                        time.sleep(delay)
-                header[8] = _f2i(time.perf_counter())
-                dist.send(header, dst, self.group, tag=ch)
-                if body.numel():
-                    dist.send(body, dst, self.group, tag=ch)
-                q.task_done()
-        except BaseException as e:  # noqa: BLE001 -- reported to the main thread, naming the peer
-            with self._cond:
-                self._errors.setdefault(dst, e)
-                self._cond.notify_all()
+    def expect(self, src: int, ch: int, key: tuple[int, int, int, int], nbytes: Optional[int]) -> None:
+        """Post the receive of message ``key`` from ``src`` (``nbytes``: its payload length, None if unknown).
 
-    def _recv_loop(self, src: int, ch: int) -> None:
-        try:
-            while True:
-                header = torch.empty(_HEADER, dtype=torch.int64)
-                dist.recv(header, src, self.group, tag=ch)
-                h = header.tolist()
-                if h[0] == _CLOSE:
-                    return
-                nbytes = h[1]
-                body = torch.empty(nbytes, dtype=torch.uint8)
-                if nbytes:
-                    dist.recv(body, src, self.group, tag=ch)
-                key = (h[2], h[3], h[4], h[5])
-                msg = Message(src, ch, key, body, _i2f(h[6]), time.perf_counter(), h[7], _i2f(h[8]))
-                with self._cond:
-                    self._inbox[(src, ch, key)] = msg
-                    self._cond.notify_all()
-                self.watch.arrived(src)
-        except BaseException as e:  # noqa: BLE001
-            with self._cond:
-                self._errors.setdefault(src, e)
-                self._cond.notify_all()
+        Calls for one (src, channel) must follow the order in which ``src`` sends."""
+        if (src, ch, key) in self._expected:
+            raise RuntimeError(f"rank {self.rank}: message {key} from rank {src} expected twice")
+        buf = _empty_meta_buffer(nbytes if nbytes is not None else 0)
+        sized = nbytes is not None
+        inc = _Incoming(src, ch, key, buf, self._post(False, buf, src, tag(ch, _MESSAGE if sized else _HEADER)), sized)
+        self._expected[(src, ch, key)] = inc
+        self._unstamped.append(inc)
+        self._uncounted.append(inc)
+        if not sized:
+            self._unsized.setdefault((src, ch), deque()).append(inc)
 
-    # ---- main-thread API ----------------------------------------------------------------
+    def send(self, dst: int, ch: int, key: tuple[int, int, int, int], payload: torch.Tensor, emulate: bool = True,
+             sized: bool = True) -> float:
+        """Send a payload; returns its emulated arrival time (run clock), or now when not emulated.
 
-    def _raise_errors(self, peer: Optional[int] = None) -> None:
-        with self._cond:
-            items = [(p, e) for p, e in self._errors.items() if peer is None or p == peer]
-        if items:
-            p, e = items[0]
-            raise self.watch.link_failed(self.rank, p, e)
+        ``sized``: the receiver expects exactly this length (the codec's ``payload_nbytes``)."""
+        payload = payload.detach().reshape(-1)
+        n = payload.numel()
+        t = self.now()
+        arrival, hold = t, 0.0
+        if emulate and self.link is not None:
+            timing = self.link.send(dst, self.charged_bytes(ch, n), t)
+            arrival, hold = timing.arrival, timing.tx_done - t
+        buf = _empty_meta_buffer(n if sized else 0)
+        if sized:
+            buf[_META:].copy_(payload)
+        self._write_meta(buf, n, key, arrival, hold)
+        if sized:
+            self._sends.append((self._round, dst, self._post(True, buf, dst, tag(ch, _MESSAGE)), (buf,)))
+        else:
+            self._send_unsized(self._sends, dst, ch, buf, payload.to("cpu", torch.uint8).contiguous())
+        self.watch.sent(dst)
+        return arrival
 
     def charged_bytes(self, ch: int, nbytes: int) -> int:
         """Bytes the link model charges for a payload of ``nbytes`` on channel ``ch``."""
@@ -198,58 +261,126 @@ class Transport:
         target, run = self._charge[ch]
         return (2 * nbytes * target + run) // (2 * run)  # round(n * target / run) in integers
 
-    def send(self, dst: int, ch: int, key: tuple[int, int, int, int], payload: torch.Tensor, emulate: bool = True) -> float:
-        """Hand a payload to the link; returns the emulated arrival time (run clock) or now for unemulated sends."""
-        self._raise_errors(dst)
-        payload = payload.detach().to("cpu", torch.uint8).contiguous()
-        t = self.now()
-        arrival, release_at = t, None
-        if emulate and self.link is not None:
-            timing = self.link.send(dst, self.charged_bytes(ch, payload.numel()), t)
-            arrival = timing.arrival
-            if not self.virtual:
-                release_at = time.perf_counter() + (timing.tx_done - t)
-        header = torch.tensor([ch, payload.numel(), *key, _f2i(arrival), _HOST, _f2i(time.perf_counter()), 0],
-                              dtype=torch.int64)
-        self._senders[(dst, ch)][0].put((header, payload, release_at))
-        self.watch.sent(dst)
-        return arrival
+    def _send_unsized(self, q: deque, dst: int, ch: int, head: torch.Tensor, body: torch.Tensor) -> None:
+        q.append((self._round, dst, self._post(True, head, dst, tag(ch, _HEADER)), (head,)))
+        if body.numel():
+            q.append((self._round, dst, self._post(True, body, dst, tag(ch, _PAYLOAD)), (body,)))
+
+    @staticmethod
+    def _write_meta(buf: torch.Tensor, nbytes: int, key: tuple, arrival: float, hold: float) -> None:
+        m = _meta_view(buf)
+        f = m.view(np.float64)
+        m[1], m[2:6], m[9] = nbytes, key, _HOST
+        release = time.perf_counter() + hold
+        f[6], f[7], f[8] = arrival, release, hold
+        m[0] = _MAGIC
+
+    def progress(self) -> None:
+        """Between actions: note messages that came in, post the payload receives of unsized ones."""
+        now = time.perf_counter()
+        if self._unstamped:
+            for inc in self._unstamped:
+                if inc.received is None and inc.arrived():
+                    inc.received = now
+            self._unstamped = [inc for inc in self._unstamped if inc.received is None]
+        self._count_arrivals()
+        for q in self._unsized.values():
+            while q and q[0].arrived():
+                self._post_payload(q.popleft())
+
+    def _post_payload(self, inc: _Incoming) -> None:
+        self._wait(inc.handle, inc.src, inc.key)  # the header is in already: returns at once
+        inc.body = torch.empty(int(inc.meta[1]), dtype=torch.uint8)
+        if inc.body.numel():
+            inc.body_handle = self._post(False, inc.body, inc.src, tag(inc.ch, _PAYLOAD))
 
     def recv(self, src: int, ch: int, key: tuple[int, int, int, int]) -> Message:
-        """Wait (at most timeout_s of wall time) for the message ``key`` from ``src`` on channel ``ch``."""
-        deadline = time.monotonic() + self.timeout_s
+        """Wait (at most timeout_s of wall time) for the expected message ``key`` from ``src`` on ``ch``."""
+        inc = self._expected.pop((src, ch, key), None)
+        if inc is None:
+            raise RuntimeError(f"rank {self.rank}: message {key} from rank {src} was never expected")
+        deadline = time.perf_counter() + self.timeout_s
+        self._count_arrivals()
         self.watch.waiting(src)
-        with self._cond:
-            while (src, ch, key) not in self._inbox:
-                if src in self._errors:
-                    break
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    self.watch.waiting(None)
-                    raise self.watch.receive_timed_out(self.rank, src, key, self.timeout_s)
-                self._cond.wait(min(left, 1.0))
-            msg = self._inbox.pop((src, ch, key), None)
-        self.watch.waiting(None)
-        if msg is None:
-            self._raise_errors(src)
-        return msg
+        try:
+            if inc.sized:
+                self._wait(inc.handle, src, key)
+            else:
+                q = self._unsized[(src, ch)]
+                while inc.body is None:  # payload receives go out in the sender's order
+                    self._post_payload(q.popleft())
+                if inc.body_handle is not None:
+                    self._wait(inc.body_handle, src, key)
+        finally:
+            self.watch.waiting(None)
+        if inc.received is None:
+            inc.received = time.perf_counter()
+        self._count_arrivals()
+        m = inc.meta
+        got = tuple(int(v) for v in m[2:6])
+        if m[0] != _MAGIC or got != tuple(key):
+            raise RuntimeError(f"rank {self.rank}: expected message {key} from rank {src}, got {got}: "
+                               "the two ranks disagree on the order of their messages")
+        n, f = int(m[1]), m.view(np.float64)
+        payload = inc.buf[_META:_META + n] if inc.sized else inc.body
+        return Message(src, ch, key, payload, float(f[6]), inc.received, int(m[9]), float(f[7]), float(f[8]),
+                       deadline)
 
     def delivery_time(self, msg: Message, emulate: bool = True) -> float:
-        """When the message is usable on this rank's clock, charging this rank's downlink."""
+        """When the message is usable on this rank's clock, charging this rank's downlink.
+
+        Wall clock: a message the sender's emulated uplink releases later than ``timeout_s`` after its
+        receive began (an outage, a link far too slow) is waited for until then and becomes the watch's
+        verdict, as if it had never come."""
         if not emulate or self.link is None:
             return self.now() if not self.virtual else msg.sent_arrival
         if self.virtual:
             arrival = msg.sent_arrival
-        else:  # from when it left the sender (same host) or when it really arrived here (another host)
-            left = msg.sent_wall if msg.sent_host == _HOST else msg.received_wall
+        else:  # from when it left the sender's emulated uplink (same host) or really arrived here, plus hold
+            left = msg.sent_wall if msg.sent_host == _HOST else msg.received_wall + msg.hold
+            if left > msg.deadline:
+                self._held_past_deadline(msg)
             arrival = self.link.arrival_after_receipt(msg.src, self.now() - (time.perf_counter() - left))
         return self.link.deliver(msg.src, self.charged_bytes(msg.channel, msg.nbytes), arrival)
 
-    # ---- control messages (metrics), never emulated ----------------------------------------
+    def _held_past_deadline(self, msg: Message) -> None:
+        """Wait out the receive's timeout on a message still on the sender's emulated uplink, then fail."""
+        self.watch.waiting(msg.src)
+        try:
+            while (left := msg.deadline - time.perf_counter()) > 0:
+                time.sleep(min(left, 0.1))
+                self._count_arrivals()  # other messages keep arriving meanwhile: the verdict counts them
+        finally:
+            self.watch.waiting(None)
+        raise self.watch.receive_timed_out(self.rank, msg.src, msg.key, self.timeout_s)
+
+    # ---- control messages (reports to rank 0), never emulated ------------------------------------
 
     def send_json(self, dst: int, key: tuple[int, int, int, int], obj: dict) -> None:
-        data = torch.frombuffer(bytearray(json.dumps(obj).encode()), dtype=torch.uint8)
-        self.send(dst, CH_CTRL, key, data, emulate=False)
+        body = torch.frombuffer(bytearray(json.dumps(obj).encode()), dtype=torch.uint8)
+        head = _empty_meta_buffer(0)
+        self._write_meta(head, body.numel(), key, 0.0, 0.0)
+        self._send_unsized(self._ctrl_sends, dst, CH_CTRL, head, body)
+        self.watch.sent(dst)
+        while len(self._ctrl_sends) > _CTRL_WINDOW:
+            _, peer, handle, _ = self._ctrl_sends.popleft()
+            self._wait(handle, peer, None)
 
     def recv_json(self, src: int, key: tuple[int, int, int, int]) -> dict:
-        return json.loads(bytes(self.recv(src, CH_CTRL, key).payload.numpy()).decode())
+        """The report ``key`` from ``src``; reports that come first are kept for their turn."""
+        what = f"report {key}"
+        with self._ctrl_lock:
+            self.watch.waiting(src)
+            try:
+                while (src, key) not in self._ctrl_inbox:
+                    head = _empty_meta_buffer(0)
+                    self._wait(self._post(False, head, src, tag(CH_CTRL, _HEADER)), src, what)
+                    m = _meta_view(head)
+                    body = torch.empty(int(m[1]), dtype=torch.uint8)
+                    if body.numel():
+                        self._wait(self._post(False, body, src, tag(CH_CTRL, _PAYLOAD)), src, what)
+                    self.watch.arrived(src)
+                    self._ctrl_inbox[(src, tuple(int(v) for v in m[2:6]))] = body.numpy().tobytes()
+            finally:
+                self.watch.waiting(None)
+            return json.loads(self._ctrl_inbox.pop((src, key)).decode())

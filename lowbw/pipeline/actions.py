@@ -12,6 +12,12 @@ Generators (lowbw.pipeline.schedules) write compute actions only; :func:`add_com
 lowers them, placing each receive right before the compute that needs it and each send right
 after the compute that produces it -- the lowering torch.distributed.pipelining applies to its
 "compute_only" CSVs.
+
+Overlapped pairs: torch's ``(0F3;3B1)OVERLAP_F_B`` (DualPipeV) is a forward of one chunk and a
+backward of another that run as one unit. lowbw keeps the two actions, in order, and records the
+pair in :attr:`Schedule.overlaps`; lowering puts the receives of both parts before the pair and
+their sends after it (as torch's own lowering does), so the pair starts once both inputs are in,
+and the CSV writer merges it back into one cell.
 """
 
 from __future__ import annotations
@@ -38,10 +44,14 @@ class Kind(str, Enum):
 
 
 COMPUTE_KINDS = frozenset({Kind.FORWARD, Kind.FULL_BACKWARD, Kind.BACKWARD_INPUT, Kind.BACKWARD_WEIGHT})
+BACKWARD_KINDS = frozenset({Kind.FULL_BACKWARD, Kind.BACKWARD_INPUT, Kind.BACKWARD_WEIGHT})
 
 _ACTION_RE = re.compile(r"^(\d+)(SEND_F|RECV_F|SEND_B|RECV_B|F|B|I|W)(\d+)$")
 # torch's compute_comms CSVs also hold FSDP/DP bookkeeping (0UNSHARD, 0RESHARD, 0REDUCE_GRAD): no-ops here.
 _TORCH_NOOP_RE = re.compile(r"^\d*(UNSHARD|RESHARD|REDUCE_GRAD)(\d*)$")
+# torch's composite action (ScheduleDualPipeV): "(0F3;3B1)OVERLAP_F_B", a forward and a backward of two
+# chunks that torch's runtime runs one after the other; lowbw reads it as those actions, in that order.
+_OVERLAP_RE = re.compile(r"^\((.*)\)OVERLAP_F_B$")
 
 
 class Action(NamedTuple):
@@ -69,6 +79,27 @@ class Action(NamedTuple):
         return Action(int(stage), Kind(kind), int(mb))
 
 
+#: (rank, first, second): two compute actions of one rank that run as one unit (torch's OVERLAP_F_B)
+Overlap = tuple[int, "Action", "Action"]
+
+
+def parse_cell(text: str) -> list[Action]:
+    """The actions of one CSV cell: none (empty, or torch's FSDP bookkeeping), one, or the two parts of
+    torch's ``(<forward>;<backward>)OVERLAP_F_B``."""
+    text = text.strip()
+    if not text or _TORCH_NOOP_RE.match(text):
+        return []
+    overlap = _OVERLAP_RE.match(text)
+    if overlap:
+        parts = [Action.parse(t) for t in overlap.group(1).split(";") if t.strip()]
+        if len(parts) != 2 or parts[0].kind != Kind.FORWARD or parts[1].kind not in BACKWARD_KINDS:
+            raise ValueError(f"cannot read action {text!r}: OVERLAP_F_B pairs a forward and a backward, "
+                             "e.g. (0F3;3B1)OVERLAP_F_B")
+        return parts
+    return [Action.parse(text)]
+
+
+
 @dataclass(frozen=True)
 class Schedule:
     """A complete pipeline schedule for one optimizer step.
@@ -82,6 +113,8 @@ class Schedule:
     n_microbatches: int
     stage_to_rank: tuple[int, ...]
     actions: dict[int, list[Action]]
+    #: pairs that run as one unit (torch's OVERLAP_F_B); lowering already placed their messages
+    overlaps: frozenset[Overlap] = frozenset()
 
     #: True when steps overlap (microbatches and weight versions outlive a step): PipeDream-2BW.
     asynchronous: ClassVar[bool] = False
@@ -101,7 +134,17 @@ class Schedule:
         with open(path, "w", newline="") as f:
             writer = csv.writer(f)
             for rank in range(self.n_ranks):
-                writer.writerow([str(a) for a in self.actions[rank] if a.is_compute or not compute_only])
+                cells: list[str] = []
+                for a in self.actions[rank]:
+                    if cells and (rank, cells[-1], a) in self._overlap_cells:
+                        cells[-1] = f"({cells[-1]};{a})OVERLAP_F_B"
+                    elif a.is_compute or not compute_only:
+                        cells.append(str(a))
+                writer.writerow(cells)
+
+    @property
+    def _overlap_cells(self) -> set[tuple[int, str, Action]]:
+        return {(r, str(a), b) for r, a, b in self.overlaps}
 
     @staticmethod
     def from_csv(path: str | Path, name: str | None = None) -> "Schedule":
@@ -111,12 +154,18 @@ class Schedule:
         added by :func:`add_communication`.
         """
         rows: dict[int, list[Action]] = {}
+        overlaps: set[Overlap] = set()
         with open(path, newline="") as f:
             for rank, row in enumerate(csv.reader(f)):
-                try:
-                    rows[rank] = [Action.parse(c) for c in row if c.strip() and not _TORCH_NOOP_RE.match(c.strip())]
-                except ValueError as e:
-                    raise ValueError(f"{path}: rank {rank}: {e}") from None
+                rows[rank] = []
+                for cell in row:
+                    try:
+                        parts = parse_cell(cell)
+                    except ValueError as e:
+                        raise ValueError(f"{path}: rank {rank}: {e}") from None
+                    rows[rank] += parts
+                    if len(parts) == 2:
+                        overlaps.add((rank, parts[0], parts[1]))
         if not rows:
             raise ValueError(f"{path}: the schedule file has no rows")
         stage_to_rank = infer_stage_to_rank(rows)
@@ -124,10 +173,38 @@ class Schedule:
         n_mb = 1 + max(a.microbatch for acts in rows.values() for a in acts)
         has_comm = any(not a.is_compute for acts in rows.values() for a in acts)
         if not has_comm:
-            rows = add_communication(rows, stage_to_rank)
+            rows = add_communication(rows, stage_to_rank, overlaps)
         else:  # torch posts receives early and waits at the compute; here a receive waits where it stands
-            rows = place_receives(rows, stage_to_rank)
-        return Schedule(name or Path(path).stem, n_stages, n_mb, stage_to_rank, rows)
+            rows = place_receives(rows, stage_to_rank, overlaps)
+        return Schedule(name or Path(path).stem, n_stages, n_mb, stage_to_rank, rows, frozenset(overlaps))
+
+
+
+def check_complete(sched: Schedule) -> None:
+    """ScheduleError naming the first missing compute action: every stage runs, on its rank, the forward
+    of every microbatch and its backward (``B``, or ``I`` and ``W``).
+
+    Checked before the schedule is played, so that a schedule missing an action is told which one, not
+    that it deadlocks at a receive waiting for the missing action's message."""
+    for s in range(sched.n_stages):
+        r = sched.stage_to_rank[s]
+        have = {(a.kind, a.microbatch) for a in sched.actions[r] if a.stage == s}
+        for mb in range(sched.n_microbatches):
+            f, b, i, w = (Action(s, k, mb) for k in (Kind.FORWARD, Kind.FULL_BACKWARD, Kind.BACKWARD_INPUT,
+                                                     Kind.BACKWARD_WEIGHT))
+            if (f.kind, mb) not in have:
+                missing = f"{f} (stage {s}'s forward of microbatch {mb})"
+            elif (b.kind, mb) in have:
+                continue
+            elif (i.kind, mb) not in have and (w.kind, mb) not in have:
+                missing = f"{b} (stage {s}'s backward of microbatch {mb}; or {i} and {w})"
+            elif (w.kind, mb) not in have:
+                missing = f"{w} (stage {s}'s weight gradient of microbatch {mb}, after {i})"
+            elif (i.kind, mb) not in have:
+                missing = f"{i} (stage {s}'s input gradient of microbatch {mb}, before {w})"
+            else:
+                continue
+            raise ScheduleError(f"rank {r} never runs {missing}; every stage needs it for every microbatch")
 
 
 # ---- lowering: where sends and receives go -------------------------------------------------
@@ -148,36 +225,49 @@ def infer_stage_to_rank(rows: Rows) -> tuple[int, ...]:
     return tuple(owner[s] for s in range(n))
 
 
-def add_communication(rows: Rows, stage_to_rank: tuple[int, ...]) -> Rows:
-    """Insert RECV_* before and SEND_* after compute actions whose neighbour stage is on another rank."""
-    last = len(stage_to_rank) - 1
+def _units(acts: list[Action], rank: int, overlaps: frozenset[Overlap] | set) -> list[list[Action]]:
+    """A rank's actions grouped into what runs as one unit: single actions, and overlapped pairs."""
+    units: list[list[Action]] = []
+    for a in acts:
+        if units and (rank, units[-1][-1], a) in overlaps:
+            units[-1].append(a)
+        else:
+            units.append([a])
+    return units
+
+
+def _needs(a: Action, rank: int, stage_to_rank: tuple[int, ...]) -> tuple[list[Action], list[Action]]:
+    """(receives before, sends after) a compute action whose neighbour stages are on other ranks."""
+    s, mb, last = a.stage, a.microbatch, len(stage_to_rank) - 1
+    prev_remote = s > 0 and stage_to_rank[s - 1] != rank
+    next_remote = s < last and stage_to_rank[s + 1] != rank
+    if a.kind == Kind.FORWARD:
+        return ([Action(s, Kind.RECV_F, mb)] if prev_remote else []), ([Action(s, Kind.SEND_F, mb)] if next_remote else [])
+    if a.kind in (Kind.FULL_BACKWARD, Kind.BACKWARD_INPUT):
+        return ([Action(s, Kind.RECV_B, mb)] if next_remote else []), ([Action(s, Kind.SEND_B, mb)] if prev_remote else [])
+    return [], []
+
+
+def add_communication(rows: Rows, stage_to_rank: tuple[int, ...], overlaps: frozenset[Overlap] | set = frozenset()) -> Rows:
+    """Insert RECV_* before and SEND_* after compute actions whose neighbour stage is on another rank
+    (before and after the whole unit for an overlapped pair)."""
     out: Rows = {}
     for rank, acts in rows.items():
         lowered: list[Action] = []
-        for a in acts:
-            s, mb = a.stage, a.microbatch
-            prev_remote = s > 0 and stage_to_rank[s - 1] != rank
-            next_remote = s < last and stage_to_rank[s + 1] != rank
-            if a.kind == Kind.FORWARD:
-                if prev_remote:
-                    lowered.append(Action(s, Kind.RECV_F, mb))
-                lowered.append(a)
-                if next_remote:
-                    lowered.append(Action(s, Kind.SEND_F, mb))
-            elif a.kind in (Kind.FULL_BACKWARD, Kind.BACKWARD_INPUT):
-                if next_remote:
-                    lowered.append(Action(s, Kind.RECV_B, mb))
-                lowered.append(a)
-                if prev_remote:
-                    lowered.append(Action(s, Kind.SEND_B, mb))
-            else:
-                lowered.append(a)
+        for unit in _units(acts, rank, overlaps):
+            recvs, sends = [], []
+            for a in unit:
+                r, snd = _needs(a, rank, stage_to_rank)
+                recvs += r
+                sends += snd
+            lowered += recvs + unit + sends
         out[rank] = lowered
     return out
 
 
-def place_receives(rows: Rows, stage_to_rank: tuple[int, ...]) -> Rows:
-    """Move each RECV_* to just before the first compute on its rank that needs it.
+def place_receives(rows: Rows, stage_to_rank: tuple[int, ...], overlaps: frozenset[Overlap] | set = frozenset()) -> Rows:
+    """Move each RECV_* to just before the first compute on its rank that needs it (before the whole
+    unit for an overlapped pair).
 
     torch.distributed.pipelining posts receives early (irecv) and waits for them at the compute; in
     lowbw a receive blocks where it stands. Placing it right before its consumer gives the same
@@ -187,19 +277,21 @@ def place_receives(rows: Rows, stage_to_rank: tuple[int, ...]) -> Rows:
     for rank, acts in rows.items():
         pending: dict[tuple, Action] = {}
         lowered: list[Action] = []
-        for a in acts:
-            if a.kind in (Kind.RECV_F, Kind.RECV_B):
+        for unit in _units(acts, rank, overlaps):
+            if len(unit) == 1 and unit[0].kind in (Kind.RECV_F, Kind.RECV_B):
+                a = unit[0]
                 pending[(a.kind, a.stage, a.microbatch)] = a
                 continue
-            if a.kind == Kind.FORWARD:
-                need = (Kind.RECV_F, a.stage, a.microbatch)
-            elif a.kind in (Kind.FULL_BACKWARD, Kind.BACKWARD_INPUT):
-                need = (Kind.RECV_B, a.stage, a.microbatch)
-            else:
-                need = None
-            if need in pending:
-                lowered.append(pending.pop(need))
-            lowered.append(a)
+            for a in unit:
+                if a.kind == Kind.FORWARD:
+                    need = (Kind.RECV_F, a.stage, a.microbatch)
+                elif a.kind in (Kind.FULL_BACKWARD, Kind.BACKWARD_INPUT):
+                    need = (Kind.RECV_B, a.stage, a.microbatch)
+                else:
+                    need = None
+                if need in pending:
+                    lowered.append(pending.pop(need))
+            lowered += unit
         lowered += pending.values()
         out[rank] = lowered
     return out

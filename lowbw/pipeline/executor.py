@@ -6,6 +6,11 @@ decode -- is timed by the clock and recorded as busy; receives wait for their me
 time. The rules are those of the player (lowbw.pipeline.player), so a validated schedule cannot
 deadlock here.
 
+Before the first action the executor posts every receive of the run (:meth:`Executor._expect`):
+every rank holds the whole schedule, so it knows what each peer will send it and in which order,
+and the codec knows each payload's length (``payload_nbytes``) from the boundary's shape -- the
+message moves the moment it is sent, as in torch.distributed.pipelining.
+
 One engine runs every schedule. A synchronous schedule's step starts and ends empty; an
 asynchronous one (PipeDream-2BW) carries microbatches and weight versions across steps in a
 :class:`~lowbw.pipeline.weight_stash.WeightStash`. Tensors between actions are keyed
@@ -36,6 +41,7 @@ from lowbw.pipeline.weight_stash import InFlight, WeightStash
 
 PHASE_TRAIN, PHASE_EVAL = 0, 1
 _CHANNEL = {Kind.SEND_F: CH_FWD, Kind.RECV_F: CH_FWD, Kind.SEND_B: CH_BWD, Kind.RECV_B: CH_BWD}
+_RECEIVE = {Kind.SEND_F: Kind.RECV_F, Kind.SEND_B: Kind.RECV_B}  # what the other end of a send does
 _BACKWARD_EVENT = {Kind.FULL_BACKWARD: "backward", Kind.BACKWARD_INPUT: "backward_input",
                    Kind.BACKWARD_WEIGHT: "backward_weight"}
 
@@ -63,18 +69,6 @@ class StepResult:
     codecs: dict[str, CodecStats] = field(default_factory=dict)
 
 
-def channels(schedules: list[Schedule], rank: int) -> tuple[set, set]:
-    """(peer, channel) pairs ``rank`` sends to and receives from in any of these schedules."""
-    out, inc = set(), set()
-    for sched in schedules:
-        for a in sched.actions[rank]:
-            if a.kind in (Kind.SEND_F, Kind.SEND_B):
-                out.add((peer_of(a, sched), _CHANNEL[a.kind]))
-            elif a.kind in (Kind.RECV_F, Kind.RECV_B):
-                inc.add((peer_of(a, sched), _CHANNEL[a.kind]))
-    return out, inc
-
-
 @dataclass
 class _Step:
     """What one call of :meth:`Executor.run` works on."""
@@ -83,6 +77,7 @@ class _Step:
     phase: int
     step: int
     train: bool
+    asynchronous: bool  # steps overlap (the stash carries state across them)
     emulate: bool
     measure_error: bool
     batches: dict[int, tuple]  # batch -> (xs, ys, idss) chunked into microbatches
@@ -125,19 +120,40 @@ class Executor:
         if asynchronous:
             self.stash.begin_step(step, chunks)
             batches, state = self.stash.batches, self.stash.state
-            work = sched.step_actions(self.rank, step, step == self.stash.last_step)
         else:
             batches, state = {step: chunks}, InFlight()
-            work = [(a, step, a.microbatch) for a in sched.actions[self.rank]]
-        ctx = _Step(sched, phase, step, train, emulate, measure_error, batches, state, StepResult())
-        for a, b, i in work:
+        ctx = _Step(sched, phase, step, train, asynchronous, emulate, measure_error, batches, state, StepResult())
+        self._expect(ctx)
+        for a, b, i in self._work(ctx, self.rank):
             self._act(ctx, a, b, i)
+            self.transport.progress()
         if asynchronous:
             self.stash.end_step(step, m)
         elif train and state:  # evaluation leaves its forwards' outputs: dropped with the step
             raise RuntimeError(f"rank {self.rank}: schedule {sched.name!r} left {len(state)} tensors in flight "
                                "at the end of a synchronous step")
         return ctx.res
+
+    def _work(self, ctx: _Step, rank: int) -> list[tuple[Action, int, int]]:
+        """``rank``'s actions in this run, each with its (batch, microbatch of the batch)."""
+        if ctx.asynchronous:
+            return ctx.sched.step_actions(rank, ctx.step, ctx.step == self.stash.last_step)
+        return [(a, ctx.step, a.microbatch) for a in ctx.sched.actions[rank]]
+
+    def _expect(self, ctx: _Step) -> None:
+        """Post this run's receives: each message a peer sends this rank in the run, in the peer's order."""
+        self.transport.start_round()
+        sched = ctx.sched
+        peers = {sched.stage_to_rank[n] for s in self.stages for n in (s - 1, s + 1) if 0 <= n < sched.n_stages}
+        for src in sorted(peers - {self.rank}):
+            for a, b, i in self._work(ctx, src):
+                if a.kind in _RECEIVE and peer_of(a, sched) == self.rank:
+                    s = a.stage + 1 if a.kind == Kind.SEND_F else a.stage - 1
+                    kind = _RECEIVE[a.kind]
+                    codec = self.stages[s].codecs.for_action(kind, ctx.train)
+                    nbytes = (codec.payload_nbytes(*self.stages[s].boundary(ctx.batches[b][0][i].shape))
+                              if self.stages[s].sized(kind) else None)
+                    self.transport.expect(src, _CHANNEL[kind], (ctx.phase, b, s, i), nbytes)
 
     # ---- actions ----------------------------------------------------------------------------
 
@@ -229,12 +245,15 @@ class Executor:
         ids = ctx.batches[b][2][i]
         tokens = st.tokens.pop(k, None) if a.kind == Kind.SEND_F else None  # boundary method's ids (see _forward)
         payload = self._encode(ctx, codec, x, ids, a, ctx.res.codecs.setdefault(boundary, CodecStats()), tokens)
+        nbytes = (self._agreed_length(a, codec, x, payload, ctx.batches[b][0][i].shape)
+                  if self.stages[a.stage].sized(a.kind) else None)
         dst = peer_of(a, ctx.sched)
-        self.transport.send(dst, _CHANNEL[a.kind], key, payload, ctx.emulate)
-        nbytes = self.transport.charged_bytes(_CHANNEL[a.kind], payload.numel())  # a target regime's, if any
-        ctx.res.bytes_sent[dst] = ctx.res.bytes_sent.get(dst, 0) + nbytes
+        ch = _CHANNEL[a.kind]
+        self.transport.send(dst, ch, key, payload, ctx.emulate, sized=nbytes is not None)
+        charged = self.transport.charged_bytes(ch, payload.numel())  # a target regime's, if any
+        ctx.res.bytes_sent[dst] = ctx.res.bytes_sent.get(dst, 0) + charged
         now = self.clock.now()
-        ctx.record(self.rank, "send", now, now, a, nbytes, dst)
+        ctx.record(self.rank, "send", now, now, a, charged, dst)
 
     def _receive(self, ctx: _Step, a: Action, b: int, i: int) -> None:
         """RECV_F / RECV_B: wait for delivery on this rank's clock, then decode (busy)."""
@@ -257,6 +276,20 @@ class Executor:
             st.out_grads[k] = tensor
 
     # ---- pieces -----------------------------------------------------------------------------
+
+    def _agreed_length(self, a: Action, codec: Codec, x: torch.Tensor, payload: torch.Tensor,
+                       tokens: torch.Size) -> Optional[int]:
+        """The payload length the receiver posted for (None: unsized); raises if the tensor or the
+        codec disagree with what the receiver computed, instead of letting the link abort."""
+        shape, dtype = self.stages[a.stage].boundary(tokens)
+        if tuple(x.shape) != shape or x.dtype != dtype:
+            raise RuntimeError(f"rank {self.rank} action {a}: sends a {x.dtype} tensor of shape {tuple(x.shape)}, "
+                               f"but its receiver expects {dtype} {shape} (the stage's boundary spec)")
+        nbytes = codec.payload_nbytes(shape, dtype)
+        if nbytes is not None and nbytes != payload.numel():
+            raise RuntimeError(f"codec {codec.name!r}: encode gave {payload.numel()} bytes for {dtype} {shape}, "
+                               f"payload_nbytes says {nbytes}")
+        return nbytes
 
     def scaled_loss(self, logits: torch.Tensor, targets: torch.Tensor, m: int, res: StepResult) -> torch.Tensor:
         """Last stage: record the microbatch's loss, return it divided by m (gradients of the batch mean)."""

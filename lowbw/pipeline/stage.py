@@ -77,6 +77,16 @@ class StageRuntime:
     codecs: BoundaryCodecs = field(default_factory=BoundaryCodecs)
     sends_tokens: bool = False
 
+    def boundary(self, tokens: tuple[int, ...]) -> tuple[tuple[int, ...], torch.dtype]:
+        """Shape and dtype of what crosses either boundary of this stage, either way, for a microbatch of
+        token ids of shape ``tokens``: receivers size their buffers from it before the message exists."""
+        return self.module.hidden_spec(tuple(tokens))
+
+    def sized(self, kind: Any) -> bool:
+        """Whether messages of this action kind (a send or a receive) have a length known in advance: not a
+        forward message of a boundary method that carries token ids (header-first instead)."""
+        return not (self.sends_tokens and kind.name.endswith("_F"))
+
 
 def attach_tokens(payload: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """One payload holding a codec's payload and the token ids as int16 (2 bytes each; vocabularies of up

@@ -22,6 +22,7 @@ from lowbw.net.clock import Clock, make_clock, planned_durations
 from lowbw.net.link import LinkModel
 from lowbw.net.liveness import LinkWatch
 from lowbw.net.transport import CH_BWD, CH_FWD, Transport
+from lowbw.net.wire import Wire
 from lowbw.optim import build_optimizer
 from lowbw.pipeline.durations import planner
 from lowbw.pipeline.executor import Executor
@@ -111,16 +112,17 @@ def message_charge(plan: Plan) -> Optional[dict[int, tuple[int, int]]]:
     return {CH_FWD: plan.regime.message_bytes["fwd"], CH_BWD: plan.regime.message_bytes["bwd"]}
 
 
-def build_rank(cfg: Any, plan: Plan, rank: int, world: int, local_rank: int = 0,
+def build_rank(cfg: Any, plan: Plan, rank: int, world: int, local_rank: int = 0, wire: Optional[Wire] = None,
                watch: Optional[LinkWatch] = None) -> Rank:
-    """Build rank ``rank`` of ``world``; the process group must exist already (the transport uses it).
-    ``watch``: the liveness hook (a running heartbeat in real runs; None: plain verdicts)."""
+    """Build rank ``rank`` of ``world``. ``wire``: what moves the bytes (default: gloo point-to-point; the
+    process group must exist already); lowbw.testing.inproc passes an in-memory one. ``watch``: the liveness
+    hook (a running heartbeat in real runs; None: plain verdicts)."""
     torch.manual_seed(cfg.seed)
     device = pick_device(cfg.device, local_rank)
     clock = make_clock(cfg.clock.name, device)
     link = build_link(plan, rank, cfg.seed)
     watch = watch or LinkWatch()
-    transport = Transport(rank, link, clock, cfg.timeout_s, charge=message_charge(plan), watch=watch)
+    transport = Transport(rank, link, clock, cfg.timeout_s, wire, charge=message_charge(plan), watch=watch)
     stages = build_stages(cfg, plan, rank, device)
     optimizer = build_optimizer(cfg.train, [st.module for st in stages.values()])
     corpus = Corpus(cfg.data.path, cfg.model.block_size, cfg.data.val_fraction, cfg.seed)

@@ -38,7 +38,6 @@ from lowbw.errors import (EXIT_DIVERGED, EXIT_FAILED, Diverged, Interrupted, Pee
                           stop_signals_raise)
 from lowbw.metrics.files import atomic_write_json
 from lowbw.net.liveness import STARTUP_S, Heartbeat
-from lowbw.pipeline.executor import channels
 from lowbw.rank.build import build_rank
 from lowbw.rank.loop import train
 from lowbw.rank.reporting import RecordOnRankZero, SendToRankZero, describe
@@ -47,13 +46,10 @@ from lowbw.validation import Plan
 
 def train_rank(cfg: Any, plan: Plan, rank: int, world: int, run_dir: Optional[Path], local_rank: int,
                meta: dict, watch: Optional[Heartbeat] = None) -> Optional[dict]:
-    """Build this rank, open its channels and train; the summary on rank 0."""
+    """Build this rank and train; the summary on rank 0."""
     r = build_rank(cfg, plan, rank, world, local_rank, watch=watch)
     reporting = (RecordOnRankZero(r.transport, world, cfg, run_dir, meta, plan.regime) if rank == 0
                  else SendToRankZero(r.transport, rank, world))
-    out, inc = channels([plan.schedule, plan.eval_schedule], rank)
-    ctrl_out, ctrl_in = reporting.channels()
-    r.transport.open(out | ctrl_out, inc | ctrl_in)
     return train(r, reporting, run_dir)
 
 
@@ -74,7 +70,7 @@ def _await_peers(store: dist.Store, rank: int, world: int) -> None:
     store.wait([f"up/{r}" for r in range(world)], timedelta(seconds=STARTUP_S))
 
 
-#: gloo's own timeout: beyond any run. A receiver thread's blocked receive on an idle channel would
+#: gloo's own timeout: beyond any run. A receive posted early on an idle channel would
 #: otherwise break the connection after it; every wait lowbw does has timeout_s of its own instead
 #: (receives in the transport, collectives through their work handles, lowbw.net.liveness).
 GLOO_TIMEOUT = timedelta(days=7)

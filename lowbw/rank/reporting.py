@@ -23,7 +23,7 @@ from lowbw.metrics.collector import StepCollector
 from lowbw.metrics.files import OutputError
 from lowbw.metrics.recorder import Recorder, format_summary
 from lowbw.metrics.tensorboard import hparams_of
-from lowbw.net.transport import CH_CTRL, Transport
+from lowbw.net.transport import Transport
 from lowbw.regime import Regime
 
 CTRL_STATS = 2  # phase id of per-step reports on the control channel
@@ -48,10 +48,6 @@ class OutputsFailed(RuntimeError):
 class Reporting(ABC):
     def __init__(self, transport: Transport, rank: int, world: int):
         self.transport, self.rank, self.world = transport, rank, world
-
-    @abstractmethod
-    def channels(self) -> tuple[set, set]:
-        """(peer, channel) pairs this role sends on and receives on."""
 
     @abstractmethod
     def submit(self, step: int, report: dict, eval_wall_s: float) -> None:
@@ -79,9 +75,6 @@ class Reporting(ABC):
 
 
 class SendToRankZero(Reporting):
-    def channels(self) -> tuple[set, set]:
-        return {(0, CH_CTRL)}, set()
-
     def submit(self, step: int, report: dict, eval_wall_s: float) -> None:
         self.transport.send_json(0, (CTRL_STATS, step, self.rank, 0), report)
 
@@ -103,9 +96,6 @@ class RecordOnRankZero(Reporting):
                                  hparams=hparams_of(OmegaConf.to_container(cfg, resolve=True)))
         self.collector = StepCollector(
             world, lambda r, step: transport.recv_json(r, (CTRL_STATS, step, r, 0)), self.recorder.log_step)
-
-    def channels(self) -> tuple[set, set]:
-        return set(), {(r, CH_CTRL) for r in range(1, self.world)}
 
     def submit(self, step: int, report: dict, eval_wall_s: float) -> None:
         self.collector.submit(step, report, eval_wall_s)

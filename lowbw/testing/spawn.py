@@ -24,7 +24,6 @@ from omegaconf import OmegaConf
 
 from lowbw.config import ModelConfig
 from lowbw.launch import free_port, stop_processes
-from lowbw.pipeline.executor import channels
 from lowbw.rank.build import Rank, build_rank
 from lowbw.train import compose
 from lowbw.validation import Plan, validate
@@ -85,10 +84,8 @@ def join(rank: int, world: int, port: int) -> None:
 
 
 def open_rank(cfg_dict: dict, plan: Plan, rank: int) -> Rank:
-    """Build ``rank`` as a run does and open its pipeline channels (no control channel: no rank 0 record)."""
-    r = build_rank(OmegaConf.create(cfg_dict), plan, rank, plan.schedule.n_ranks)
-    r.transport.open(*channels([plan.schedule], rank))
-    return r
+    """Build ``rank`` as a run does (no reports to rank 0: nothing records)."""
+    return build_rank(OmegaConf.create(cfg_dict), plan, rank, plan.schedule.n_ranks)
 
 
 @contextlib.contextmanager

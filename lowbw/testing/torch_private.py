@@ -119,3 +119,20 @@ def load_csv(runtime: Any, path: str, fmt: str) -> None:
     torch lowers a compute-only file to sends and receives itself)."""
     _runtime_class()
     runtime._load_csv(str(path), format=fmt)
+
+
+def dump_torch_schedule(cls_name: str, p: int, m: int, rank_stages: list[int], n_stages: int, path: str,
+                        fmt: str = "compute_comms") -> None:
+    """Build torch's schedule class ``cls_name`` for ``p`` ranks and ``m`` microbatches on a fake process
+    group (``rank_stages``: the stage indices rank 0 holds, of ``n_stages``) and dump its CSV to ``path``.
+
+    The action lists do not depend on the stages' modules (placeholders here); every rank's row is written."""
+    from torch.distributed.pipelining import PipelineStage  # here: a slow import only schedule checks need
+    import torch.distributed.pipelining.schedules as schedules
+
+    cls = getattr(schedules, cls_name)
+    with fake_process_group(p):
+        stages = [PipelineStage(torch.nn.Linear(2, 2), s, n_stages, torch.device("cpu")) for s in rank_stages]
+        single = len(rank_stages) == 1 and cls_name in ("ScheduleGPipe", "Schedule1F1B")
+        sched = cls(stages[0] if single else stages, m, loss_fn=lambda out, target: out.sum())
+        dump_csv(sched, path, fmt)

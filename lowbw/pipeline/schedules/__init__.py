@@ -2,8 +2,8 @@
 
 Each generator module registers itself (importing this package registers the built-in ones):
 ``classic`` (gpipe, 1f1b), ``interleaved`` (interleaved_1f1b), ``zero_bubble`` (zb_h1),
-``pipedream_2bw`` (asynchronous). ``schedule=csv`` reads a per-rank action CSV instead.
-:func:`build_schedule` validates the result by playing it (lowbw.pipeline.player) before anything
+``pipedream_2bw`` (asynchronous), ``v_shape`` (zbv, dualpipev). ``schedule=csv`` reads a per-rank action CSV
+instead. :func:`build_schedule` validates the result by playing it (lowbw.pipeline.player) before anything
 is spawned. Adding a schedule: a module here with a ``@register_schedule("name")`` generator, its
 import below, and ``configs/schedule/<name>.yaml``.
 """
@@ -16,8 +16,8 @@ from typing import Any, Callable
 from omegaconf import DictConfig, OmegaConf
 
 from lowbw.errors import ConfigError
-from lowbw.pipeline.actions import Schedule, add_communication
-from lowbw.pipeline.schedules import classic, interleaved, pipedream_2bw, zero_bubble  # noqa: F401  (register)
+from lowbw.pipeline.actions import Schedule, add_communication, check_complete
+from lowbw.pipeline.schedules import classic, interleaved, pipedream_2bw, v_shape, zero_bubble  # noqa: F401  (register)
 from lowbw.pipeline.schedules.classic import forward_only, gpipe, one_f_one_b
 from lowbw.pipeline.schedules.registry import SCHEDULES, register_schedule
 from lowbw.pipeline.player import validate_schedule
@@ -47,8 +47,11 @@ def build_schedule(cfg: Any, p: int, m: int) -> Schedule:
         built = SCHEDULES[name](p, m, **_accepted(SCHEDULES[name], extra))
         if isinstance(built, Schedule):  # a generator that lowers and validates its own (pipedream_2bw)
             return built
-        rows, stage_to_rank = built
-        sched = Schedule(name, len(stage_to_rank), m, stage_to_rank, add_communication(rows, stage_to_rank))
+        rows, stage_to_rank, *pairs = built
+        overlaps = pairs[0] if pairs else frozenset()
+        sched = Schedule(name, len(stage_to_rank), m, stage_to_rank, add_communication(rows, stage_to_rank, overlaps),
+                         overlaps)
+    check_complete(sched)  # names a missing action before playing could only say where it deadlocks
     validate_schedule(sched)
     return sched
 

@@ -1,17 +1,18 @@
 """The schedule registry: generator functions keyed by their ``schedule=`` name.
 
 A generator takes (stages p, microbatches m, and any schedule fields it names, e.g.
-``virtual_stages``) and returns compute-only rows plus the stage-to-rank placement; or a
-complete :class:`~lowbw.pipeline.actions.Schedule` it lowered and validated itself.
+``virtual_stages``) and returns compute-only rows plus the stage-to-rank placement (and, when some
+pairs of actions run as one unit, those pairs: torch's OVERLAP_F_B); or a complete
+:class:`~lowbw.pipeline.actions.Schedule` it lowered and validated itself.
 """
 
 from __future__ import annotations
 
 from typing import Callable, Union
 
-from lowbw.pipeline.actions import Rows, Schedule
+from lowbw.pipeline.actions import Overlap, Rows, Schedule
 
-Generator = Callable[..., Union[tuple[Rows, tuple[int, ...]], Schedule]]
+Generator = Callable[..., Union[tuple[Rows, tuple[int, ...]], tuple[Rows, tuple[int, ...], frozenset[Overlap]], Schedule]]
 
 SCHEDULES: dict[str, Generator] = {}
 
