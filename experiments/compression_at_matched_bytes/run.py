@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=HERE, help="folder for runs/, results.csv, results.md, figures")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1],
                     help="the first seed runs every cell; the others run the references and the --lead cells")
-    ap.add_argument("--lead", type=int, default=2,
+    ap.add_argument("--lead", type=int, default=1,
                     help="cells per target ratio (lowest first-seed loss) that also run the further seeds; -1: all")
     ap.add_argument("--ratios", type=int, nargs="+", default=[32, 64, 128])
     ap.add_argument("--steps", type=int, default=400)
