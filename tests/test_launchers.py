@@ -39,6 +39,7 @@ def _completed_with_progress(d, out):
 
 
 @pytest.mark.skipif(not SUBMITIT, reason="needs hydra-submitit-launcher (pip install -e '.[test]')")
+@pytest.mark.timeout(600)  # a launcher's own start-up (Ray: ~3 min here) on a loaded 2-core machine
 def test_submitit_launcher_runs_each_run_of_a_two_run_sweep_as_a_submitit_job(tmp_path):
     d = tmp_path / "s"
     out = two_run_sweep(d, "lowbw_submitit_local")
@@ -52,6 +53,7 @@ def test_submitit_launcher_runs_each_run_of_a_two_run_sweep_as_a_submitit_job(tm
 
 
 @pytest.mark.skipif(not RAY, reason="needs hydra-ray-launcher (pip install -e '.[test]')")
+@pytest.mark.timeout(600)  # a launcher's own start-up (Ray: ~3 min here) on a loaded 2-core machine
 def test_ray_launcher_runs_a_two_run_sweep_on_a_local_ray_instance(tmp_path):
     d = tmp_path / "s"
     # Ray's session folder holds unix sockets, whose paths must stay under ~107 bytes: a short folder in /tmp
@@ -91,6 +93,7 @@ def test_sweep_progress_counts_runs_done_skipped_and_left(tmp_path):
 
 
 @pytest.mark.skipif(not SUBMITIT, reason="needs hydra-submitit-launcher (pip install -e '.[test]')")
+@pytest.mark.timeout(600)  # a launcher's own start-up (Ray: ~3 min here) on a loaded 2-core machine
 def test_slurm_launcher_runs_a_two_run_sweep_on_a_one_node_test_slurm(tmp_path):
     """lowbw_slurm end to end -- Hydra, the submitit plugin, sbatch, srun, submitit's job side -- against
     tests/fake_slurm/ (sbatch runs the job array on this machine, srun runs its command, sacct knows nothing)."""

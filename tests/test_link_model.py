@@ -1,7 +1,6 @@
 """The link model: delivery times by the formula, FIFO under jitter, real delays in wall time."""
 
 import math
-import multiprocessing as mp
 import os
 import time
 from datetime import timedelta
@@ -152,9 +151,9 @@ def _wall_pair(rank, port, q):
 
 
 def test_wall_clock_delivery_of_1MB_over_20Mbps_30ms_within_5_percent():
-    from lowbw.launch import free_port
+    from lowbw.launch import free_port, rank_context
 
-    ctx = mp.get_context("spawn")
+    ctx = rank_context()
     q = ctx.Queue()
     port = free_port()
     procs = [ctx.Process(target=_wall_pair, args=(r, port, q)) for r in range(2)]

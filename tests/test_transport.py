@@ -8,7 +8,6 @@ sends whose handle is dropped.
 from __future__ import annotations
 
 import gc
-import multiprocessing as mp
 import os
 import threading
 import time
@@ -241,9 +240,9 @@ def _gloo_pair(rank: int, port: int, q) -> None:
 
 
 def test_sends_posted_before_their_receives_arrive_although_nothing_else_holds_them():
-    from lowbw.launch import free_port
+    from lowbw.launch import free_port, rank_context
 
-    ctx = mp.get_context("spawn")
+    ctx = rank_context()
     q = ctx.Queue()
     port = free_port()
     procs = [ctx.Process(target=_gloo_pair, args=(r, port, q)) for r in range(2)]

@@ -186,24 +186,27 @@ def check_complete(sched: Schedule) -> None:
 
     Checked before the schedule is played, so that a schedule missing an action is told which one, not
     that it deadlocks at a receive waiting for the missing action's message."""
+    have: dict[int, set[tuple[Kind, int]]] = {s: set() for s in range(sched.n_stages)}
+    owner = sched.stage_to_rank
+    for rank, acts in sched.actions.items():  # one pass over every action
+        for a in acts:
+            if a.stage in have and owner[a.stage] == rank:
+                have[a.stage].add((a.kind, a.microbatch))
+    f_k, b_k, i_k, w_k = Kind.FORWARD, Kind.FULL_BACKWARD, Kind.BACKWARD_INPUT, Kind.BACKWARD_WEIGHT
     for s in range(sched.n_stages):
-        r = sched.stage_to_rank[s]
-        have = {(a.kind, a.microbatch) for a in sched.actions[r] if a.stage == s}
+        r, got = sched.stage_to_rank[s], have[s]
         for mb in range(sched.n_microbatches):
-            f, b, i, w = (Action(s, k, mb) for k in (Kind.FORWARD, Kind.FULL_BACKWARD, Kind.BACKWARD_INPUT,
-                                                     Kind.BACKWARD_WEIGHT))
-            if (f.kind, mb) not in have:
+            if (f_k, mb) in got and ((b_k, mb) in got or ((i_k, mb) in got and (w_k, mb) in got)):
+                continue
+            f, b, i, w = (Action(s, k, mb) for k in (f_k, b_k, i_k, w_k))
+            if (f_k, mb) not in got:
                 missing = f"{f} (stage {s}'s forward of microbatch {mb})"
-            elif (b.kind, mb) in have:
-                continue
-            elif (i.kind, mb) not in have and (w.kind, mb) not in have:
+            elif (i_k, mb) not in got and (w_k, mb) not in got:
                 missing = f"{b} (stage {s}'s backward of microbatch {mb}; or {i} and {w})"
-            elif (w.kind, mb) not in have:
+            elif (w_k, mb) not in got:
                 missing = f"{w} (stage {s}'s weight gradient of microbatch {mb}, after {i})"
-            elif (i.kind, mb) not in have:
-                missing = f"{i} (stage {s}'s input gradient of microbatch {mb}, before {w})"
             else:
-                continue
+                missing = f"{i} (stage {s}'s input gradient of microbatch {mb}, before {w})"
             raise ScheduleError(f"rank {r} never runs {missing}; every stage needs it for every microbatch")
 
 

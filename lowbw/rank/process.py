@@ -92,10 +92,37 @@ def _join_group(cfg: Any, rank: int, world: int, init: Optional[dict], run_dir: 
     return json.loads(store.get("run_dir").decode())  # JSON, never a pickle from a peer
 
 
+def adopt_environment(env: dict[str, str]) -> None:
+    """Make this process's environment ``env`` (the launcher's): a rank forked from the fork server
+    would otherwise see the server's, as it was when the server started (lowbw.launch)."""
+    if env != dict(os.environ):
+        os.environ.clear()
+        os.environ.update(env)
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie (Linux: /proc; elsewhere a signal-0 probe)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return True
+
+
 def _watch_parent(parent_pid: int) -> None:
-    """Stop this rank (SIGTERM to itself: recorded as interrupted) when the launcher is gone."""
+    """Stop this rank (SIGTERM to itself: recorded as interrupted) when the launcher is gone: the rank's
+    parent (the launcher, or the fork server the launcher started, which exits with it) changed, or
+    the launcher's process ended."""
+    first_parent = os.getppid()
+
     def loop():
-        while os.getppid() == parent_pid:
+        while os.getppid() == first_parent and _alive(parent_pid):
             time.sleep(0.5)
         os.kill(os.getpid(), signal.SIGTERM)
 
@@ -135,6 +162,8 @@ def run_rank(cfg_dict: dict, plan: Plan, rank: int, world: int, run_dir: Optiona
              meta: dict, init: Optional[dict] = None, pipe: Optional[Connection] = None) -> Optional[dict]:
     """Process entry: set up the group, train; the summary on rank 0. Never returns on failure: exits with
     the code of what happened (lowbw.errors)."""
+    if init is not None and "env" in init:
+        adopt_environment(init["env"])
     torch.set_num_threads(1)
     cfg = OmegaConf.create(cfg_dict)
     err_dir = Path(run_dir) / "errors" if run_dir else None

@@ -9,7 +9,6 @@ builders, executor and transport of real runs, not copies of them.
 from __future__ import annotations
 
 import contextlib
-import multiprocessing as mp
 import os
 import tempfile
 import time
@@ -23,8 +22,9 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from lowbw.config import ModelConfig
-from lowbw.launch import free_port, stop_processes
+from lowbw.launch import free_port, rank_context, stop_processes
 from lowbw.rank.build import Rank, build_rank
+from lowbw.rank.process import adopt_environment
 from lowbw.train import compose
 from lowbw.validation import Plan, validate
 
@@ -88,14 +88,22 @@ def open_rank(cfg_dict: dict, plan: Plan, rank: int) -> Rank:
     return build_rank(OmegaConf.create(cfg_dict), plan, rank, plan.schedule.n_ranks)
 
 
+def in_environment(env: dict[str, str], target: Any, *args: Any) -> None:
+    """Run ``target(*args)`` in the starting process's environment (a fork server's child has the server's)."""
+    adopt_environment(env)
+    target(*args)
+
+
 @contextlib.contextmanager
 def spawned_group(target, world: int, args: tuple, timeout_s: float, what: str) -> Iterator[Path]:
     """Run ``target(rank, world, port, *args, out_dir)`` in ``world`` spawned processes (a gloo group on a
     free loopback port); yield the temporary ``out_dir`` they wrote into once all exited cleanly."""
     with tempfile.TemporaryDirectory() as out:
-        ctx = mp.get_context("spawn")
+        ctx = rank_context()
         port = free_port()
-        procs = [ctx.Process(target=target, args=(r, world, port, *args, out)) for r in range(world)]
+        env = dict(os.environ)
+        procs = [ctx.Process(target=in_environment, args=(env, target, r, world, port, *args, out))
+                 for r in range(world)]
         for p in procs:
             p.start()
         deadline = time.monotonic() + timeout_s
