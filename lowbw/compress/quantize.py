@@ -45,9 +45,6 @@ class Quantizer:
         self.per_byte = 8 // bits
         self.levels = 2**bits - 1  # asymmetric steps
         self.half = 2 ** (bits - 1) - 1  # symmetric: codes -half..half
-        # float32 working space for the scaled values, kept between calls: a fresh 4-bytes-a-value
-        # buffer per message costs more in page faults than the arithmetic on it (scripts/bench_codecs.py)
-        self._scratch = torch.empty(0)
 
     # --- geometry -------------------------------------------------------------------------------
     def _block(self, shape: tuple[int, ...]) -> int:
@@ -136,11 +133,7 @@ class Quantizer:
         off, step = self._affine(stats)
         inv = torch.where(step > 0, 1.0 / step, torch.zeros_like(step)).unsqueeze(1)
         # round half up = truncate(t + 1/2), t >= 0: t = (x - off) * inv, or x * inv + half (symmetric)
-        t = self._work(xb)
-        if self.symmetric:
-            torch.mul(xb, inv, out=t)
-        else:
-            torch.sub(xb, off.unsqueeze(1), out=t).mul_(inv)
+        t = xb.mul(inv) if self.symmetric else xb.sub(off.unsqueeze(1)).mul_(inv)
         shift, top = (self.half + 0.5, 2 * self.half) if self.symmetric else (0.5, self.levels)
         whole = codes if self.per_byte == 1 else torch.empty((nb, b), dtype=torch.uint8, device=x.device)
         if x.device.type == "cpu" and bool(torch.isfinite(inv).all()):
@@ -151,12 +144,6 @@ class Quantizer:
             whole.view(nb, b).copy_(t.add_(shift).clamp_(0, top))
         if self.per_byte > 1:
             codes.copy_(self._pack_bits(whole, nbytes))
-
-    def _work(self, xb: torch.Tensor) -> torch.Tensor:
-        """A float32 scratch tensor shaped like ``xb`` (reused; grown when a larger message comes)."""
-        if self._scratch.device != xb.device or self._scratch.numel() < xb.numel():
-            self._scratch = torch.empty(xb.numel(), dtype=torch.float32, device=xb.device)
-        return self._scratch[: xb.numel()].view(xb.shape)
 
     def dequantize(self, stats: torch.Tensor, codes: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
         """float32 tensor of ``shape`` from :meth:`quantize`'s output."""
