@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--lead", type=int, default=1,
                     help="cells per target ratio (lowest first-seed loss) that also run the further seeds; -1: all")
     ap.add_argument("--ratios", type=int, nargs="+", default=[32, 64, 128])
-    ap.add_argument("--steps", type=int, default=250)
+    ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--layers", type=int, default=6)
     ap.add_argument("--width", type=int, default=128)
     ap.add_argument("--heads", type=int, default=4)
