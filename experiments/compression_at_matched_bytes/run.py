@@ -179,7 +179,8 @@ def main(argv: list[str] | None = None) -> None:
     for cell, ratio, overrides in leading(cells_planned, rows, args.lead):
         for seed in args.seeds[1:]:
             record(cell, ratio, overrides, seed)
-    rows.sort(key=lambda r: ([c for c, *_ in cells_planned].index(r["cell"]), r["seed"]))
+    order = {cell: i for i, (cell, *_) in enumerate(cells_planned)}
+    rows.sort(key=lambda r: (order[r["cell"]], r["seed"]))
     args.out.mkdir(parents=True, exist_ok=True)
     with open(args.out / "results.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
