@@ -14,6 +14,7 @@ from lowbw.pipeline.actions import Action, Kind, Schedule
 from lowbw.pipeline.schedules import SCHEDULES, build_schedule
 from lowbw.pipeline.player import play, validate_schedule
 from lowbw.testing import torch_private
+from lowbw.testing.activations_held import in_flight
 
 # (name, params) of every generated training schedule; interleaved with two chunk counts.
 VARIANTS = [
@@ -125,18 +126,6 @@ def test_schedule_fields_reach_only_the_generators_that_take_them():
     # virtual_stages is a field of every schedule config; gpipe/1f1b/zb_h1 ignore it.
     for name in ("gpipe", "1f1b", "zb_h1"):
         assert make(name, 3, 4, virtual_stages=2).n_stages == 3
-
-
-def in_flight(sched: Schedule, rank: int) -> int:
-    """Peak number of microbatches whose activations a rank holds (forward done, weight gradient not)."""
-    live, peak = set(), 0
-    for a in sched.actions[rank]:
-        if a.kind == Kind.FORWARD:
-            live.add((a.stage, a.microbatch))
-        elif a.kind in (Kind.FULL_BACKWARD, Kind.BACKWARD_WEIGHT):
-            live.discard((a.stage, a.microbatch))
-        peak = max(peak, len(live))
-    return peak
 
 
 @pytest.mark.parametrize("p,m", [(4, 8), (6, 12), (8, 16), (4, 2)])

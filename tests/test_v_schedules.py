@@ -24,6 +24,7 @@ from lowbw.pipeline.actions import Kind, Schedule
 from lowbw.pipeline.schedules import build_schedule
 from lowbw.pipeline.player import play
 from lowbw.testing import torch_private
+from lowbw.testing.activations_held import in_flight
 
 TORCH_PRIVATE_MISSING = torch_private.unavailable("csv", "fake_process_group")
 
@@ -37,18 +38,6 @@ def idle_per_rank(sched: Schedule, f: float, i: float, w: float) -> list[float]:
     tl = play(sched, lambda r, a: times[a.kind])
     span = max(e.end for e in tl.events)
     return [span - tl.busy(r) for r in range(sched.n_ranks)]
-
-
-def in_flight(sched: Schedule, rank: int) -> int:
-    """Peak chunk-microbatches whose activations a rank holds (forward done, weight gradient not)."""
-    live, peak = set(), 0
-    for a in sched.actions[rank]:
-        if a.kind == Kind.FORWARD:
-            live.add((a.stage, a.microbatch))
-        elif a.kind in (Kind.FULL_BACKWARD, Kind.BACKWARD_WEIGHT):
-            live.discard((a.stage, a.microbatch))
-        peak = max(peak, len(live))
-    return peak
 
 
 def messages(sched: Schedule) -> int:
