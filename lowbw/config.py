@@ -103,11 +103,13 @@ class NetConfig:
     pairs: dict[str, PairConfig] = field(default_factory=dict)  # "a-b" both ways, "a->b" one way
     random: Optional[RandomLinksConfig] = None  # seeded heterogeneous links
     emulate: bool = True  # false: no emulated delay on top of the real transport (real WAN runs)
+    backend: str = "emulated"  # emulated: lowbw's link model on loopback | kernel: a network namespace per rank, links shaped by tc (root, Linux; docs/networks.md)
     loss_rate: float = 0.0  # packet loss probability; caps each pair at the Mathis TCP ceiling (lowbw/net/conditions.py)
     mss_bytes: int = 1460  # TCP maximum segment size (payload per segment), bytes: Ethernet MTU 1500 - 40 of headers
     framing: str = "payload"  # bits charged per message: payload (8 a payload byte) | line (+ headers and framing per segment)
     tcp_ip_header_bytes: int = 40  # framing=line: IPv4 20 (RFC 791) + TCP 20 (RFC 9293) header bytes per segment, no options
     ethernet_overhead_bytes: int = 38  # framing=line: preamble+SFD 8, MAC header 14, FCS 4, inter-frame gap 12 (IEEE 802.3), bytes
+    duplex_efficiency: float = 1.0  # fraction of a pair's rate each direction keeps while both carry data at once (two-way TCP: ACKs queue behind the reverse data; docs/networks.md); 1 = independent directions
     energy: NetEnergyConfig = field(default_factory=NetEnergyConfig)  # network energy of this link class (W, J/bit)
 
 

@@ -76,6 +76,7 @@ TRAIN_LIMITS: tuple[Limit, ...] = (
     Limit("net.downlink_mbps", 1e-3, math.inf, why="below 1 kbit/s a step's messages take hours"),
     Limit("net.loss_rate", 0, 1, hi_open=True),
     Limit("net.mss_bytes", 1, 65535, integer=True, why="a TCP segment size is a 16-bit field"),
+    Limit("net.duplex_efficiency", 0, 1, lo_open=True, why="the fraction of the rate a direction keeps"),
     Limit("compress.error_every", 0, INT_MAX, integer=True),
     # The boundary sizes' ranges that hold for any model; each method checks the bound that depends on the
     # model (rank and width below model.n_embd) when it is built (lowbw.boundary).

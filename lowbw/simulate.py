@@ -139,6 +139,9 @@ def _check(cfg: Any) -> None:
     if build_method(cfg.boundary, cfg.model, cfg.seed).name != "none" and sim.flops == "counter":
         raise ConfigError(f"sim.flops=counter counts the dense model's modules; with boundary={cfg.boundary.name} "
                           "use sim.flops=formula (its closed form is checked against flop_counter in the tests)")
+    if getattr(cfg.net, "backend", "emulated") != "emulated":
+        raise ConfigError(f"net.backend={cfg.net.backend}: lowbw-simulate plays lowbw's link model; kernel-shaped "
+                          "links are for lowbw-train (docs/networks.md, \"Real links\")")
     if cfg.schedule.name == "pipedream_2bw":
         raise ConfigError("schedule=pipedream_2bw: lowbw-simulate does not model asynchronous schedules (its steps "
                           "overlap); simulate 1f1b for the same steady state, or run lowbw-train")

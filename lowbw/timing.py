@@ -61,7 +61,10 @@ def describe(cfg: Any, profiles: Sequence[HardwareProfile], regime: Optional[Reg
                 "learning": (f"{model_label(cfg.model)}, measured; its loss per step stands in for "
                              f"{target.name}'s (docs/time_to_loss.md)")}
     if cfg.clock.name == "wall":
-        kind, timing = "wall", f"wall clock of this machine, links emulated as {net} in real time (machine-dependent)"
+        links = (f"links of {net} shaped by the kernel (tc; a network namespace per rank)"
+                 if getattr(cfg.net, "backend", "emulated") == "kernel"
+                 else f"links emulated as {net} in real time" if cfg.net.emulate else "real links, not emulated")
+        kind, timing = "wall", f"wall clock of this machine, {links} (machine-dependent)"
     elif mode is None:
         kind, timing = "measured", (f"virtual clock; compute = thread CPU time measured on this machine "
                                     f"(machine-dependent); links: {net}")

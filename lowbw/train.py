@@ -260,6 +260,10 @@ def _torchrun_rank(cfg: DictConfig, run_dir: Path) -> None:
     """Under torchrun: validate (every rank), prepare the folder (rank 0), then be this process's rank."""
     world = int(os.environ["WORLD_SIZE"])
     rank = int(os.environ.get("RANK", 0))
+    if cfg.net.backend == "kernel":
+        raise ConfigError("net.backend=kernel puts the ranks lowbw's own launcher starts into network namespaces; "
+                          "under torchrun the ranks are torchrun's: run lowbw-train without torchrun (as root), or "
+                          "shape the real interfaces yourself and use net.emulate=false")
     plan = validate(cfg, world_size=world)
     if rank == 0:
         prepare(cfg, run_dir, world)

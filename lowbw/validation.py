@@ -29,6 +29,7 @@ from lowbw.models.gpt import ARCHS
 from lowbw.models.modern import MLPS
 from lowbw.limits import TRAIN_LIMITS, check_limits, check_memory, check_schedule_size, check_walk_points
 from lowbw.net.conditions import Conditions, conditions_from_config
+from lowbw.net.kernel import check_supported
 from lowbw.net.topology import Topology
 from lowbw.optim import OPTIMIZERS
 from lowbw.pipeline.actions import Schedule
@@ -70,6 +71,8 @@ def validate(cfg: Any, world_size: Optional[int] = None) -> Plan:
     check_walk_points(cfg.faults.bandwidth_walk)
     topology = Topology.from_config(cfg.net, p, seed=cfg.seed)
     conditions = conditions_from_config(cfg.faults, cfg.net, p)
+    if getattr(cfg.net, "backend", "emulated") == "kernel":
+        check_supported(topology, conditions, cfg)
     _check_faults(cfg.faults, p)
     schedule = build_schedule(cfg.schedule, p, m)  # generates and validates
     ranges = _partition(cfg, schedule)

@@ -202,3 +202,20 @@ def test_aqsgd_unsized_messages_run_through_the_executor_with_both_caches_in_ste
         cfg.compress.fwd, cfg.data.path, cfg.data.val_fraction = {"name": "none"}, None, 0.1
     fwd_bytes = [sum(s.wire_bytes for k, s in res.codecs.items() if k.endswith(".fwd")) for res in outcomes[0].results]
     assert fwd_bytes[0] > fwd_bytes[1] == fwd_bytes[2] > 0  # later steps send deltas of rows seen before
+
+
+@pytest.mark.parametrize("name", ["1f1b", "zb_h1", "interleaved_1f1b"])
+def test_two_way_contention_times_the_executor_as_the_player(name, base_cfg):
+    """net.duplex_efficiency < 1: each receiver stretches what crossed while it sent back; executor and player
+    charge it in the same order, so they still agree to the last bit."""
+    torch.set_num_threads(1)
+    cfg = configure(base_cfg.copy(), {"name": name, **PARAMS.get(name, {})}, 3, 6 if name != "interleaved_1f1b" else 3,
+                    6, steps=2)
+    cfg.net.duplex_efficiency = 0.7
+    cfg.net.uplink_mbps = cfg.net.downlink_mbps = 0.02  # 20 kbit/s: each ~0.1 KB message takes tens of ms
+    plan = validate(cfg)
+    run_and_compare(cfg, plan)
+    stretched = predicted(cfg, plan, 2)
+    cfg.net.duplex_efficiency = 1.0
+    plain = predicted(cfg, validate(cfg), 2)
+    assert max(e for _, e in stretched.values()) > max(e for _, e in plain.values())

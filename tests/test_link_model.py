@@ -112,6 +112,41 @@ def test_line_framing_gives_the_textbook_tcp_goodput_of_gigabit_ethernet():
     assert LinkModel(t, 1).deliver(0, b, seconds) == seconds  # the downlink is charged the same line bytes
 
 
+def test_a_message_sent_both_ways_at_once_takes_tx_over_the_duplex_efficiency():
+    # 1 MB each way at t=0 over 20 Mbit/s, 30 ms: tx = 0.4 s alone, 0.4 / 0.8 = 0.5 s while both directions send
+    t = topo(latency_ms=30.0, uplink_mbps=20.0, downlink_mbps=20.0, duplex_efficiency=0.8)
+    a, b = LinkModel(t, 0), LinkModel(t, 1)
+    to_b, to_a = a.send(1, 1_000_000, 0.0), b.send(0, 1_000_000, 0.0)
+    assert b.deliver(0, 1_000_000, to_b.arrival) == pytest.approx(0.5 + 0.030, rel=1e-12)
+    assert a.deliver(1, 1_000_000, to_a.arrival) == pytest.approx(0.5 + 0.030, rel=1e-12)
+
+
+def test_only_the_overlapped_part_of_a_message_is_stretched_and_one_way_traffic_not_at_all():
+    t = topo(latency_ms=0.0, uplink_mbps=20.0, downlink_mbps=20.0, duplex_efficiency=0.5)
+    a, b = LinkModel(t, 0), LinkModel(t, 1)
+    b.send(0, 500_000, 0.0)  # b sends to a over [0, 0.2]
+    to_b = a.send(1, 1_000_000, 0.0)  # a sends to b over [0, 0.4]: 0.2 s of it overlap
+    assert b.deliver(0, 1_000_000, to_b.arrival) == pytest.approx(0.4 + 0.2 * (1 / 0.5 - 1), rel=1e-12)
+    alone = LinkModel(t, 1)
+    assert alone.deliver(0, 1_000_000, LinkModel(t, 0).send(1, 1_000_000, 0.0).arrival) == pytest.approx(0.4)
+
+
+def test_the_duplex_memory_survives_a_checkpoint():
+    t = topo(latency_ms=0.0, uplink_mbps=20.0, downlink_mbps=20.0, duplex_efficiency=0.5)
+    b = LinkModel(t, 1)
+    b.send(0, 500_000, 0.0)
+    restored = LinkModel(t, 1)
+    restored.load_state_dict(b.state_dict())
+    arrival = LinkModel(t, 0).send(1, 1_000_000, 0.0).arrival
+    assert restored.deliver(0, 1_000_000, arrival) == b.deliver(0, 1_000_000, arrival) == pytest.approx(0.6)
+
+
+@pytest.mark.parametrize("value", [0.0, 1.5, -0.2])
+def test_a_duplex_efficiency_outside_0_1_is_refused(value):
+    with pytest.raises(ConfigError, match="net.duplex_efficiency"):
+        topo(duplex_efficiency=value)
+
+
 @pytest.mark.parametrize("field, value, match", [
     ("framing", "ethernet", "net.framing='ethernet'"),
     ("mss_bytes", 0, "net.mss_bytes=0"),

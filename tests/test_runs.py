@@ -1,12 +1,10 @@
 """Whole runs: bubble fractions, determinism, a dying rank, the default command, torchrun."""
 
-import glob
 import json
 import multiprocessing as mp
 import os
 import subprocess
 import sys
-import tempfile
 import time
 
 import pytest
@@ -141,19 +139,17 @@ def _torchrun(args, cwd):
                             cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def _scratch_folders() -> set:
-    return set(glob.glob(os.path.join(tempfile.gettempdir(), "lowbw-rank*")))
-
-
 def test_torchrun_single_node_gives_the_same_losses_as_self_spawned(tmp_path, reference_run):
     ref, _ = reference_run
-    before = _scratch_folders()
+    scratch = tmp_path / "tmp"  # this run's own temporary folder: other tests' runs leave theirs elsewhere
+    scratch.mkdir()
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4", "--master-addr",
                         "127.0.0.1", "--master-port", str(free_port()), "-m", "lowbw.train", *DETERMINISTIC,
-                        f"out_dir={tmp_path}/run"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+                        f"out_dir={tmp_path}/run"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "TMPDIR": str(scratch)})
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     assert losses(tmp_path / "run") == losses(ref["run_dir"])
-    assert _scratch_folders() <= before  # ranks 1-3 removed their scratch run folders
+    assert not list(scratch.glob("lowbw-rank*"))  # ranks 1-3 removed their scratch run folders
 
 
 def test_torchrun_two_nodes_on_loopback_give_the_same_losses(tmp_path, reference_run):

@@ -101,6 +101,21 @@ def test_packet_loss_slows_the_simulated_links():
     assert lossy["step_time_s"] > 2 * clean["step_time_s"]
 
 
+def test_two_way_contention_slows_1f1b_and_is_played_step_by_step():
+    plain = simulate(compose(BASE + ["schedule=1f1b", "net=home", "net.uplink_mbps=20", "net.downlink_mbps=20"]))
+    duplex = simulate(compose(BASE + ["schedule=1f1b", "net=home", "net.uplink_mbps=20", "net.downlink_mbps=20",
+                                      "net.duplex_efficiency=0.8"]))
+    assert duplex["step_time_s"] > plain["step_time_s"]
+    assert duplex["steps_extrapolated"] == 0  # the receivers' memory of their own sends carries across steps
+
+
+def test_kernel_links_are_refused_by_the_simulator():
+    from lowbw.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="kernel-shaped links are for lowbw-train"):
+        simulate(compose(BASE + ["net.backend=kernel"]))
+
+
 def test_asynchronous_schedule_is_refused_by_name():
     from lowbw.errors import ConfigError
 

@@ -21,8 +21,8 @@ from lowbw.net.clock import VirtualClock, WallClock
 from lowbw.net.link import LinkModel
 from lowbw.net.liveness import LinkWatch
 from lowbw.net.topology import PairLink, Topology
-from lowbw.net.transport import _HOST, CH_BWD, CH_FWD, Message, Transport
-from lowbw.net.wire import MemoryWire, Switchboard
+from lowbw.net.transport import _HOST, CH_BWD, CH_FWD, CONTROL_TAGS, Message, Transport, tag
+from lowbw.net.wire import GlooWire, MemoryWire, Switchboard
 
 CPU = torch.device("cpu")
 
@@ -253,3 +253,13 @@ def test_sends_posted_before_their_receives_arrive_although_nothing_else_holds_t
         p.join(60)
     assert got == [0, 1, 2]
     assert [p.exitcode for p in procs] == [0, 0]
+
+
+def test_each_direction_between_two_ranks_has_its_own_process_group_and_control_keeps_the_default():
+    upward, downward, default = object(), object(), object()
+    wires = {r: GlooWire(default, r, upward, downward, CONTROL_TAGS) for r in (0, 1, 2)}
+    fwd = tag(CH_FWD, 0)
+    assert wires[0].group_for(0, 2, fwd) is upward and wires[2].group_for(0, 2, fwd) is upward
+    assert wires[2].group_for(2, 0, fwd) is downward and wires[0].group_for(2, 0, tag(CH_BWD, 2)) is downward
+    assert all(wires[1].group_for(1, 0, t) is default for t in CONTROL_TAGS)
+    assert GlooWire(default).group_for(1, 0, fwd) is default  # no direction groups: one group for all

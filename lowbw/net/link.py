@@ -18,6 +18,19 @@ Receiver side, in the order the receiver consumes messages (deterministic)::
 default; with ``net.framing=line`` also TCP/IP headers and Ethernet framing for each of its
 ``ceil(b / MSS)`` segments, ``w(b) = b + ceil(b / MSS)·(H_tcpip + H_eth)``.
 
+Two-way contention (``net.duplex_efficiency`` = e < 1; default 1, independent directions). Two-way TCP
+over a shaped link moves each direction slower than one-way, because the acknowledgements of one
+direction wait behind the other direction's data in the same queue (measured in docs/networks.md,
+"Fidelity"). The receiver j of a message from i knows when its own uplink was sending to i; the part
+``o`` of the message's transmission that overlapped it is stretched as if it had moved at e·B::
+
+    tx_end      = arrival - latency_ij                    (when its last bit left i, without jitter)
+    o           = overlap of [tx_end - tx, tx_end] with j's own transmissions to i
+    arrival     = arrival + o·(1/e - 1)                   (before the downlink rule)
+
+A message sent both ways at once, each alone on its link, then takes tx / e: e is the one-way time
+over the both-ways time of a transfer, which ``scripts/bench_fidelity.py`` measures.
+
 With one incoming flow no faster than the downlink, delivery == arrival, which is uplink_free + latency
 when there is no jitter (pipelined; docs/architecture.md, "The link model").
 Times are seconds on whichever clock drives the model (virtual or wall): the model only does
@@ -59,6 +72,7 @@ class LinkModel:
         self.downlink_free = 0.0
         self._last_arrival: dict[tuple[int, int], float] = {}
         self._jitter_rng: dict[tuple[int, int], random.Random] = {}
+        self._sending: dict[int, list[tuple[float, float]]] = {}  # dst -> own transmissions [start, end] (duplex)
 
     def _jitter(self, src: int, dst: int) -> float:
         mean = self.topo.link(src, dst).jitter_s
@@ -96,7 +110,21 @@ class LinkModel:
             self.uplink_free = tx_done
             arrival = tx_done + link.latency_s
         arrival = self._fifo(self.rank, dst, arrival + self._jitter(self.rank, dst))
+        if self.topo.duplex_efficiency < 1 and tx_done > start:
+            self._sending.setdefault(dst, []).append((start, tx_done))
         return SendTiming(start, tx_done, arrival)
+
+    def _duplex_delay(self, src: int, nbytes: int, arrival: float) -> float:
+        """Extra seconds a message from ``src`` takes for overlapping this rank's own sending to ``src``."""
+        spans = self._sending.get(src)
+        if not spans:
+            return 0.0
+        end = arrival - self.topo.link(src, self.rank).latency_s
+        begin = end - self.transmit_seconds(src, self.rank, nbytes, end)
+        overlap = sum(max(0.0, min(end, b) - max(begin, a)) for a, b in spans)
+        # later messages from src left its uplink after this one: spans that ended before it starts are done
+        self._sending[src] = [(a, b) for a, b in spans if b > begin]
+        return overlap * (1.0 / self.topo.duplex_efficiency - 1.0)
 
     def arrival_after_receipt(self, src: int, received_at: float) -> float:
         """Wall clock: the sender already waited out the transmission; add latency and jitter here."""
@@ -111,12 +139,14 @@ class LinkModel:
             "last_arrival": {link_key(a, b): v for (a, b), v in self._last_arrival.items()},
             "jitter": {link_key(a, b): [r.getstate()[0], list(r.getstate()[1]), r.getstate()[2]]
                        for (a, b), r in self._jitter_rng.items()},
+            "sending": {str(d): [list(span) for span in spans] for d, spans in self._sending.items()},
         }
 
     def load_state_dict(self, state: dict) -> None:
         pair = parse_link_key
         self.uplink_free, self.downlink_free = float(state["uplink_free"]), float(state["downlink_free"])
         self._last_arrival = {pair(k): float(v) for k, v in state["last_arrival"].items()}
+        self._sending = {int(d): [(float(a), float(b)) for a, b in spans] for d, spans in state.get("sending", {}).items()}
         self._jitter_rng = {}
         for k, (version, internal, gauss) in state["jitter"].items():
             rng = random.Random()
@@ -127,6 +157,8 @@ class LinkModel:
         """Charge the receiver's downlink; called in consumption order. Returns the delivery time."""
         down = self.topo.downlink_bps[self.rank]
         rx = 0.0 if math.isinf(down) else 8.0 * self.topo.framing.wire_bytes(nbytes) / down
+        if self.topo.duplex_efficiency < 1:
+            arrival += self._duplex_delay(src, nbytes, arrival)
         delivery = max(arrival, self.downlink_free + rx)
         self.downlink_free = delivery
         return delivery

@@ -82,6 +82,7 @@ class Topology:
     pairs: dict[tuple[int, int], PairLink]
     emulate: bool = True
     framing: Framing = Framing()  # what a message costs on the wire (default: its payload)
+    duplex_efficiency: float = 1.0  # rate kept by each direction of a pair while both carry data (lowbw.net.link)
 
     def link(self, src: int, dst: int) -> PairLink:
         return self.pairs[(src, dst)]
@@ -154,8 +155,16 @@ class Topology:
                 pairs[(i, j)] = PairLink(lat, jitter, bw)
         if rnd is not None:  # per-pair draws replace the node caps
             up = down = math.inf
-        return Topology(n, net.semantics, (up,) * n, (down,) * n, pairs, bool(getattr(net, "emulate", True)),
-                        framing_from_config(net))
+        backend = getattr(net, "backend", "emulated")
+        if backend not in ("emulated", "kernel"):
+            raise ConfigError(f"net.backend={backend!r}: use emulated (lowbw's link model) or kernel (namespaces "
+                              "shaped by tc)")
+        emulate = bool(getattr(net, "emulate", True)) and backend == "emulated"  # the kernel is the network
+        duplex = float(getattr(net, "duplex_efficiency", 1.0))
+        if not 0 < duplex <= 1:
+            raise ConfigError(f"net.duplex_efficiency={duplex} must lie in (0, 1]: the fraction of a pair's rate each "
+                              "direction keeps while both carry data (1 = independent directions)")
+        return Topology(n, net.semantics, (up,) * n, (down,) * n, pairs, emulate, framing_from_config(net), duplex)
 
     def describe(self) -> str:
         lat = sorted({round(p.latency_s * 1e3, 3) for p in self.pairs.values()})

@@ -78,6 +78,10 @@ def tag(channel: int, part: int) -> int:
     return 4 * channel + part
 
 
+#: The control channel's tags: on the default group, apart from the pipeline's per-direction ones.
+CONTROL_TAGS = frozenset(tag(CH_CTRL, part) for part in (_MESSAGE, _HEADER, _PAYLOAD))
+
+
 def _meta_view(buf: torch.Tensor) -> np.ndarray:
     return buf[:_META].numpy().view(np.int64)
 

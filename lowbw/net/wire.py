@@ -5,9 +5,14 @@ rule, gloo's: a rank's receives from one peer on one tag take that peer's sends 
 the order both were posted -- nothing else (no size, no key) decides which receive gets which
 message. :mod:`lowbw.net.transport` builds keyed, emulated messages on top.
 
-- :class:`GlooWire`: ``torch.distributed`` point-to-point over gloo. Which process group carries
-  the traffic with a peer is one method, :meth:`GlooWire.group_for`: a group per direction (full
-  duplex on real links) changes that method and the set-up that builds the groups, nothing else.
+- :class:`GlooWire`: ``torch.distributed`` point-to-point over gloo. Which process group carries a
+  message is one method, :meth:`GlooWire.group_for`. Real runs use :meth:`GlooWire.per_direction`:
+  one group for messages from a lower rank to a higher one and one for the other way, so that the
+  two directions between a pair of ranks travel on two TCP connections. On one connection gloo
+  point-to-point is effectively half duplex once bandwidth is the limit (measured across a veth
+  pair shaped to 20 Mbit/s each way: 4 messages of 512 KB each way at once took 1.85 s on one
+  group, 1.06 s on a group per direction; docs/networks.md, "Real links"): activations and
+  gradients between two stages would take turns.
 - :class:`MemoryWire`: ranks as threads of one process sharing a :class:`Switchboard`; the same
   matching rule, buffers copied in memory. Stricter than gloo in one respect: a receive must have
   exactly the size of the message it takes (gloo accepts a shorter message into a longer buffer,
@@ -31,6 +36,12 @@ import torch
 import torch.distributed as dist
 
 
+#: gloo's own timeout: beyond any run. A receive posted early on an idle channel would
+#: otherwise break the connection after it; every wait lowbw does has timeout_s of its own instead
+#: (receives in the transport, collectives through their work handles, lowbw.net.liveness).
+GLOO_TIMEOUT = timedelta(days=7)
+
+
 class Handle(Protocol):
     def wait(self, timeout: timedelta) -> Any: ...
 
@@ -46,20 +57,37 @@ class Wire(ABC):
 
 
 class GlooWire(Wire):
-    """Point-to-point over a gloo process group (the default group unless one is given)."""
+    """Point-to-point over gloo: on ``group`` (None: the default group), or, for a rank made with
+    :meth:`per_direction`, on a group per direction, except for the ``shared_tags`` (run control),
+    which stay on ``group``."""
 
-    def __init__(self, group: Optional[dist.ProcessGroup] = None):
-        self.group = group
+    def __init__(self, group: Optional[dist.ProcessGroup] = None, rank: int = 0,
+                 upward: Optional[dist.ProcessGroup] = None, downward: Optional[dist.ProcessGroup] = None,
+                 shared_tags: frozenset[int] = frozenset()):
+        self.group, self.rank, self.shared_tags = group, rank, shared_tags
+        self.upward, self.downward = upward, downward
 
-    def group_for(self, peer: int) -> Optional[dist.ProcessGroup]:
-        """The process group that carries this rank's traffic with ``peer`` (both directions, today)."""
-        return self.group
+    @classmethod
+    def per_direction(cls, rank: int, world: int, timeout: timedelta,
+                      shared_tags: frozenset[int] = frozenset()) -> "GlooWire":
+        """Make the two direction groups (a collective call: every rank of the default group makes them,
+        in the same order) and return this rank's wire over them."""
+        ranks = list(range(world))
+        upward = dist.new_group(ranks, timeout=timeout, backend="gloo")
+        downward = dist.new_group(ranks, timeout=timeout, backend="gloo")
+        return cls(None, rank, upward, downward, shared_tags)
+
+    def group_for(self, src: int, dst: int, tag: int) -> Optional[dist.ProcessGroup]:
+        """The process group that carries a message from rank ``src`` to rank ``dst`` on ``tag``."""
+        if self.upward is None or tag in self.shared_tags:
+            return self.group
+        return self.upward if src < dst else self.downward
 
     def isend(self, buf: torch.Tensor, dst: int, tag: int) -> Handle:
-        return dist.isend(buf, dst, group=self.group_for(dst), tag=tag)
+        return dist.isend(buf, dst, group=self.group_for(self.rank, dst, tag), tag=tag)
 
     def irecv(self, buf: torch.Tensor, src: int, tag: int) -> Handle:
-        return dist.irecv(buf, src, group=self.group_for(src), tag=tag)
+        return dist.irecv(buf, src, group=self.group_for(src, self.rank, tag), tag=tag)
 
 
 # ---- ranks as threads of one process ------------------------------------------------------------

@@ -332,9 +332,10 @@ class StepResult:
 
 
 def _time_invariant(link: LinkModel, n_ranks: int) -> bool:
-    """No jitter on the rank's outgoing pairs and no outage or bandwidth trace: a message's cost is fixed."""
+    """No jitter on the rank's outgoing pairs, no outage or bandwidth trace, and no two-way contention
+    (``duplex_efficiency`` 1): a message's cost is fixed."""
     cond = link.conditions
-    if cond is not None and (cond.outages or cond.trace_t):
+    if cond is not None and (cond.outages or cond.trace_t) or link.topo.duplex_efficiency < 1:
         return False
     return all(link.topo.link(link.rank, d).jitter_s <= 0 for d in range(n_ranks) if d != link.rank)
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
+import torch.distributed as dist
 
 from lowbw.boundary import build_method
 from lowbw.data.corpus import Corpus
@@ -21,8 +22,8 @@ from lowbw.models.gpt import GPTStage
 from lowbw.net.clock import Clock, make_clock, planned_durations
 from lowbw.net.link import LinkModel
 from lowbw.net.liveness import LinkWatch
-from lowbw.net.transport import CH_BWD, CH_FWD, Transport
-from lowbw.net.wire import Wire
+from lowbw.net.transport import CH_BWD, CH_FWD, CONTROL_TAGS, Transport
+from lowbw.net.wire import GLOO_TIMEOUT, GlooWire, Wire
 from lowbw.optim import build_optimizer
 from lowbw.pipeline.durations import planner
 from lowbw.pipeline.executor import Executor
@@ -122,6 +123,10 @@ def build_rank(cfg: Any, plan: Plan, rank: int, world: int, local_rank: int = 0,
     clock = make_clock(cfg.clock.name, device)
     link = build_link(plan, rank, cfg.seed)
     watch = watch or LinkWatch()
+    # a connection per direction, full duplex on real links: a collective, so only when every rank of the group
+    # builds its rank (harnesses that run smaller pipelines in a larger group keep the default group)
+    if wire is None and dist.is_initialized() and dist.get_world_size() == world:
+        wire = GlooWire.per_direction(rank, world, GLOO_TIMEOUT, CONTROL_TAGS)
     transport = Transport(rank, link, clock, cfg.timeout_s, wire, charge=message_charge(plan), watch=watch)
     stages = build_stages(cfg, plan, rank, device)
     optimizer = build_optimizer(cfg.train, [st.module for st in stages.values()])

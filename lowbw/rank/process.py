@@ -37,7 +37,9 @@ from lowbw.config import SCRATCH_ENV
 from lowbw.errors import (EXIT_DIVERGED, EXIT_FAILED, Diverged, Interrupted, PeerError, ignore_stop_signals,
                           stop_signals_raise)
 from lowbw.metrics.files import atomic_write_json
+from lowbw.net.kernel import enter_namespace
 from lowbw.net.liveness import STARTUP_S, Heartbeat
+from lowbw.net.wire import GLOO_TIMEOUT
 from lowbw.rank.build import build_rank
 from lowbw.rank.loop import train
 from lowbw.rank.reporting import RecordOnRankZero, SendToRankZero, describe
@@ -68,12 +70,6 @@ def _await_peers(store: dist.Store, rank: int, world: int) -> None:
     start-up took."""
     store.set(f"up/{rank}", "1")
     store.wait([f"up/{r}" for r in range(world)], timedelta(seconds=STARTUP_S))
-
-
-#: gloo's own timeout: beyond any run. A receive posted early on an idle channel would
-#: otherwise break the connection after it; every wait lowbw does has timeout_s of its own instead
-#: (receives in the transport, collectives through their work handles, lowbw.net.liveness).
-GLOO_TIMEOUT = timedelta(days=7)
 
 
 def _join_group(cfg: Any, rank: int, world: int, init: Optional[dict], run_dir: Optional[str],
@@ -162,6 +158,8 @@ def run_rank(cfg_dict: dict, plan: Plan, rank: int, world: int, run_dir: Optiona
              meta: dict, init: Optional[dict] = None, pipe: Optional[Connection] = None) -> Optional[dict]:
     """Process entry: set up the group, train; the summary on rank 0. Never returns on failure: exits with
     the code of what happened (lowbw.errors)."""
+    if init is not None and init.get("netns"):  # first: threads started later inherit the namespace
+        enter_namespace(init["netns"])
     if init is not None and "env" in init:
         adopt_environment(init["env"])
     torch.set_num_threads(1)
