@@ -32,8 +32,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lowbw.testing.processes import (alive, descendants, outputs_complete, start_train,  # noqa: E402
-                                     stop_all, wait_for_steps)
+from lowbw.testing.processes import (alive, descendants, outputs_complete, rank_pids,  # noqa: E402
+                                     start_train, stop_all, wait_for_steps)
 
 BASE = ["model.n_layer=3", "model.n_embd=32", "model.n_head=2", "model.block_size=16", "pipeline.stages=3",
         "train.eval_batches=1", "progress=false", "net=ideal", "clock=virtual", "timeout_s=10"]
@@ -107,7 +107,7 @@ def hang(root: Path) -> dict:
     w = Watch(BASE + ENDLESS + [f"out_dir={run_dir}"], root)
     wait_for_steps(run_dir, 3, w.proc)
     w.pids = descendants(w.proc.pid)
-    ranks = sorted(p for p in w.pids if "spawn_main" in _cmdline(p))
+    ranks = rank_pids(w.proc.pid)
     t = time.time()
     os.kill(ranks[1], signal.SIGSTOP)  # ranks are spawned in order: the second is rank 1
     code, end = w.finish()
@@ -121,18 +121,11 @@ def configured(name: str, extra: list[str], root: Path) -> dict:
     w = Watch(BASE + extra + [f"out_dir={run_dir}"], root)
     while w.proc.poll() is None and not w.pids:  # the ranks, to check none is left
         time.sleep(0.5)
-        w.pids = {p for p in descendants(w.proc.pid) if "spawn_main" in _cmdline(p)}
+        w.pids = set(rank_pids(w.proc.pid))
     code, end = w.finish()
     metrics = run_dir / "metrics.jsonl"
     t = metrics.stat().st_mtime if metrics.exists() else started  # when the last step before it was recorded
     return row(name, run_dir, w, t, code, end)
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_text()
-    except OSError:
-        return ""
 
 
 def disk_full(root: Path) -> dict:
@@ -188,11 +181,15 @@ def _files(run_dir: Path) -> dict[Path, bytes]:
 
 def _unchanged(before: dict, after: dict, hydra: set) -> str:
     """Whether the refused resume left the finished run's files as they were. Hydra writes its own record
-    of every launch (.hydra/) into the run folder before lowbw starts: said apart."""
+    of every launch (.hydra/) into the run folder before lowbw starts, and the launch's log lines go to the
+    end of train.log (the run's log, lowbw.logs): said apart, the log only if what it held is kept whole."""
     ours = {p for p in before.keys() | after.keys() if before.get(p) != after.get(p)} - hydra
+    logs = {p for p in ours if p.name == "train.log" and p in before and after.get(p, b"").startswith(before[p])}
+    ours -= logs
     if ours:
         return "CHANGED: " + ", ".join(sorted(p.name for p in ours))
-    return "yes, unchanged" + (" (Hydra rewrote .hydra/)" if hydra else "")
+    also = [*(["Hydra rewrote .hydra/"] if hydra else []), *(["the refusal appended to train.log"] if logs else [])]
+    return "yes, unchanged" + (f" ({'; '.join(also)})" if also else "")
 
 
 FAULTS = {

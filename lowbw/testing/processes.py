@@ -4,6 +4,7 @@
   signal the launcher alone or its whole process group.
 - :func:`descendants`: every process below a pid (ranks, multiprocessing's resource tracker, ...), to
   check that none is left once the run has ended.
+- :func:`rank_pids`: the ranks among them, in rank order.
 - :func:`wait_for_steps`: block until a run folder's metrics.jsonl holds some steps.
 - :func:`listening_sockets`: the TCP addresses the given processes listen on.
 - :func:`outputs_complete`: every file of a run folder is whole (JSON parses, JSON lines parse line by
@@ -50,6 +51,22 @@ def descendants(pid: int) -> set[int]:
         frontier = {p for p, pp in parents.items() if pp in frontier} - found
         found |= frontier
     return found
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def rank_pids(launcher: int) -> list[int]:
+    """The rank processes below a launcher, in start order (rank order): the fork server's children (the
+    launcher's way where there is a fork server), or spawned interpreters."""
+    parents = _parents()
+    below = descendants(launcher)
+    servers = {p for p in below if "multiprocessing.forkserver" in _cmdline(p)}
+    return sorted(p for p in below if parents.get(p) in servers or "spawn_main" in _cmdline(p))
 
 
 def alive(pids: set[int]) -> set[int]:
