@@ -48,6 +48,7 @@ from typing import Any, Optional
 
 from lowbw.errors import ConfigError
 from lowbw.net.conditions import Conditions
+from lowbw.net.liveness import process_alive
 from lowbw.net.topology import Topology
 
 NETNS_DIR = Path("/run/netns")  # where `ip netns add` keeps named namespaces
@@ -205,23 +206,13 @@ def downlink_commands(topo: Topology, rank: int) -> list[list[str]]:
 # ---- namespaces -------------------------------------------------------------------------------------
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def remove_stale() -> list[str]:
     """Delete the namespaces of launchers that no longer run (one killed with SIGKILL could not clean up)."""
     removed = []
     names = sorted(p.name for p in NETNS_DIR.iterdir()) if NETNS_DIR.is_dir() else []
     for name in names:
         m = re.match(rf"{re.escape(PREFIX)}(\d+)-", name)
-        if m and not _pid_alive(int(m.group(1))):
+        if m and not process_alive(int(m.group(1))):
             subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=_COMMAND_TIMEOUT_S)
             removed.append(name)
     return removed

@@ -246,3 +246,19 @@ class Heartbeat(LinkWatch):
             return PeerError(r, f"rank {me}: {what} failed: rank {r} stopped answering (no heartbeat for "
                                 f"{s:.1f} s)", kind="hung")
         return super().collective_failed(me, what, error)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie (Linux: /proc; elsewhere a signal-0 probe). For a
+    rank watching its launcher, and for leftovers of a launcher that is gone (lowbw.net.kernel)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return True

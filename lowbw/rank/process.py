@@ -38,7 +38,7 @@ from lowbw.errors import (EXIT_DIVERGED, EXIT_FAILED, Diverged, Interrupted, Pee
                           stop_signals_raise)
 from lowbw.metrics.files import atomic_write_json
 from lowbw.net.kernel import enter_namespace
-from lowbw.net.liveness import STARTUP_S, Heartbeat
+from lowbw.net.liveness import STARTUP_S, Heartbeat, process_alive
 from lowbw.net.wire import GLOO_TIMEOUT
 from lowbw.rank.build import build_rank
 from lowbw.rank.loop import train
@@ -96,21 +96,6 @@ def adopt_environment(env: dict[str, str]) -> None:
         os.environ.update(env)
 
 
-def _alive(pid: int) -> bool:
-    """Whether process ``pid`` exists and is not a zombie (Linux: /proc; elsewhere a signal-0 probe)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except (OSError, IndexError):
-        return True
-
-
 def _watch_parent(parent_pid: int) -> None:
     """Stop this rank (SIGTERM to itself: recorded as interrupted) when the launcher is gone: the rank's
     parent (the launcher, or the fork server the launcher started, which exits with it) changed, or
@@ -118,7 +103,7 @@ def _watch_parent(parent_pid: int) -> None:
     first_parent = os.getppid()
 
     def loop():
-        while os.getppid() == first_parent and _alive(parent_pid):
+        while os.getppid() == first_parent and process_alive(parent_pid):
             time.sleep(0.5)
         os.kill(os.getpid(), signal.SIGTERM)
 
