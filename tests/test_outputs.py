@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -186,6 +187,9 @@ def test_a_disk_that_fills_up_mid_run_fails_the_run_with_whole_files_and_a_sente
     finally:
         stop_all(proc, pids)
     _check_failed_cleanly(run_dir, proc, err)
+    deadline = time.monotonic() + 10  # the fork server exits once it sees the launcher gone, a moment later
+    while alive(pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert "could not write" in err and alive(pids) == set()
 
 
