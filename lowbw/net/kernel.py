@@ -42,6 +42,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any, Optional
@@ -71,6 +72,10 @@ def address(rank: int) -> str:
 
 def _rate(bps: float) -> str:
     return f"{int(round(bps))}bit"
+
+
+def _delete_namespace(name: str) -> None:
+    subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=_COMMAND_TIMEOUT_S)
 
 
 def _run(args: list[str], what: str) -> str:
@@ -112,13 +117,13 @@ def has_netem() -> bool:
         except (OSError, subprocess.TimeoutExpired):
             _NETEM = False
         finally:
-            subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=_COMMAND_TIMEOUT_S)
+            _delete_namespace(name)
     return _NETEM
 
 
 def check_supported(topo: Topology, conditions: Conditions, cfg: Any) -> None:
     """ConfigError, with the reason, unless this machine can run ``topo`` with kernel-shaped links."""
-    if not sys_platform_linux():
+    if sys.platform != "linux":
         raise ConfigError("net.backend=kernel needs Linux (network namespaces, veth, tc); use net.backend=emulated")
     if not _has_net_admin():
         raise ConfigError("net.backend=kernel makes network namespaces and shapes them with tc, which needs root "
@@ -154,10 +159,6 @@ def check_supported(topo: Topology, conditions: Conditions, cfg: Any) -> None:
         raise ConfigError(f"net.latency_ms ({', '.join(map(str, delayed))} ms) with net.backend=kernel needs tc netem "
                           "for delay, and this kernel has no netem (sch_netem): set net.latency_ms=0 (and no pair "
                           "latencies) to shape rate only, or use net.backend=emulated")
-
-
-def sys_platform_linux() -> bool:
-    return os.uname().sysname == "Linux"
 
 
 # ---- tc commands --------------------------------------------------------------------------------------
@@ -213,7 +214,7 @@ def remove_stale() -> list[str]:
     for name in names:
         m = re.match(rf"{re.escape(PREFIX)}(\d+)-", name)
         if m and not process_alive(int(m.group(1))):
-            subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=_COMMAND_TIMEOUT_S)
+            _delete_namespace(name)
             removed.append(name)
     return removed
 
@@ -273,7 +274,7 @@ class KernelNetwork:
     def remove(self) -> None:
         """Delete every namespace this run made (their veth ends, bridge and qdiscs go with them)."""
         while self._made:
-            subprocess.run(["ip", "netns", "del", self._made.pop()], capture_output=True, timeout=_COMMAND_TIMEOUT_S)
+            _delete_namespace(self._made.pop())
 
 
 def enter_namespace(path: str) -> None:
