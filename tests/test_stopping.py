@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -82,6 +84,25 @@ def test_ranks_stop_by_themselves_when_the_launcher_is_killed(tmp_path):
     code, err, left, summary, _ = _interrupt(tmp_path, lambda p: p.send_signal(signal.SIGKILL))
     assert code == -signal.SIGKILL and left == set()
     _check_interrupted(summary, tmp_path / "run", "SIGTERM")  # each rank stopped itself with SIGTERM
+
+
+def test_a_rank_whose_launcher_is_gone_reports_a_peer_failure_as_the_sigterm_it_was_about_to_get(monkeypatch):
+    # the ranks poll for the launcher out of phase: the first to notice exits, and its peer's receive
+    # fails before that peer's own poll; the peer must still record the run as interrupted
+    from lowbw.errors import Interrupted, PeerError
+    from lowbw.rank import launcher_watch
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    failure = PeerError(1, "rank 1 closed the connection", kind="dead")
+    monkeypatch.setattr(launcher_watch, "_watch", launcher_watch.LauncherWatch(os.getpid()))
+    assert launcher_watch.as_stop(failure) is failure  # launcher alive: the failure stands
+    monkeypatch.setattr(launcher_watch, "_watch", launcher_watch.LauncherWatch(gone.pid))
+    stop = launcher_watch.as_stop(failure)
+    assert isinstance(stop, Interrupted) and stop.signum == signal.SIGTERM and stop.__cause__ is failure
+    assert launcher_watch.as_stop(stop) is stop
+    monkeypatch.setattr(launcher_watch, "_watch", None)  # under torchrun nothing is watched
+    assert launcher_watch.as_stop(failure) is failure
 
 
 def test_sigterm_to_torchrun_stops_every_rank_and_records_the_run_as_interrupted(tmp_path):

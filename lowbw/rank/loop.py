@@ -35,6 +35,7 @@ from lowbw.metrics.timeline import Event, busy_seconds
 from lowbw.pipeline.executor import PHASE_EVAL, PHASE_TRAIN
 from lowbw.rank.build import Rank
 from lowbw.rank.faults import RankFaults
+from lowbw.rank.launcher_watch import as_stop
 from lowbw.rank.reporting import Reporting
 from lowbw.rank.state import restore_rank, save_rank
 
@@ -76,8 +77,9 @@ def train(r: Rank, reporting: Reporting, run_dir: Optional[Path]) -> Optional[di
         measurement = r.meter.measurement()
         reporting.finish(measurement.to_dict() if measurement is not None else None)
         r.transport.close()
-    except BaseException as e:
+    except BaseException as caught:
         ignore_stop_signals()  # record the failure whole (a stop signal now would cut it short)
+        e = as_stop(caught)  # the launcher is gone: a stop, whatever this rank noticed first
         try:
             reporting.fail(e)
         except Exception as record_error:  # noqa: BLE001 -- the first error is the one to report

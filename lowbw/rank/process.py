@@ -19,10 +19,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import sys
-import threading
-import time
 import traceback
 from datetime import timedelta
 from multiprocessing.connection import Connection
@@ -38,9 +35,10 @@ from lowbw.errors import (EXIT_DIVERGED, EXIT_FAILED, Diverged, Interrupted, Pee
                           stop_signals_raise)
 from lowbw.metrics.files import atomic_write_json
 from lowbw.net.kernel import enter_namespace
-from lowbw.net.liveness import STARTUP_S, Heartbeat, process_alive
+from lowbw.net.liveness import STARTUP_S, Heartbeat
 from lowbw.net.wire import GLOO_TIMEOUT
 from lowbw.rank.build import build_rank
+from lowbw.rank.launcher_watch import as_stop, watch_launcher
 from lowbw.rank.loop import train
 from lowbw.rank.reporting import RecordOnRankZero, SendToRankZero, describe
 from lowbw.validation import Plan
@@ -96,20 +94,6 @@ def adopt_environment(env: dict[str, str]) -> None:
         os.environ.update(env)
 
 
-def _watch_parent(parent_pid: int) -> None:
-    """Stop this rank (SIGTERM to itself: recorded as interrupted) when the launcher is gone: the rank's
-    parent (the launcher, or the fork server the launcher started, which exits with it) changed, or
-    the launcher's process ended."""
-    first_parent = os.getppid()
-
-    def loop():
-        while os.getppid() == first_parent and process_alive(parent_pid):
-            time.sleep(0.5)
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    threading.Thread(target=loop, daemon=True, name="lowbw-parent-watch").start()
-
-
 def _exit_code(e: BaseException) -> int:
     if isinstance(e, Interrupted):
         return e.exit_code
@@ -154,7 +138,7 @@ def run_rank(cfg_dict: dict, plan: Plan, rank: int, world: int, run_dir: Optiona
         watch = None
         try:
             if init is not None:
-                _watch_parent(init["parent_pid"])
+                watch_launcher(init["parent_pid"])
             store = _stores(cfg, world, init)
             run_dir = _join_group(cfg, rank, world, init, run_dir, store)
             if init is None:
@@ -168,6 +152,7 @@ def run_rank(cfg_dict: dict, plan: Plan, rank: int, world: int, run_dir: Optiona
             return summary
         except BaseException as e:  # noqa: BLE001 -- turned into one readable line naming the rank
             ignore_stop_signals()  # the report below is not cut short
+            e = as_stop(e)
             if watch is not None:
                 watch.stop()
             _report(e, rank, err_dir, pipe)
