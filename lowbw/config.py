@@ -49,6 +49,15 @@ class PipelineConfig:
 
 
 @dataclass
+class ReplicasConfig:
+    """Data-parallel replicas of the whole pipeline (lowbw/replicas, docs/replicas.md): ``count`` x
+    ``pipeline.stages`` processes, rank = replica x (the schedule's ranks) + the rank within the replica."""
+
+    count: int = 1  # R: copies of the pipeline, each on its own data; 1 = a single pipeline
+    sync: Any = field(default_factory=lambda: {"name": "allreduce"})  # how a stage's replicas agree (configs/replicas/sync)
+
+
+@dataclass
 class ScheduleConfig:
     name: str = "1f1b"  # a registered generator (lowbw.pipeline.schedules.SCHEDULES: gpipe, 1f1b, zbv, ...) or csv
     csv: Optional[str] = None  # name=csv: path of a per-rank action CSV (torch.distributed.pipelining format)
@@ -137,9 +146,9 @@ class BoundaryConfig:
 class TrainConfig:
     steps: int = 20  # optimizer steps
     batch_size: int = 8  # sequences per optimizer step (all microbatches)
-    optimizer: str = "adamw"  # adamw: AdamW on everything | muon: torch.optim.Muon on the blocks' matrices, AdamW on the rest
-    lr: float = 1e-3  # AdamW learning rate (optimizer=muon: of the parameters Muon does not take)
-    weight_decay: float = 0.0  # decoupled weight decay of AdamW and of Muon (per step, multiplied by each one's lr)
+    optimizer: str = "adamw"  # adamw: AdamW on everything | muon: torch.optim.Muon on the blocks' matrices, AdamW on the rest | sgd: plain SGD
+    lr: float = 1e-3  # AdamW (or SGD) learning rate (optimizer=muon: of the parameters Muon does not take)
+    weight_decay: float = 0.0  # decoupled weight decay of AdamW and of Muon (per step, multiplied by each one's lr); SGD: L2 added to the gradient
     muon_lr: float = 0.02  # optimizer=muon: a step moves a matrix by muon_lr x sqrt(max(1, rows/cols)) x an orthogonal update
     muon_momentum: float = 0.95  # optimizer=muon: Muon's Nesterov momentum coefficient, in [0, 1)
     grad_clip: float = 0.0  # max L2 norm of all stages' gradients together (one all-reduce per step); 0 = off
@@ -208,6 +217,7 @@ class LowbwConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    replicas: ReplicasConfig = field(default_factory=ReplicasConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     clock: ClockConfig = field(default_factory=ClockConfig)
     net: NetConfig = field(default_factory=NetConfig)

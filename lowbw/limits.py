@@ -65,6 +65,7 @@ TRAIN_LIMITS: tuple[Limit, ...] = (
     Limit("model.block_size", 1, 65536, integer=True),
     Limit("data.val_fraction", 0, 1, lo_open=True, hi_open=True),
     Limit("pipeline.stages", 1, 256, integer=True, why="one process per stage on this machine"),
+    Limit("replicas.count", 1, 256, integer=True, why="one process per stage of every replica on this machine"),
     Limit("pipeline.microbatches", 1, 65536, integer=True),
     Limit("schedule.virtual_stages", 1, 64, integer=True),
     Limit("clock.flops_per_s", 0, 1e21, lo_open=True, optional=True),
@@ -187,7 +188,8 @@ def available_memory_bytes() -> Optional[int]:
 
 
 def train_memory_bytes(cfg: Any, ranks_here: int, world: int) -> float:
-    """Estimated bytes the ranks on this machine need (see the module's docstring)."""
+    """Estimated bytes the ranks on this machine need (see the module's docstring); ``world``: the ranks
+    one copy of the model is cut across (a replica's)."""
     m, t = cfg.model, cfg.train
     d, L, T, a = m.n_embd, m.n_layer, m.block_size, m.n_head
     params = 12 * L * d * d + 2 * 256 * d + T * d  # blocks (Kaplan et al. 2020's 12 L d^2) + embeddings + head

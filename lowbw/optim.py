@@ -1,6 +1,11 @@
-"""The optimizer of a rank's stages (``train.optimizer``): AdamW, or Muon with AdamW beside it.
+"""The optimizer of a rank's stages (``train.optimizer``): AdamW, Muon with AdamW beside it, or SGD.
 
 ``adamw``: ``torch.optim.AdamW`` on every parameter.
+
+``sgd``: ``torch.optim.SGD`` on every parameter, no momentum (weight decay added to the gradient):
+the optimizer whose update is linear in the gradient, so that averaging the parameters of replicas
+after a step is averaging their gradients before it (lowbw.replicas: DiLoCo with H = 1 is then data
+parallelism, which tests/test_replicas.py checks).
 
 ``muon``: ``torch.optim.Muon`` on the weight matrices inside the transformer blocks, AdamW on the
 rest -- the token embedding, the position table, the head, every norm's gain and every bias. That
@@ -88,7 +93,13 @@ def _muon(train_cfg: Any, modules: list[nn.Module]) -> torch.optim.Optimizer:
     return MuonWithAdamW(parts)
 
 
-OPTIMIZERS: dict[str, Callable[[Any, list[nn.Module]], torch.optim.Optimizer]] = {"adamw": _adamw, "muon": _muon}
+def _sgd(train_cfg: Any, modules: list[nn.Module]) -> torch.optim.Optimizer:
+    params = [q for m in modules for q in m.parameters()]
+    return torch.optim.SGD(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+
+
+OPTIMIZERS: dict[str, Callable[[Any, list[nn.Module]], torch.optim.Optimizer]] = {
+    "adamw": _adamw, "muon": _muon, "sgd": _sgd}
 
 
 def build_optimizer(train_cfg: Any, modules: list[nn.Module]) -> torch.optim.Optimizer:

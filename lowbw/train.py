@@ -32,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import lowbw
 from lowbw.boundary import build_method
-from lowbw.config import register_configs
+from lowbw.config import plain, register_configs
 from lowbw.errors import EXIT_CONFIG, EXIT_DIVERGED, EXIT_FAILED, ConfigError, Diverged, Interrupted, ScheduleError
 from lowbw.launch import RunFailed, record_outcome, spawn_and_supervise
 from lowbw.logs import log
@@ -41,9 +41,10 @@ from lowbw.metrics.recorder import format_summary
 from lowbw.metrics.tensorboard import run_name
 from lowbw.models.flops import n_params
 from lowbw.rank.process import run_rank
+from lowbw.replicas import Layout
 from lowbw.run_folder import check_resume, prepare, set_aside
 from lowbw.timing import describe
-from lowbw.validation import Plan, validate
+from lowbw.validation import Plan, replica_count, validate
 
 
 def under_torchrun() -> bool:
@@ -89,15 +90,18 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     Interrupted -- each recorded in summary.json first."""
     plan = validate(cfg)
     _log_boundary(cfg, plan.schedule.n_stages)
-    world = cfg.pipeline.stages
+    world = cfg.pipeline.stages * replica_count(cfg)
     prepare(cfg, run_dir, world)
     _write_run_files(cfg, run_dir, world, "lowbw")
     meta = _meta(cfg, world, plan, plan.warnings)
     try:
         spawn_and_supervise(OmegaConf.to_container(cfg, resolve=True), plan, world, run_dir, meta)
     except RunFailed as e:
+        layout = Layout(cfg.pipeline.stages, replica_count(cfg))
+        if e.rank is not None and layout.replicas > 1:  # which replica, and where in its pipeline
+            e = RunFailed(e.rank, f"{e} [{layout.describe(e.rank)}]", e.link)
         _record(run_dir, meta, "failed", str(e), failed_rank=e.rank, failed_link=e.link)
-        raise
+        raise e from None
     except Diverged as e:
         _record(run_dir, meta, "diverged", str(e), diverged_step=e.step)
         raise
@@ -140,7 +144,9 @@ def _meta(cfg: DictConfig, world: int, plan: Plan | None = None, warnings: tuple
     meta = {"warnings": list(warnings), "world_size": world, "schedule": cfg.schedule.name, "net": cfg.net.name,
             "microbatches": cfg.pipeline.microbatches, "compress_fwd": cfg.compress.fwd.name,
             "compress_bwd": cfg.compress.bwd.name, "baseline_run": cfg.compress.baseline_run,
-            "run_name": run_name(HydraConfig.get().job.override_dirname if HydraConfig.initialized() else "")}
+            "run_name": run_name(HydraConfig.get().job.override_dirname if HydraConfig.initialized() else ""),
+            "stages": cfg.pipeline.stages, "replicas": replica_count(cfg),
+            "sync": plain(cfg.replicas.sync) if replica_count(cfg) > 1 else None}
     if plan is not None:
         meta["timing"] = describe(cfg, plan.profiles, plan.regime)
         if plan.regime is not None:
@@ -189,7 +195,7 @@ def _sweep_job(cfg: DictConfig, run_dir: Path) -> dict:
         return done
     if cfg.get("resume"):  # `-m ... resume=true`: runs with checkpoints continue, the others start afresh
         try:
-            check_resume(cfg, run_dir, cfg.pipeline.stages)
+            check_resume(cfg, run_dir, cfg.pipeline.stages * replica_count(cfg))
         except ConfigError:
             cfg = cfg.copy()
             cfg.resume = False
@@ -212,7 +218,7 @@ def _sweep_failure(cfg: DictConfig, run_dir: Path, e: Exception) -> dict:
             pass
     base = {"status": "failed", "error": _sentence(e), "failed_rank": getattr(e, "rank", None)}
     try:
-        base.update(clock=cfg.clock.name, steps=cfg.train.steps, **_meta(cfg, cfg.pipeline.stages))
+        base.update(clock=cfg.clock.name, steps=cfg.train.steps, **_meta(cfg, cfg.pipeline.stages * replica_count(cfg)))
     except Exception:  # noqa: BLE001 - a config too broken to describe: the error says why
         pass
     try:

@@ -36,6 +36,8 @@ from lowbw.pipeline.actions import Schedule
 from lowbw.pipeline.partition import partition_layers
 from lowbw.pipeline.schedules import build_schedule, forward_only
 from lowbw.regime import Regime, build_regime
+from lowbw.replicas import build_sync
+from lowbw.replicas.charge import sync_charges
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,8 @@ class Plan:
     codecs: dict[str, Any]  # "fwd" / "bwd" -> the codec spec (plain dict), checked
     regime: Optional[Regime] = None  # the target deployment the virtual clock times; None: the run's own model
     warnings: tuple[str, ...] = ()  # settings that are valid but will not do what they seem (printed at start)
+    #: per rank of a replica, (target, run) bytes of one synchronisation under a regime (lowbw.replicas.charge)
+    sync_charge: tuple[tuple[int, int], ...] = ()
 
 
 def positive(value: float, name: str, allow_inf: bool = False) -> None:
@@ -67,28 +71,65 @@ def validate(cfg: Any, world_size: Optional[int] = None) -> Plan:
     _check_run_shape(cfg, world_size)
     _check_clock(cfg)
     p, m = cfg.pipeline.stages, cfg.pipeline.microbatches
+    n = p * replica_count(cfg)  # processes: every replica's ranks (lowbw.replicas.layout)
     check_schedule_size(p, m, cfg.schedule.virtual_stages if cfg.schedule.name == "interleaved_1f1b" else 1)
     check_walk_points(cfg.faults.bandwidth_walk)
-    topology = Topology.from_config(cfg.net, p, seed=cfg.seed)
-    conditions = conditions_from_config(cfg.faults, cfg.net, p)
+    topology = Topology.from_config(cfg.net, n, seed=cfg.seed)
+    conditions = conditions_from_config(cfg.faults, cfg.net, n)
     if getattr(cfg.net, "backend", "emulated") == "kernel":
         check_supported(topology, conditions, cfg)
-    _check_faults(cfg.faults, p)
+    _check_faults(cfg.faults, n)
     schedule = build_schedule(cfg.schedule, p, m)  # generates and validates
+    _check_replicas(cfg, schedule)
     ranges = _partition(cfg, schedule)
     codecs = {d: _check_codec(cfg.compress, d) for d in ("fwd", "bwd")}
     _check_boundary(cfg)
-    profiles = profiles_for_ranks(cfg.hardware, p)
+    profiles = profiles_for_ranks(cfg.hardware, n)
     make_network_model(cfg.energy)
     _check_meter(cfg)
     _check_outputs(cfg)
     _check_data(cfg)
-    world = world_size or p
-    check_memory(cfg, int(os.environ.get("LOCAL_WORLD_SIZE", world)), world)
+    world = world_size or n
+    check_memory(cfg, int(os.environ.get("LOCAL_WORLD_SIZE", world)), p)
     regime = build_regime(cfg, schedule.n_stages)
     eval_schedule = forward_only(schedule.n_stages, m, schedule.stage_to_rank)
+    sync_charge = sync_charges(cfg, schedule, tuple(ranges), replica_count(cfg)) if regime is not None else ()
     return Plan(schedule, eval_schedule, tuple(ranges), topology, conditions, tuple(profiles), codecs,
-                regime, fault_warnings(cfg))
+                regime, fault_warnings(cfg) + replica_warnings(cfg), sync_charge)
+
+
+def replica_count(cfg: Any) -> int:
+    """``replicas.count`` (1 for a config composed without the replicas group)."""
+    replicas = getattr(cfg, "replicas", None)
+    return int(replicas.count) if replicas is not None else 1
+
+
+def _check_replicas(cfg: Any, schedule: Schedule) -> None:
+    """The synchronisation method and its parameters exist; replicas of what can be replicated."""
+    replicas = getattr(cfg, "replicas", None)
+    if replicas is None:
+        return
+    build_sync(plain(replicas.sync))  # ConfigError naming an unknown method, parameter or codec
+    if replicas.count > 1 and schedule.asynchronous:
+        raise ConfigError(f"replicas.count={replicas.count} with schedule={cfg.schedule.name}: replicas "
+                          "synchronise at step boundaries, which an asynchronous schedule does not have; use a "
+                          "synchronous schedule (1f1b, gpipe, ...) or replicas.count=1")
+    if replicas.count * cfg.pipeline.stages > 256:
+        raise ConfigError(f"replicas.count={replicas.count} x pipeline.stages={cfg.pipeline.stages} = "
+                          f"{replicas.count * cfg.pipeline.stages} processes, more than the 256 one machine runs")
+
+
+def replica_warnings(cfg: Any) -> tuple[str, ...]:
+    """A synchronisation method chosen for a single pipeline, which has no replica to agree with."""
+    replicas = getattr(cfg, "replicas", None)
+    if replicas is None or replicas.count > 1:
+        return ()
+    spec = plain(replicas.sync)
+    name = spec if isinstance(spec, str) else spec.get("name")
+    if name == "allreduce" and (isinstance(spec, str) or spec.get("codec", "none") == "none"):
+        return ()  # the default: nothing was asked for
+    return (f"replicas/sync={name} with replicas.count=1: a single pipeline has no replica to synchronise with, "
+            "so the method does nothing",)
 
 
 def _check_data(cfg: Any) -> None:
@@ -182,10 +223,11 @@ def _check_run_shape(cfg: Any, world_size: Optional[int]) -> None:
                 f"train.target_loss={t.target_loss} is read at validation passes, but train.eval_interval=0 "
                 "validates only at the end; set train.eval_interval (e.g. 10) to see when the target is reached"
             )
-    if world_size is not None and world_size != p.stages:
+    n = p.stages * replica_count(cfg)
+    if world_size is not None and world_size != n:
         raise ConfigError(
-            f"pipeline.stages={p.stages} but {world_size} processes were started; "
-            f"pass pipeline.stages={world_size} or start {p.stages} processes"
+            f"pipeline.stages={p.stages} x replicas.count={replica_count(cfg)} = {n} processes, but {world_size} "
+            f"were started; start {n} processes or change pipeline.stages or replicas.count"
         )
     if cfg.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"device={cfg.device!r}: use auto, cpu or cuda")

@@ -245,7 +245,7 @@ def test_a_crashed_muon_run_resumes_bit_for_bit(compose, muon_run, tmp_path):
     (["model.arch=gpt2", "model.mlp=swiglu"], "model.mlp=swiglu is a setting of the modern block"),
     (["model.arch=gpt2", "model.qk_norm=true"], "model.qk_norm=true is a setting of the modern block"),
     (["model.n_embd=60", "model.n_head=4"], "= 15 is odd, but rotary positions"),
-    (["train.optimizer=sgd"], "train.optimizer='sgd': use one of adamw, muon"),
+    (["train.optimizer=lamb"], "train.optimizer='lamb': use one of adamw, muon, sgd"),
     (["train.optimizer=muon", "train.muon_momentum=1.0"], "train.muon_momentum=1.0 must be a number in \\[0, 1\\)"),
     (["train.optimizer=muon", "train.muon_lr=0"], "train.muon_lr=0.0 must be a number in \\(0, inf\\)"),
     (["train.weight_decay=-0.1"], "train.weight_decay=-0.1 must be a number in \\[0, inf\\)"),

@@ -18,7 +18,7 @@ from pathlib import Path
 import lowbw
 
 ROOT = Path(lowbw.__file__).parent
-LOWER = ("net", "compress", "boundary", "models", "data", "metrics", "pipeline", "energy")
+LOWER = ("net", "compress", "boundary", "models", "data", "metrics", "pipeline", "energy", "replicas")
 UPPER = ("lowbw.rank", "lowbw.launch", "lowbw.train", "lowbw.simulate", "lowbw.report")
 
 

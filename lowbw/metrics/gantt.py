@@ -32,6 +32,8 @@ COLORS = {
     "decode": "#937860",
     "optimizer": "#DA8BC3",
     "recv_wait": "#CCB974",
+    "sync": "#64B5CD",
+    "sync_wait": "#A6D8E6",
     "send": "#222222",
     "idle": "#EEEEEE",
 }
@@ -44,6 +46,8 @@ LABELS = {
     "decode": "decode",
     "optimizer": "optimizer",
     "recv_wait": "receive wait",
+    "sync": "replica sync (sums, codecs)",
+    "sync_wait": "replica sync wait",
     "send": "send",
     "idle": "idle",
 }
@@ -106,13 +110,13 @@ def plot_gantt(tl: Timeline, path: str | Path, title: str = "", width: float = 1
         y = R - 1 - r
         ax.broken_barh([(t0, span)], (y - 0.4, 0.8), facecolors=COLORS["idle"], edgecolor="none")
         mine = [e for e in events if e.rank == r]
-        for kind in ("recv_wait", "forward", "backward", "backward_input", "backward_weight", "encode", "decode",
-                     "optimizer"):
+        for kind in ("recv_wait", "sync_wait", "forward", "backward", "backward_input", "backward_weight", "encode",
+                     "decode", "optimizer", "sync"):
             bars = [(e.start, e.duration) for e in mine if e.kind == kind and e.duration > 0]
             if not bars:
                 continue
             used.add(kind)
-            hatch = "////" if kind == "recv_wait" else None
+            hatch = "////" if kind in ("recv_wait", "sync_wait") else None
             ax.broken_barh(bars, (y - 0.4, 0.8), facecolors=COLORS[kind], edgecolor="white" if hatch is None else
                            "#8a7a3a", linewidth=0.3, hatch=hatch)
         sends = [e.start for e in mine if e.kind == "send"]
@@ -140,8 +144,9 @@ def plot_gantt(tl: Timeline, path: str | Path, title: str = "", width: float = 1
     step_txt += f", {cut}" if cut else ""
     ax.set_title(f"{title}  ({step_txt})" if title else step_txt, fontsize=10)
     order = [k for k in COLORS if k in used]
-    handles = [Patch(facecolor=COLORS[k], hatch="////" if k == "recv_wait" else None,
-                     edgecolor="#8a7a3a" if k == "recv_wait" else "none", label=LABELS[k]) for k in order]
+    waits = ("recv_wait", "sync_wait")
+    handles = [Patch(facecolor=COLORS[k], hatch="////" if k in waits else None,
+                     edgecolor="#8a7a3a" if k in waits else "none", label=LABELS[k]) for k in order]
     ncol = min(len(handles), 5)
     legend_h = 0.25 * -(-len(handles) // ncol) + 0.1  # inches
     fig.set_figheight(fig.get_figheight() + legend_h)
@@ -167,7 +172,7 @@ def chrome_trace(tl: Timeline, path: Optional[str | Path] = None, title: str = "
         out.append({"ph": "M", "name": "thread_name", "pid": r, "tid": 0, "args": {"name": "compute"}})
         out.append({"ph": "M", "name": "thread_name", "pid": r, "tid": 1, "args": {"name": "communication"}})
     for e in tl.events:
-        comm = e.kind in ("send", "recv_wait")
+        comm = e.kind in ("send", "recv_wait", "sync_wait")
         ev = {
             "name": f"{e.label}" if e.label and e.label != e.kind else e.kind,
             "cat": e.kind,

@@ -100,6 +100,7 @@ class Recorder:
         for k, n in per_link.items():
             self.link_bytes[k] = self.link_bytes.get(k, 0) + n
         sent = sum(per_link.values())
+        sync = sum(r.get("sync_bytes", 0) for r in reports)  # replicas' synchronisation, part of sent
         loss_rep = [r for r in reports if r.get("n_loss")]
         loss = sum(r["loss_sum"] for r in loss_rep) / max(1, sum(r["n_loss"] for r in loss_rep))
         row = {
@@ -113,6 +114,7 @@ class Recorder:
             "bubble_fraction": 1.0 - sum(busy) / (self.world * span) if span > 0 else 0.0,
             "bytes_sent": sent,
             "bytes_per_token": sent / self.tokens_per_step,
+            "sync_bytes_sent": sync,
             "bytes_per_link": per_link,
             "busy_s": busy,
             "idle_s": [max(0.0, span - b) for b in busy],
@@ -226,6 +228,7 @@ class Recorder:
         tw = sum(r["step_time_wall_s"] for r in measured)
         tokens = self.tokens_per_step * len(rows)
         sent = sum(r["bytes_sent"] for r in rows)
+        sync = sum(r.get("sync_bytes_sent", 0) for r in rows)
         return {
             "status": status,
             "error": error,
@@ -242,6 +245,9 @@ class Recorder:
             "bubble_fraction": sum(r["bubble_fraction"] for r in measured) / len(measured) if measured else None,
             "bytes_sent": sent,
             "bytes_per_token": sent / tokens if tokens else None,
+            # of which the replicas' synchronisation (lowbw.replicas); the rest is the pipeline's
+            "sync_bytes_sent": sync,
+            "sync_bytes_per_token": sync / tokens if tokens else None,
             "bytes_per_link": self.link_bytes,
             "train_loss": rows[-1]["loss"] if rows else None,
             "val_loss": self.val_loss,
@@ -337,6 +343,14 @@ def format_target(t: dict, clock: str) -> str:
             f"{p['time_s']:,.4g} s ({clock} clock), {p['wall_s']:,.4g} s wall{energy}")
 
 
+def _shape(s: dict) -> str:
+    """"4 stages", or with replicas "2 stages x 2 replicas (allreduce)"."""
+    replicas = s.get("replicas") or 1
+    if replicas == 1:
+        return f"{s.get('world_size', '?')} stages"
+    return f"{s.get('stages', '?')} stages x {replicas} replicas ({(s.get('sync') or {}).get('name', '?')})"
+
+
 def format_summary(s: dict) -> str:
     """The console summary a user reads at the end of a run."""
     def num(v: Any, fmt: str) -> str:
@@ -345,12 +359,14 @@ def format_summary(s: dict) -> str:
     c = s["clock"]
     lines = [
         f"lowbw run {s['status']}: {s['steps_completed']}/{s['steps']} steps, {s['tokens']} tokens, "
-        f"{s.get('world_size', '?')} stages, schedule {s.get('schedule', '?')}, net {s.get('net', '?')}",
+        f"{_shape(s)}, schedule {s.get('schedule', '?')}, net {s.get('net', '?')}",
         f"  throughput   {num(s['tokens_per_s'], ',.1f')} tokens/s ({c} clock)"
         + (f"   [the emulation itself ran at {num(s['tokens_per_s_wall'], ',.1f')} tokens/s of wall time]"
            if c == "virtual" else ""),
         f"  step time    {num(s['step_time_s'], '.4f')} s ({c} clock)   bubble fraction {num(s['bubble_fraction'], '.3f')}",
-        f"  traffic      {num(s['bytes_per_token'], ',.1f')} bytes sent per token   ({s['bytes_sent']:,} bytes in all)",
+        f"  traffic      {num(s['bytes_per_token'], ',.1f')} bytes sent per token   ({s['bytes_sent']:,} bytes in all)"
+        + (f", of which {num(s.get('sync_bytes_per_token'), ',.1f')} between replicas" if (s.get("replicas") or 1) > 1
+           else ""),
         f"  loss         train {num(s['train_loss'], '.4f')}   validation {num(s['val_loss'], '.4f')}",
         f"  outputs      {s['run_dir']}  (summary.json, metrics.jsonl, timeline.png, trace.json, tb/)",
     ]

@@ -12,13 +12,15 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 #: Event kinds. Compute kinds count as busy time; the others do not.
-COMPUTE = frozenset({"forward", "backward", "backward_input", "backward_weight", "encode", "decode", "optimizer"})
+#: "sync": a replica group's arithmetic (sums, codec work; lowbw.replicas), "sync_wait": waiting for its messages.
+COMPUTE = frozenset({"forward", "backward", "backward_input", "backward_weight", "encode", "decode", "optimizer",
+                     "sync"})
 
 
 @dataclass(frozen=True)
 class Event:
     rank: int
-    kind: str  # one of COMPUTE, or "send" / "recv_wait"
+    kind: str  # one of COMPUTE, or "send" / "recv_wait" / "sync_wait"
     start: float  # s, run clock
     end: float  # s, run clock
     step: int

@@ -64,8 +64,9 @@ from lowbw.net.link import LinkModel
 from lowbw.net.liveness import LinkWatch
 from lowbw.net.wire import GlooWire, Handle, Wire
 
-# Channels: activations forward, gradients backward, run control (reports to rank 0, never emulated).
-CH_FWD, CH_BWD, CH_CTRL = 1, 2, 3
+# Channels: activations forward, gradients backward, run control (reports to rank 0, never emulated),
+# and the synchronisation of a stage's replicas (lowbw.replicas: emulated on the same links as the pipeline).
+CH_FWD, CH_BWD, CH_CTRL, CH_SYNC = 1, 2, 3, 4
 # Tags of a channel: sized messages; headers of unsized ones; payloads of unsized ones.
 _MESSAGE, _HEADER, _PAYLOAD = 0, 1, 2
 _META = 80  # int64 x 10: magic, nbytes, phase, batch, stage, microbatch, arrival, release, hold, host

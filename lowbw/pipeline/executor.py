@@ -98,8 +98,12 @@ class Executor:
         device: torch.device,
         planned: Optional[Callable[[Action], Optional[float]]] = None,
         stash: Optional[WeightStash] = None,
+        base: int = 0,
     ):
+        """``rank``: this rank in the schedule; ``base``: the global rank of its replica's rank 0
+        (lowbw.replicas.layout) -- the transport, the events and the byte counts speak global ranks."""
         self.rank, self.stages, self.transport, self.clock, self.device = rank, stages, transport, clock, device
+        self.base, self.me = base, base + rank
         # Planned duration of an action (virtual clock with durations=flops|fixed), None = measure it.
         # Codec work runs inside send/receive actions; planned timings charge it 0 s (lowbw.rank.build).
         self.planned = planned or (lambda a: None)
@@ -153,7 +157,7 @@ class Executor:
                     codec = self.stages[s].codecs.for_action(kind, ctx.train)
                     nbytes = (codec.payload_nbytes(*self.stages[s].boundary(ctx.batches[b][0][i].shape))
                               if self.stages[s].sized(kind) else None)
-                    self.transport.expect(src, _CHANNEL[kind], (ctx.phase, b, s, i), nbytes)
+                    self.transport.expect(src + self.base, _CHANNEL[kind], (ctx.phase, b, s, i), nbytes)
 
     # ---- actions ----------------------------------------------------------------------------
 
@@ -196,7 +200,7 @@ class Executor:
 
         out, t0, t1 = self.clock.compute(fwd, self.planned(a))
         st.outputs[k] = out
-        ctx.record(self.rank, "forward", t0, t1, a)
+        ctx.record(self.me, "forward", t0, t1, a)
         if stashed:
             self.stash.log_forward(s, b, i, ctx.step)
 
@@ -222,7 +226,7 @@ class Executor:
             _, t0, t1 = self.stash.backward(s, b, i, ctx.step, timed)
         else:
             _, t0, t1 = timed()
-        ctx.record(self.rank, _BACKWARD_EVENT[a.kind], t0, t1, a)
+        ctx.record(self.me, _BACKWARD_EVENT[a.kind], t0, t1, a)
         prev_local = s > 0 and (s - 1) in self.stages
         if a.kind != Kind.BACKWARD_WEIGHT and prev_local:  # hand the input's gradient to the stage below
             st.out_grads[(s - 1, b, i)] = st.inputs.pop(k).grad
@@ -247,22 +251,22 @@ class Executor:
         payload = self._encode(ctx, codec, x, ids, a, ctx.res.codecs.setdefault(boundary, CodecStats()), tokens)
         nbytes = (self._agreed_length(a, codec, x, payload, ctx.batches[b][0][i].shape)
                   if self.stages[a.stage].sized(a.kind) else None)
-        dst = peer_of(a, ctx.sched)
+        dst = peer_of(a, ctx.sched) + self.base
         ch = _CHANNEL[a.kind]
         self.transport.send(dst, ch, key, payload, ctx.emulate, sized=nbytes is not None)
         charged = self.transport.charged_bytes(ch, payload.numel())  # a target regime's, if any
         ctx.res.bytes_sent[dst] = ctx.res.bytes_sent.get(dst, 0) + charged
         now = self.clock.now()
-        ctx.record(self.rank, "send", now, now, a, charged, dst)
+        ctx.record(self.me, "send", now, now, a, charged, dst)
 
     def _receive(self, ctx: _Step, a: Action, b: int, i: int) -> None:
         """RECV_F / RECV_B: wait for delivery on this rank's clock, then decode (busy)."""
         s, k, st = a.stage, (a.stage, b, i), ctx.state
-        src = peer_of(a, ctx.sched)
+        src = peer_of(a, ctx.sched) + self.base
         t0 = self.clock.now()
         msg = self.transport.recv(src, _CHANNEL[a.kind], (ctx.phase, b, s, i))
         self.clock.wait_until(self.transport.delivery_time(msg, ctx.emulate))
-        ctx.record(self.rank, "recv_wait", t0, self.clock.now(), a, msg.nbytes, src)
+        ctx.record(self.me, "recv_wait", t0, self.clock.now(), a, msg.nbytes, src)
         boundary = f"{s - 1}.fwd" if a.kind == Kind.RECV_F else f"{s}.bwd"
         codec = self.stages[s].codecs.for_action(a.kind, ctx.train)
         payload = msg.payload
@@ -306,7 +310,7 @@ class Executor:
             return inner, (inner if tokens is None else attach_tokens(inner, tokens))
 
         (payload, wire), t0, t1 = self.clock.compute(encode, self.planned(a))
-        ctx.record(self.rank, "encode", t0, t1, a)
+        ctx.record(self.me, "encode", t0, t1, a)
         stats.messages += 1
         stats.raw_bytes += x.numel() * x.element_size()
         stats.wire_bytes += wire.numel()
@@ -324,6 +328,6 @@ class Executor:
                 stats: CodecStats) -> torch.Tensor:
         payload = payload.to(self.device)
         x, t0, t1 = self.clock.compute(lambda: codec.decode(payload, ids).clone(), self.planned(a))
-        ctx.record(self.rank, "decode", t0, t1, a)
+        ctx.record(self.me, "decode", t0, t1, a)
         stats.decode_s += t1 - t0
         return x

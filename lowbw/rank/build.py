@@ -22,13 +22,15 @@ from lowbw.models.gpt import GPTStage
 from lowbw.net.clock import Clock, make_clock, planned_durations
 from lowbw.net.link import LinkModel
 from lowbw.net.liveness import LinkWatch
-from lowbw.net.transport import CH_BWD, CH_FWD, CONTROL_TAGS, Transport
+from lowbw.net.transport import CH_BWD, CH_FWD, CH_SYNC, CONTROL_TAGS, Transport
 from lowbw.net.wire import GLOO_TIMEOUT, GlooWire, Wire
 from lowbw.optim import build_optimizer
 from lowbw.pipeline.durations import planner
 from lowbw.pipeline.executor import Executor
 from lowbw.pipeline.stage import BoundaryCodecs, StageRuntime
 from lowbw.pipeline.weight_stash import WeightStash
+from lowbw.replicas import Layout, SyncMethod, build_sync
+from lowbw.replicas.collective import ReplicaGroup
 from lowbw.validation import Plan
 
 
@@ -52,6 +54,13 @@ class Rank:
     #: seconds charged for the optimizer step: None = measured, 0.0 under planned durations
     optimizer_seconds: Optional[float]
     watch: LinkWatch  # liveness verdicts for the transport and the collectives (lowbw.net.liveness)
+    layout: Layout  # replicas: which replica and pipeline rank this rank is (lowbw.replicas.layout)
+    group: ReplicaGroup  # the ranks holding the same stages in the other replicas
+    sync: SyncMethod  # how they stay in agreement (replicas/sync)
+
+    @property
+    def replica(self) -> int:
+        return self.layout.replica_of(self.rank)
 
     @property
     def profile(self) -> HardwareProfile:
@@ -106,16 +115,17 @@ def stage_seconds(cfg: Any, plan: Plan, rank: int, stages: dict[int, StageRuntim
     return out
 
 
-def message_charge(plan: Plan) -> Optional[dict[int, tuple[int, int]]]:
-    """Channel -> (target, run) payload bytes the link model charges under a regime; None: payload lengths."""
+def message_charge(plan: Plan) -> dict[int, tuple[int, int]]:
+    """Channel -> (target, run) payload bytes the link model charges under a regime; empty: payload lengths."""
     if plan.regime is None:
-        return None
+        return {}
     return {CH_FWD: plan.regime.message_bytes["fwd"], CH_BWD: plan.regime.message_bytes["bwd"]}
 
 
 def build_rank(cfg: Any, plan: Plan, rank: int, world: int, local_rank: int = 0, wire: Optional[Wire] = None,
                watch: Optional[LinkWatch] = None) -> Rank:
-    """Build rank ``rank`` of ``world``. ``wire``: what moves the bytes (default: gloo point-to-point; the
+    """Build rank ``rank`` of ``world`` (a global rank: replica x the schedule's ranks + its rank in the
+    schedule, lowbw.replicas.layout). ``wire``: what moves the bytes (default: gloo point-to-point; the
     process group must exist already); lowbw.testing.inproc passes an in-memory one. ``watch``: the liveness
     hook (a running heartbeat in real runs; None: plain verdicts)."""
     torch.manual_seed(cfg.seed)
@@ -127,14 +137,23 @@ def build_rank(cfg: Any, plan: Plan, rank: int, world: int, local_rank: int = 0,
     # builds its rank (harnesses that run smaller pipelines in a larger group keep the default group)
     if wire is None and dist.is_initialized() and dist.get_world_size() == world:
         wire = GlooWire.per_direction(rank, world, GLOO_TIMEOUT, CONTROL_TAGS)
-    transport = Transport(rank, link, clock, cfg.timeout_s, wire, charge=message_charge(plan), watch=watch)
-    stages = build_stages(cfg, plan, rank, device)
+    layout = Layout.of(cfg, plan.schedule.n_ranks)
+    prank = layout.pipeline_rank(rank)
+    charge = message_charge(plan)
+    if plan.sync_charge:  # a regime's replicas move the target's parameters (lowbw.replicas.charge)
+        charge[CH_SYNC] = plan.sync_charge[prank]
+    transport = Transport(rank, link, clock, cfg.timeout_s, wire, charge=charge, watch=watch)
+    stages = build_stages(cfg, plan, prank, device)
     optimizer = build_optimizer(cfg.train, [st.module for st in stages.values()])
     corpus = Corpus(cfg.data.path, cfg.model.block_size, cfg.data.val_fraction, cfg.seed)
     planned = planner(stage_seconds(cfg, plan, rank, stages, device))
-    stash = WeightStash(rank, stages, last_step=cfg.train.steps - 1) if plan.schedule.asynchronous else None
-    executor = Executor(rank, stages, transport, clock, device, planned, stash)
+    stash = WeightStash(prank, stages, last_step=cfg.train.steps - 1) if plan.schedule.asynchronous else None
+    executor = Executor(prank, stages, transport, clock, device, planned, stash, base=layout.base(rank))
     meter = select_meter(str(device), cfg.energy.meter)
     opt_s = None if planned_durations(cfg.clock) is None else 0.0
+    group = ReplicaGroup(transport, clock, layout.group(rank), rank, planned=opt_s)
+    replicas = getattr(cfg, "replicas", None)
+    sync = build_sync(replicas.sync if replicas is not None else "allreduce")
+    sync.bind([q for st in stages.values() for q in st.module.parameters()], group, cfg.seed)
     return Rank(cfg, plan, rank, world, device, stages, clock, link, transport, executor, optimizer, corpus,
-                meter, opt_s, watch)
+                meter, opt_s, watch, layout, group, sync)

@@ -7,9 +7,13 @@ or is a role (lowbw.rank.reporting). One step::
     (one all-reduce) -> [clip] -> optimizer step (timed) -> report (busy time, end time, bytes, loss,
     events, codec stats) -> [evaluation] -> [checkpoint]
 
+With replicas (lowbw.replicas), the batch is the replica's own, the replicas synchronise after the
+backward pass and after the optimizer step (``replicas/sync``: over the emulated links, on the run
+clock), and their traffic joins the step's events and bytes.
+
 The global gradient norm: each rank sums the squares of its stages' gradients (plus infinity when
-its loss is not finite), one all-reduce of that single number gives every rank the norm over all
-stages. A norm that is not finite stops every rank at the same step (:class:`~lowbw.errors.Diverged`,
+its loss is not finite) into its replica's slot of a vector, one all-reduce of it gives every rank
+the norm over all stages of its replica. A norm that is not finite stops every rank at the same step (:class:`~lowbw.errors.Diverged`,
 status ``diverged``); ``train.grad_clip > 0`` scales every gradient by ``clip / (norm + 1e-6)`` when
 the norm exceeds it, as ``torch.nn.utils.clip_grad_norm_`` does in one process. The all-reduce is
 control traffic: neither emulated nor charged to the run clock.
@@ -91,18 +95,27 @@ def train(r: Rank, reporting: Reporting, run_dir: Optional[Path]) -> Optional[di
 def train_step(r: Rank, step: int) -> dict:
     """One optimizer step on this rank; returns its report for rank 0."""
     cfg = r.cfg
-    batch = r.corpus.train_batch(step, cfg.train.batch_size)
+    # replica j takes the j-th of R consecutive batches: R replicas of batch B see what one pipeline of
+    # batch R x B would (and R = 1 the batches of a single pipeline)
+    batch = r.corpus.train_batch(step * r.layout.replicas + r.replica, cfg.train.batch_size)
     r.optimizer.zero_grad(set_to_none=True)
     every = cfg.compress.error_every
     res = r.executor.run(r.plan.schedule, PHASE_TRAIN, step, batch.x, batch.y, batch.ids,
                          measure_error=bool(every) and step % every == 0)
+    r.sync.after_backward(step)
     clip_gradients(r, step, global_grad_norm(r, step, res.loss_sum if res.n_loss else 0.0))
     _, t0, t1 = r.clock.compute(r.optimizer.step, r.optimizer_seconds)
     res.events.append(Event(r.rank, "optimizer", t0, t1, step, "optimizer"))
+    r.sync.after_optimizer(step)
+    sync_events, sync_sent = r.group.take_events()
+    res.events.extend(sync_events)
+    for dst, n in sync_sent.items():
+        res.bytes_sent[dst] = res.bytes_sent.get(dst, 0) + n
     return {
         "rank": r.rank, "step": step, "end": r.clock.now(),
         "busy": busy_seconds(res.events),
         "bytes_sent": {str(k): v for k, v in res.bytes_sent.items()},
+        "sync_bytes": sum(sync_sent.values()),
         "loss_sum": res.loss_sum, "n_loss": res.n_loss,
         "events": [e.__dict__ for e in res.events],
         "codecs": {k: v.__dict__ for k, v in res.codecs.items()},
@@ -114,21 +127,21 @@ def _gradients(r: Rank) -> list[torch.Tensor]:
 
 
 def global_grad_norm(r: Rank, step: int, loss_sum: float) -> float:
-    """The L2 norm of every stage's gradients together (one all-reduce); Diverged when it or the loss is
-    not finite on any rank."""
+    """The L2 norm of every stage's gradients of this rank's replica (one all-reduce, a slot per replica);
+    Diverged when it or the loss is not finite on any rank of any replica."""
     grads = _gradients(r)
-    sq = (torch.stack([g.detach().double().pow(2).sum() for g in grads]).sum().cpu() if grads
-          else torch.zeros((), dtype=torch.float64))
+    mine = (torch.stack([g.detach().double().pow(2).sum() for g in grads]).sum().cpu() if grads
+            else torch.zeros((), dtype=torch.float64))
     if not math.isfinite(loss_sum):
-        sq = torch.tensor(math.inf, dtype=torch.float64)
-    sq = sq.reshape(1)
+        mine = torch.tensor(math.inf, dtype=torch.float64)
+    sq = torch.zeros(r.layout.replicas, dtype=torch.float64)
+    sq[r.replica] = mine
     r.watch.collective(r.rank, f"the gradient-norm all-reduce of step {step}",
                        lambda: dist.all_reduce(sq, async_op=True), r.cfg.timeout_s)
-    total = float(sq.item())
-    if not math.isfinite(total):
+    if not bool(torch.isfinite(sq).all()):
         raise Diverged(step, f"training diverged at step {step}: the loss or the gradients are not finite "
                              f"(train.lr={r.cfg.train.lr}); lower train.lr or set train.grad_clip")
-    return math.sqrt(total)
+    return math.sqrt(float(sq[r.replica]))
 
 
 def clip_gradients(r: Rank, step: int, norm: float) -> None:
@@ -141,8 +154,13 @@ def clip_gradients(r: Rank, step: int, norm: float) -> None:
 
 
 def evaluate(r: Rank, step: int) -> Optional[float]:
-    """Mean validation loss over ``train.eval_batches`` batches (last stage; None elsewhere)."""
+    """Mean validation loss over ``train.eval_batches`` batches (last stage of replica 0; None elsewhere).
+
+    Only replica 0 evaluates: under allreduce every replica holds the same weights; under diloco and
+    sparta replicas differ between synchronisations, and replica 0's model is the one reported."""
     cfg = r.cfg
+    if r.replica != 0:
+        return None
     total, n = 0.0, 0
     for i in range(cfg.train.eval_batches):
         b = r.corpus.val_batch(i, cfg.train.batch_size)

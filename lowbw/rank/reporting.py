@@ -90,6 +90,7 @@ class RecordOnRankZero(Reporting):
         super().__init__(transport, 0, world)
         self.cfg, self.regime = cfg, regime
         tokens = regime.tokens_per_step if regime is not None else cfg.train.batch_size * cfg.model.block_size
+        tokens *= meta.get("replicas") or 1  # every replica trains on a batch of its own
         self.recorder = Recorder(run_dir, cfg.clock.name, world, tokens,
                                  cfg.train.steps, cfg.train.warmup_steps, cfg.progress, meta, hardware=cfg.hardware,
                                  energy=cfg.energy, target_loss=cfg.train.target_loss,

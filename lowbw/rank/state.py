@@ -1,7 +1,7 @@
 """A rank's state in a checkpoint: what a resumed run needs to continue exactly.
 
 Weights and optimizer state of every held stage, every codec's state (error-feedback residuals,
-caches, warm starts), the run clock and the link model's queues and jitter streams (so that step
+caches, warm starts), the replica synchronisation's state (lowbw.replicas), the run clock and the link model's queues and jitter streams (so that step
 times continue exactly), and on rank 0 the recorder's running totals. Files are written and read
 by lowbw.checkpoint (atomic, read without pickle).
 """
@@ -31,6 +31,7 @@ def save_rank(r: Rank, reporting: Reporting, root: Path, step: int) -> None:
         "model": {str(s): st.module.state_dict() for s, st in r.stages.items()},
         "optimizer": r.optimizer.state_dict(),
         "codecs": _codec_states(r),
+        "sync": r.sync.state_dict(),  # a DiLoCo round's start and outer momentum, residuals of the replica axis
         "clock": r.clock.now(),
         "link": r.link.state_dict() if r.link is not None else None,
         "recorder": reporting.state_dict(),
@@ -53,6 +54,7 @@ def restore_rank(r: Rank, reporting: Reporting, root: Path) -> tuple[int, float]
         st.module.load_state_dict(state["model"][str(s)])
         st.codecs.load_state_dict({role: state["codecs"][f"{s}.{role}"] for role in st.codecs.state_dict()})
     r.optimizer.load_state_dict(state["optimizer"])
+    r.sync.load_state_dict(state.get("sync") or {})
     if r.link is not None and state["link"] is not None:
         r.link.load_state_dict(state["link"])
     reporting.load_state_dict(state["recorder"])
