@@ -42,6 +42,9 @@ GLOSSARY = {
     "j_per_token": "energy per token, J (compute + idle + network); energy_source says modelled or measured. "
                    "measured_j_per_token: metered device energy (compute + idle only), when measured",
     "bytes_per_token": "bytes sent over all links per training token",
+    "replicas / sync": "copies of the pipeline (replicas.count) and how they agree (replicas/sync, none for a single "
+                       "pipeline; docs/replicas.md)",
+    "sync_bytes_per_token": "of bytes_per_token, those between a stage's replicas",
     "bubble_fraction": "share of rank-seconds not spent computing (0 = no bubble)",
     "train_loss / val_loss": "final training / validation cross-entropy, nats/token",
     "train_loss_gap / val_loss_gap": "loss minus the loss of the uncompressed run (both codecs none) with the same "
