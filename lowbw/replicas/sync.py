@@ -70,15 +70,18 @@ class SyncMethod(ABC):
     def load_state_dict(self, state: dict) -> None:
         pass
 
+    # The flat vectors live on the CPU in float32 whatever the model's device and dtype: gloo moves bytes
+    # through host memory anyway, and a DiLoCo round's start costs no accelerator memory there.
+
     def _grads(self) -> torch.Tensor:
-        return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float()
+        return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).detach().reshape(-1).float().cpu()
                           for p in self.params])
 
     def _set_grads(self, flat: torch.Tensor) -> None:
         offset = 0
         for p in self.params:
             n = p.numel()
-            p.grad = flat[offset:offset + n].view_as(p).to(p.dtype).clone()
+            p.grad = flat[offset:offset + n].view(p.shape).to(p.device, p.dtype, copy=True)
             offset += n
 
 
@@ -162,7 +165,7 @@ class DiLoCo(SyncMethod):
         super().bind(params, group, seed)
         self.average = Averager(group, self.codec, self._shapes())
         # the round's starting point, in float32 whatever the model's dtype (the outer step accumulates)
-        self.anchor = [p.detach().float().clone().requires_grad_(True) for p in params]
+        self.anchor = [p.detach().float().cpu().clone().requires_grad_(True) for p in params]
         self.outer = torch.optim.SGD(self.anchor, lr=self.outer_lr, momentum=self.outer_momentum,
                                      nesterov=self.outer_momentum > 0)
 
@@ -171,7 +174,7 @@ class DiLoCo(SyncMethod):
             return
         self.group.step = step
         with torch.no_grad():
-            delta = torch.cat([(a - p.float()).reshape(-1) for a, p in zip(self.anchor, self.params)])
+            delta = torch.cat([(a - p.detach().float().cpu()).reshape(-1) for a, p in zip(self.anchor, self.params)])
             self.average(delta)  # the outer gradient: the replicas' mean pseudo-gradient
             offset = 0
             for a in self.anchor:
@@ -179,7 +182,7 @@ class DiLoCo(SyncMethod):
                 offset += a.numel()
             self.outer.step()
             for a, p in zip(self.anchor, self.params):
-                p.copy_(a.to(p.dtype))
+                p.copy_(a.to(p.device, p.dtype))
 
     def group_bytes_per_step(self, shapes, replicas, step):
         return Averager.bytes_for(self.codec, shapes, replicas) if (step + 1) % self.every == 0 else 0
@@ -230,12 +233,12 @@ class Sparta(SyncMethod):
             return
         self.group.step = step
         with torch.no_grad():
-            flat = parameters_to_vector(self.params).float()
+            flat = parameters_to_vector(self.params).float().cpu()
             idx = self.indices(step, flat.numel())
             values = flat[idx].contiguous()
             self.group.all_reduce_mean(values)
             flat[idx] = values
-            vector_to_parameters(flat.to(self.params[0].dtype), self.params)
+            vector_to_parameters(flat.to(self.params[0].device, self.params[0].dtype), self.params)
 
     def group_bytes_per_step(self, shapes, replicas, step):
         return ring_bytes(self.count(sum(math.prod(s) for s in shapes)), replicas)
