@@ -219,6 +219,7 @@ def test_allreduce_replicas_train_as_one_pipeline_on_the_combined_batch(compose,
     assert s["status"] == "completed" and s["world_size"] == 4 and s["tokens"] == one["tokens"]
     for a, b in zip(rows, one_rows):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    assert s["val_loss"] == pytest.approx(one["val_loss"], rel=1e-5)  # validated on the same text
     _close(_replica(w, 0, 2), w1, 1e-5)
     assert _replica(w, 0, 2).keys() == _replica(w, 2, 2).keys()
     assert all(torch.equal(_replica(w, 0, 2)[k], _replica(w, 2, 2)[k]) for k in w1)  # replicas stay equal

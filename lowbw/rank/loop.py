@@ -157,13 +157,15 @@ def evaluate(r: Rank, step: int) -> Optional[float]:
     """Mean validation loss over ``train.eval_batches`` batches (last stage of replica 0; None elsewhere).
 
     Only replica 0 evaluates: under allreduce every replica holds the same weights; under diloco and
-    sparta replicas differ between synchronisations, and replica 0's model is the one reported."""
+    sparta replicas differ between synchronisations, and replica 0's model is the one reported. Its
+    batches are R x ``train.batch_size`` sequences: the validation set of one pipeline trained on the
+    replicas' combined batch, so that the two are compared on the same text."""
     cfg = r.cfg
     if r.replica != 0:
         return None
     total, n = 0.0, 0
     for i in range(cfg.train.eval_batches):
-        b = r.corpus.val_batch(i, cfg.train.batch_size)
+        b = r.corpus.val_batch(i, cfg.train.batch_size * r.layout.replicas)
         res = r.executor.run(r.plan.eval_schedule, PHASE_EVAL, step * cfg.train.eval_batches + i, b.x, b.y, b.ids,
                              emulate=False)
         total += res.loss_sum
