@@ -196,8 +196,11 @@ def chrome_trace(tl: Timeline, path: Optional[str | Path] = None, title: str = "
 
 
 def run_title(meta: dict, clock: str) -> str:
-    parts = [f"schedule {meta.get('schedule', '?')}", f"net {meta.get('net', '?')}",
-             f"{meta.get('world_size', '?')} ranks", f"{meta.get('microbatches', '?')} microbatches"]
+    ranks = f"{meta.get('world_size', '?')} ranks"
+    if (meta.get("replicas") or 1) > 1:  # lowbw.replicas: rank g is replica g // stages
+        ranks += f" ({meta.get('stages', '?')} stages x {meta['replicas']} replicas)"
+    parts = [f"schedule {meta.get('schedule', '?')}", f"net {meta.get('net', '?')}", ranks,
+             f"{meta.get('microbatches', '?')} microbatches"]
     if meta.get("compress_fwd", "none") != "none" or meta.get("compress_bwd", "none") != "none":
         parts.append(f"compress {meta.get('compress_fwd')}/{meta.get('compress_bwd')}")
     return ", ".join(parts) + f" ({clock} clock)"
