@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from pathlib import Path
 
 from lowbw.metrics.target import time_to_target
@@ -82,20 +81,18 @@ def results() -> list[dict]:
 
 
 def _fmt(values: list, fmt: str) -> str:
-    values = [v for v in values if v is not None]
-    if not values:
-        return "not reached"
-    mid = format(statistics.median(values), fmt)
-    return mid if len(values) == 1 or min(values) == max(values) else f"{mid} ({format(min(values), fmt)}–{format(max(values), fmt)})"
+    """Each seed's value, in seed order ("49 / 79"), or one value when they agree."""
+    shown = [format(v, fmt) if v is not None else "not reached" for v in values]
+    return shown[0] if len(set(shown)) == 1 else " / ".join(shown)
 
 
 def tables(rows: list[dict]) -> str:
-    lines = [f"Target: validation loss {TARGET} nats/byte. Median over seeds (range in brackets when they differ).", "",
+    lines = [f"Target: validation loss {TARGET} nats/byte. Seeds in order, one value when they agree.", "",
              "| S × R, sync | seeds | reached | step reached | time to target (h, virtual) | energy to target (MJ) | "
              "step time (s) | bytes/token (of which between replicas) | final val loss |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, _ in cells():
-        mine = [r for r in rows if r["cell"] == name]
+        mine = sorted((r for r in rows if r["cell"] == name), key=lambda r: r["seed"])
         if not mine:
             continue
         lines.append(
