@@ -244,7 +244,8 @@ def _units(acts: list[Action], rank: int, overlaps: frozenset[Overlap] | set) ->
     return units
 
 
-def _message_kinds(s: int, kind: Kind, rank: int, stage_to_rank: tuple[int, ...]) -> tuple[Optional[Kind], Optional[Kind]]:
+def _message_kinds(s: int, kind: Kind, rank: int,
+                   stage_to_rank: tuple[int, ...]) -> tuple[Optional[Kind], Optional[Kind]]:
     """(receive before, send after) a compute of ``kind`` on stage s, each None when the neighbour stage it
     talks to is on this rank (or absent)."""
     last = len(stage_to_rank) - 1
@@ -260,7 +261,8 @@ def _message_kinds(s: int, kind: Kind, rank: int, stage_to_rank: tuple[int, ...]
 def _needs(a: Action, rank: int, stage_to_rank: tuple[int, ...]) -> tuple[list[Action], list[Action]]:
     """(receives before, sends after) a compute action whose neighbour stages are on other ranks."""
     recv, send = _message_kinds(a.stage, a.kind, rank, stage_to_rank)
-    return ([Action(a.stage, recv, a.microbatch)] if recv else []), ([Action(a.stage, send, a.microbatch)] if send else [])
+    s, mb = a.stage, a.microbatch
+    return ([Action(s, recv, mb)] if recv else []), ([Action(s, send, mb)] if send else [])
 
 
 def add_communication(rows: Rows, stage_to_rank: tuple[int, ...], overlaps: frozenset[Overlap] | set = frozenset()) -> Rows:
@@ -271,7 +273,8 @@ def add_communication(rows: Rows, stage_to_rank: tuple[int, ...], overlaps: froz
             else _lower(acts, rank, stage_to_rank) for rank, acts in rows.items()}
 
 
-def _lower_units(acts: list[Action], rank: int, stage_to_rank: tuple[int, ...], overlaps: frozenset[Overlap] | set) -> list[Action]:
+def _lower_units(acts: list[Action], rank: int, stage_to_rank: tuple[int, ...],
+                 overlaps: frozenset[Overlap] | set) -> list[Action]:
     """A rank's row lowered unit by unit: an overlapped pair's receives before it, its sends after it."""
     lowered: list[Action] = []
     for unit in _units(acts, rank, overlaps):
@@ -289,10 +292,13 @@ def _lower(acts: list[Action], rank: int, stage_to_rank: tuple[int, ...]) -> lis
 
     Why not through it: this runs once per action (~10^5 at 64 stages x 256 microbatches), so the
     messages of each (kind, stage) are worked out once, and the actions made by ``tuple.__new__`` (what
-    ``Action(...)`` calls, without its keyword handling)."""
+    ``Action(...)`` calls, less the call of its Python-level ``__new__``: half the cost)."""
     S = len(stage_to_rank)
-    plan = {k: [_message_kinds(s, k, rank, stage_to_rank) for s in range(S)]
-            for k in (Kind.FORWARD, Kind.FULL_BACKWARD, Kind.BACKWARD_INPUT)}
+    mine = [s for s in range(S) if stage_to_rank[s] == rank]
+    plan: dict[Kind, list] = {k: [None] * S for k in (Kind.FORWARD, Kind.FULL_BACKWARD, Kind.BACKWARD_INPUT)}
+    for kind, by_stage in plan.items():
+        for s in mine:
+            by_stage[s] = _message_kinds(s, kind, rank, stage_to_rank)
     lowered: list[Action] = []
     add, new = lowered.append, tuple.__new__
     for a in acts:
@@ -301,7 +307,8 @@ def _lower(acts: list[Action], rank: int, stage_to_rank: tuple[int, ...]) -> lis
         if by_stage is None:  # a weight gradient, or a send or receive already there: no message
             add(a)
             continue
-        recv, send = by_stage[s] if 0 <= s < S else _message_kinds(s, kind, rank, stage_to_rank)
+        need = by_stage[s] if 0 <= s < S else None
+        recv, send = need if need is not None else _message_kinds(s, kind, rank, stage_to_rank)  # (not held)
         if recv:
             add(new(Action, (s, recv, mb)))
         add(a)

@@ -22,6 +22,7 @@ they lived before lowbw.pipeline.program held them.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import operator
 from typing import Callable, Optional
@@ -150,7 +151,7 @@ class Player:
             sizes[mids[i]] = size
         to = [peers[i] for i in sends]
         for peer in dict.fromkeys(to):  # the peers in the order of their first message
-            self.link_bytes[(r, peer)] = sum(size for p, size in zip(to, sent) if p == peer)
+            self.link_bytes[(r, peer)] = sum(itertools.compress(sent, map(peer.__eq__, to)))
         self.messages += len(sends)
 
     def _rank_ops(self, r: int, duration: Callable) -> list[tuple]:

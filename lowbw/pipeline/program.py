@@ -262,7 +262,8 @@ def _sweep(sched: Schedule, comm: list, signed: list, fails: list, n_messages: i
 
 def _raise_sent_twice(sched: Schedule, rank: int, pos: int) -> None:
     a = sched.actions[rank][pos]
-    raise ScheduleError(f"rank {rank} action {a}: sends {message_key(a, sched.n_stages)} to rank {peer_of(a, sched)} twice")
+    raise ScheduleError(f"rank {rank} action {a}: sends {message_key(a, sched.n_stages)} to rank "
+                        f"{peer_of(a, sched)} twice")
 
 
 def _raise_broken(sched: Schedule, rank: int, pos: int, why: int) -> None:
