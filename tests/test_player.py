@@ -9,12 +9,14 @@ from __future__ import annotations
 import random
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 from lowbw.errors import ScheduleError
 from lowbw.net.link import LinkModel
 from lowbw.net.topology import PairLink, Topology
-from lowbw.pipeline.actions import Action, Schedule
+from lowbw.pipeline import program
+from lowbw.pipeline.actions import Action, Kind, Schedule
 from lowbw.pipeline.player import Player, compile_schedule, message_key, play, validate_schedule
 from lowbw.pipeline.schedules import build_schedule
 
@@ -165,3 +167,42 @@ def test_compiling_the_same_unchanged_schedule_twice_reuses_it_and_a_changed_one
     sched.actions[0].reverse()  # an edit in place: the schedule is checked again, and refused
     with pytest.raises(ScheduleError):
         compile_schedule(sched)
+
+
+def _scrambled(rng: random.Random, sched_: Schedule) -> Schedule:
+    """The schedule with a few actions of one rank moved, dropped, repeated or given another kind."""
+    rows = {r: list(acts) for r, acts in sched_.actions.items()}
+    for _ in range(rng.randint(1, 3)):
+        acts = rows[rng.randrange(len(rows))]
+        i, j = rng.randrange(len(acts)), rng.randrange(len(acts))
+        how = rng.randrange(4)
+        if how == 0:
+            acts.insert(j, acts.pop(i))
+        elif how == 1:
+            del acts[i]
+        elif how == 2:
+            acts.insert(j, acts[i])
+        else:
+            acts[i] = Action(acts[i].stage, rng.choice(list(Kind)), acts[i].microbatch)
+    return Schedule(sched_.name, sched_.n_stages, sched_.n_microbatches, sched_.stage_to_rank, rows)
+
+
+def test_the_array_check_finds_the_broken_rule_the_action_by_action_check_names():
+    """compile_schedule checks a rank's local rules as arrays and names a broken one by going through the rank
+    action by action: the two must agree on every rank, or a broken schedule would pass (or a valid one fail)."""
+    rng, checked, broken = random.Random(12), 0, 0
+    for name, params in VARIANTS + [("interleaved_1f1b", {"virtual_stages": 3}), ("zbv", {})]:
+        for p in (2, 3, 4):
+            base = build_schedule(SimpleNamespace(name=name, csv=None, **params), p, 2 * p)
+            for _ in range(30):
+                s = _scrambled(rng, base)
+                if not all(a.stage in s.stages_of(r) for r, acts in s.actions.items() for a in acts):
+                    continue
+                first_set = np.full(s.n_stages * s.n_microbatches * program._SLOTS, program._UNSET)
+                first_set[program._ALWAYS::program._SLOTS] = -1
+                for r in range(s.n_ranks):
+                    found = program._rank_local(s, r, program._rank_arrays(s, r), first_set)
+                    assert found == program._first_broken(s, r), (name, p, r, found)
+                    checked += 1
+                    broken += found[1] != 0
+    assert checked > 1000 and broken > 100

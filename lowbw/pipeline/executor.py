@@ -3,7 +3,7 @@
 For each action of the rank's step, in order: forward or backward of a held stage, or a send or
 receive through the transport. Everything that computes -- forward, backward, codec encode and
 decode -- is timed by the clock and recorded as busy; receives wait for their message's delivery
-time. The rules are those of the player (lowbw.pipeline.player), so a validated schedule cannot
+time. The rules are those the validator checks (lowbw.pipeline.program), so a validated schedule cannot
 deadlock here.
 
 Before the first action the executor posts every receive of the run (:meth:`Executor._expect`):
@@ -36,7 +36,7 @@ from lowbw.net.clock import Clock
 from lowbw.net.transport import CH_BWD, CH_FWD, Transport
 from lowbw.pipeline.actions import Action, Kind, Schedule
 from lowbw.pipeline.stage import StageRuntime, attach_tokens, split_tokens
-from lowbw.pipeline.player import peer_of
+from lowbw.pipeline.program import peer_of
 from lowbw.pipeline.weight_stash import InFlight, WeightStash
 
 PHASE_TRAIN, PHASE_EVAL = 0, 1

@@ -3,7 +3,7 @@
 Each generator module registers itself (importing this package registers the built-in ones):
 ``classic`` (gpipe, 1f1b), ``interleaved`` (interleaved_1f1b), ``zero_bubble`` (zb_h1),
 ``pipedream_2bw`` (asynchronous), ``v_shape`` (zbv, dualpipev). ``schedule=csv`` reads a per-rank action CSV
-instead. :func:`build_schedule` validates the result by playing it (lowbw.pipeline.player) before anything
+instead. :func:`build_schedule` validates the result by compiling it (lowbw.pipeline.program) before anything
 is spawned. Adding a schedule: a module here with a ``@register_schedule("name")`` generator, its
 import below, and ``configs/schedule/<name>.yaml``.
 """
@@ -17,10 +17,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from lowbw.errors import ConfigError
 from lowbw.pipeline.actions import Schedule, add_communication, check_complete
+from lowbw.pipeline.program import validate_schedule
 from lowbw.pipeline.schedules import classic, interleaved, pipedream_2bw, v_shape, zero_bubble  # noqa: F401  (register)
 from lowbw.pipeline.schedules.classic import forward_only, gpipe, one_f_one_b
 from lowbw.pipeline.schedules.registry import SCHEDULES, register_schedule
-from lowbw.pipeline.player import validate_schedule
 
 __all__ = ["SCHEDULES", "build_schedule", "forward_only", "gpipe", "one_f_one_b", "register_schedule"]
 

@@ -42,7 +42,7 @@ from lowbw.errors import ConfigError
 from lowbw.pipeline.actions import Action, Kind, Schedule, add_communication
 from lowbw.pipeline.schedules.classic import one_f_one_b
 from lowbw.pipeline.schedules.registry import register_schedule
-from lowbw.pipeline.player import validate_schedule
+from lowbw.pipeline.program import validate_schedule
 
 
 @dataclass(frozen=True)
