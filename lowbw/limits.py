@@ -211,6 +211,7 @@ SIMULATE_LIMITS: tuple[Limit, ...] = tuple(
     lim for lim in TRAIN_LIMITS if lim.path.split(".")[0] in ("model", "net", "schedule", "boundary") or lim.path == "seed"
 ) + (
     Limit("pipeline.stages", 1, 65536, integer=True),
+    Limit("replicas.count", 1, 65536, integer=True),
     Limit("pipeline.microbatches", 1, 1_000_000, integer=True),
     Limit("train.batch_size", 1, 1e9, integer=True),
     Limit("sim.steps", 1, 100_000, integer=True),

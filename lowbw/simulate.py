@@ -55,8 +55,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from lowbw.compress import build_codec
 from lowbw.boundary import TOKEN_ID_BYTES, BoundaryMethod, build_method
-from lowbw.config import (BoundaryConfig, CompressConfig, FaultsConfig, ModelConfig, NetConfig, PipelineConfig, ScheduleConfig,
-                          plain, register_resolvers)
+from lowbw.config import (BoundaryConfig, CompressConfig, FaultsConfig, ModelConfig, NetConfig, PipelineConfig,
+                          ReplicasConfig, ScheduleConfig, plain, register_resolvers)
 from lowbw.energy import account, make_network_model
 from lowbw.energy.profiles import HardwareProfile, profiles_for_ranks
 from lowbw.errors import ConfigError, ScheduleError
@@ -73,6 +73,9 @@ from lowbw.pipeline.durations import action_seconds
 from lowbw.pipeline.player import Player, Program, compile_schedule
 from lowbw.pipeline.stepping import Steps, play_steps
 from lowbw.pipeline.schedules import build_schedule
+from lowbw.replicas import Layout, build_sync
+from lowbw.replicas.charge import rank_parts
+from lowbw.replicas.simulated import ReplicaLinks, play_replicated
 from lowbw.validation import check_arch
 
 
@@ -100,6 +103,7 @@ class SimConfig:
 class SimulateConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    replicas: ReplicasConfig = field(default_factory=ReplicasConfig)  # copies of the pipeline (docs/replicas.md)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     net: NetConfig = field(default_factory=NetConfig)
     compress: CompressConfig = field(default_factory=CompressConfig)
@@ -145,6 +149,7 @@ def _check(cfg: Any) -> None:
     if cfg.schedule.name == "pipedream_2bw":
         raise ConfigError("schedule=pipedream_2bw: lowbw-simulate does not model asynchronous schedules (its steps "
                           "overlap); simulate 1f1b for the same steady state, or run lowbw-train")
+    build_sync(plain(cfg.replicas.sync))  # a method, parameter or codec that does not exist: its ConfigError
 
 
 # ---- durations -----------------------------------------------------------------------------------
@@ -315,7 +320,8 @@ def _summary(cfg: Any, setup: _Setup, steps: Steps) -> dict:
     rows = steps.rows
     measured = rows[cfg.sim.warmup_steps:] if len(rows) > cfg.sim.warmup_steps else rows
     step_time = sum(r["step_time_s"] for r in measured) / len(measured)
-    tokens = cfg.train.batch_size * model.block_size
+    replicas = cfg.replicas.count
+    tokens = cfg.train.batch_size * model.block_size * replicas  # every replica on a batch of its own
     v = sched.n_stages // p
     summary = {
         "status": "completed", "kind": "simulation", "schedule": sched.name, "net": cfg.net.name,
@@ -327,7 +333,11 @@ def _summary(cfg: Any, setup: _Setup, steps: Steps) -> dict:
         "step_time_s": step_time, "tokens_per_s": tokens / step_time if step_time > 0 else None,
         "bubble_fraction": sum(r["bubble_fraction"] for r in measured) / len(measured),
         "bubble_formula": bubble_formula(sched.name, p, m, v),
-        "bytes_per_token": measured[-1]["bytes_sent"] / tokens,
+        # over the measured steps (DiLoCo's replicas send every H steps only)
+        "bytes_per_token": sum(r["bytes_sent"] for r in measured) / len(measured) / tokens,
+        "replicas": replicas, "sync": plain(cfg.replicas.sync) if replicas > 1 else None,
+        "sync_bytes_per_token": sum(n for r in measured for (a, b), n in r["link_bytes"].items()
+                                    if a % p == b % p) / len(measured) / tokens,  # between a stage's replicas
         **_traffic(setup, measured, step_time),
         "codec_ratio": setup.ratio, "activation_dtype": cfg.sim.activation_dtype,
         "durations": cfg.sim.durations, "flops_source": cfg.sim.flops,
@@ -368,9 +378,33 @@ def _play(cfg: Any, setup: _Setup, record: frozenset[int]) -> Steps:
     def step_player(step: int) -> Player:  # the run's own durations of this step, where it recorded them
         return Player(prog, lambda r, a: exact.get((step, r, str(a)), table[a[:2]]), nbytes, links)
 
-    player = step_player if exact else Player(prog, lambda r, a: table[a[:2]], nbytes, links)  # a[:2]: (stage, kind)
     measured = [step >= sim.warmup_steps or sim.steps <= sim.warmup_steps for step in range(sim.steps)]
+    if cfg.replicas.count > 1:
+        return _play_replicas(cfg, setup, nbytes, measured, record)
+    player = step_player if exact else Player(prog, lambda r, a: table[a[:2]], nbytes, links)  # a[:2]: (stage, kind)
     return play_steps(prog, player, sim.steps, measured, record, opt, sim.extrapolate)
+
+
+def _play_replicas(cfg: Any, setup: _Setup, nbytes: Callable[[Action], int], measured: list[bool],
+                   record: frozenset[int]) -> Steps:
+    """R pipelines and their replica groups' exchanges, every step played (lowbw.replicas.simulated)."""
+    if setup.timeline[0]:
+        raise ConfigError("sim.durations=timeline replays one pipeline's recorded run; with replicas.count > 1 use "
+                          "sim.durations=flops or fixed")
+    layout = Layout(setup.sched.n_ranks, cfg.replicas.count)
+    S, mean = layout.pipeline_ranks, {}
+    link_seed, conditions = cfg.seed, setup.links[0].conditions
+    links = ReplicaLinks(setup.topo, layout, lambda topo, r: LinkModel(topo, r, seed=link_seed, conditions=conditions))
+    players = []
+    for j in range(layout.replicas):  # each replica's compute on its own nodes' hardware
+        table = _StageSeconds(_stage_time(cfg, setup.sched, setup.flops, setup.profiles[j * S:(j + 1) * S], mean))
+        players.append(Player(setup.prog, lambda r, a, table=table: table[a[:2]], nbytes,
+                              links.pipeline[j] if setup.topo.emulate else None))
+    partition = list(cfg.pipeline.partition) if cfg.pipeline.partition else None
+    method = build_sync(plain(cfg.replicas.sync))
+    parts = rank_parts(cfg.model, setup.sched, cfg.seed, cfg.boundary, partition)
+    return play_replicated(players, links, lambda step: [method.exchange(q, step) for q in parts], cfg.sim.steps,
+                           measured, record)
 
 
 # ---- the simulation ------------------------------------------------------------------------------
@@ -384,11 +418,12 @@ def _setup(cfg: Any) -> _Setup:
     method = build_method(cfg.boundary, model, cfg.seed)
     flops, fractional = stage_flops(model, sched.n_stages, mb, plain(pipe.partition), counter=sim.flops == "counter",
                                     method=method)
-    profiles = profiles_for_ranks(cfg.hardware, pipe.stages)
+    world = pipe.stages * cfg.replicas.count
+    profiles = profiles_for_ranks(cfg.hardware, world)
     exact, mean, opt = _durations_from_timeline(sim.timeline, sched) if sim.durations == "timeline" else ({}, {}, {})
     table = _StageSeconds(_stage_time(cfg, sched, flops, profiles, mean))
     msg_bytes, ratio = _message_bytes(cfg, (mb, model.block_size), method)
-    topo, links = _links(cfg, pipe.stages)
+    topo, links = _links(cfg, world)
     return _Setup(sched, compile_schedule(sched), flops, fractional, profiles, table, (exact, opt), msg_bytes, ratio,
                   topo, links, method.param_delta(sched.n_stages), method.describe())
 
@@ -432,7 +467,7 @@ def _simulate(cfg: Any, keep_timeline: bool) -> dict:
     steps = _play(cfg, setup, frozenset(range(first_pic, first_pic + max(sim.picture_steps, 0))))
     summary = _summary(cfg, setup, steps)
     if keep_timeline:
-        summary["_timeline"] = Timeline("virtual", cfg.pipeline.stages, steps.events)
+        summary["_timeline"] = Timeline("virtual", cfg.pipeline.stages * cfg.replicas.count, steps.events)
     return summary
 
 
@@ -442,15 +477,17 @@ def format_simulation(s: dict) -> str:
     lines = [
         f"lowbw simulation: model {s['model']}, schedule {s['schedule']}"
         + (f" (v={s['virtual_stages']})" if s["virtual_stages"] > 1 else "")
-        + f", {s['stages']} stages x {s['microbatches']} microbatches of {s['microbatch_size']}, "
+        + f", {s['stages']} stages x {s['microbatches']} microbatches of {s['microbatch_size']}"
+        + (f", x {s['replicas']} replicas ({s['sync']['name']})" if s.get("replicas", 1) > 1 else "") + ", "
         f"net {s['net']}, hardware {','.join(s['hardware'])}",
         f"  step time    {s['step_time_s']:.4f} s   ({s['measured_steps']} of {s['steps']} steps averaged)",
         f"  steps        {s['steps']}: {s.get('steps_played', s['steps'])} played, {extrapolated} extrapolated"
         + (" (a step repeated the one before it, shifted in time: the rest repeat it too)" if extrapolated else ""),
         f"  throughput   {s['tokens_per_s']:,.1f} tokens/s",
         f"  bubble       {s['bubble_fraction']:.3f}" + (f"   (equal-times formula {bf:.3f})" if bf is not None else ""),
-        f"  traffic      {s['bytes_per_token']:,.1f} bytes per token, {s['message_bytes']['fwd']:,} B per forward "
-        f"message, {s['messages_per_step']} messages per step",
+        f"  traffic      {s['bytes_per_token']:,.1f} bytes per token"
+        + (f" (of which {s['sync_bytes_per_token']:,.1f} between replicas)" if s.get("replicas", 1) > 1 else "")
+        + f", {s['message_bytes']['fwd']:,} B per forward message, {s['messages_per_step']} messages per step",
         f"  cpu          {s['sim_cpu_s']:.2f} s to simulate",
     ]
     if "boundary" in s:
@@ -480,7 +517,8 @@ def write_outputs(summary: dict, out: Path, picture_ranks: int = 32) -> list[str
     atomic_write_json(out / "summary.json", summary)
     files, notes = ["summary.json"], []
     if tl is not None and tl.events:
-        title = "simulated: " + run_title({**summary, "world_size": summary["stages"]}, "virtual")
+        title = "simulated: " + run_title({**summary, "world_size": summary["stages"] * summary.get("replicas", 1)},
+                                          "virtual")
         chrome_trace(tl, out / "trace.json", title)
         files.append("trace.json")
         (out / "timeline.png").unlink(missing_ok=True)  # never leave an older run's picture behind

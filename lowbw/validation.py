@@ -37,7 +37,7 @@ from lowbw.pipeline.partition import partition_layers
 from lowbw.pipeline.schedules import build_schedule, forward_only
 from lowbw.regime import Regime, build_regime
 from lowbw.replicas import build_sync
-from lowbw.replicas.charge import sync_charges
+from lowbw.replicas.charge import target_exchanges
 
 
 @dataclass(frozen=True)
@@ -53,8 +53,9 @@ class Plan:
     codecs: dict[str, Any]  # "fwd" / "bwd" -> the codec spec (plain dict), checked
     regime: Optional[Regime] = None  # the target deployment the virtual clock times; None: the run's own model
     warnings: tuple[str, ...] = ()  # settings that are valid but will not do what they seem (printed at start)
-    #: per rank of a replica, (target, run) bytes of one synchronisation under a regime (lowbw.replicas.charge)
-    sync_charge: tuple[tuple[int, int], ...] = ()
+    #: per rank of a replica, the target's exchange whose hops its replica messages are charged under a
+    #: regime (lowbw.replicas.charge); empty: the run's own bytes
+    sync_target: tuple[Any, ...] = ()
 
 
 def positive(value: float, name: str, allow_inf: bool = False) -> None:
@@ -93,9 +94,9 @@ def validate(cfg: Any, world_size: Optional[int] = None) -> Plan:
     check_memory(cfg, int(os.environ.get("LOCAL_WORLD_SIZE", world)), p)
     regime = build_regime(cfg, schedule.n_stages)
     eval_schedule = forward_only(schedule.n_stages, m, schedule.stage_to_rank)
-    sync_charge = sync_charges(cfg, schedule, tuple(ranges), replica_count(cfg)) if regime is not None else ()
+    sync_target = target_exchanges(cfg, schedule, replica_count(cfg)) if regime is not None else ()
     return Plan(schedule, eval_schedule, tuple(ranges), topology, conditions, tuple(profiles), codecs,
-                regime, fault_warnings(cfg) + replica_warnings(cfg), sync_charge)
+                regime, fault_warnings(cfg) + replica_warnings(cfg), sync_target)
 
 
 def replica_count(cfg: Any) -> int:

@@ -23,7 +23,7 @@ from lowbw.net.transport import CH_FWD, Transport
 from lowbw.net.wire import MemoryWire, Switchboard
 from lowbw.rank.build import build_stages
 from lowbw.replicas import Layout, build_sync
-from lowbw.replicas.collective import Averager, ReplicaGroup, gather_bytes, ring_bytes
+from lowbw.replicas.collective import Averager, Exchange, ReplicaGroup, gather_bytes, ring_bytes
 from lowbw.replicas.per_tensor import PerTensor
 from lowbw.launch import RunFailed
 from lowbw.models.flops import n_params
@@ -92,8 +92,10 @@ def test_ring_all_reduce_gives_every_member_the_same_mean(compose, n):
     got = _threads({r: (lambda r=r: reduce(r)) for r in members})
     assert torch.allclose(got[0], want, atol=1e-6)
     assert all(torch.equal(got[0], got[r]) for r in members)  # the same bits: replicas stay equal
-    sent = sum(sum(groups[r][2].take_events()[1].values()) for r in members)
-    assert sent == ring_bytes(n, 3) == 2 * (3 - 1) * 4 * n
+    sent = {r: sum(groups[r][2].take_events()[1].values()) for r in members}
+    assert sum(sent.values()) == ring_bytes(n, 3) == 2 * (3 - 1) * 4 * n
+    # each member's hops as lowbw-simulate replays them
+    assert all(sent[r] == sum(Exchange("ring", n).hops(3, i)) for i, r in enumerate(members))
 
 
 def test_all_gather_through_a_codec_averages_the_decoded_payloads_on_every_member(compose):
@@ -115,7 +117,8 @@ def test_all_gather_through_a_codec_averages_the_decoded_payloads_on_every_membe
     payload = averagers[0].encoder.nbytes
     assert payload == sum(build_codec({"name": "int8", "block": 64}).payload_nbytes(s, torch.float32) for s in shapes)
     sent = sum(sum(groups[r][2].take_events()[1].values()) for r in members)
-    assert sent == gather_bytes(payload, 2) == Averager.bytes_for({"name": "int8", "block": 64}, shapes, 2)
+    method = build_sync({"name": "allreduce", "codec": {"name": "int8", "block": 64}})
+    assert sent == gather_bytes(payload, 2) == method.group_bytes_per_step(shapes, 2, 0)
 
 
 def test_pipeline_and_replica_traffic_contend_for_one_uplink(compose):
@@ -327,3 +330,25 @@ def test_under_a_regime_replicas_are_charged_the_target_models_parameters(compos
                             f"out_dir={run_dir}"]), run_dir)
     target = compose(["regime=gpt_1b"]).regime.model
     assert s["sync_bytes_sent"] == pytest.approx(2 * (2 - 1) * 4 * n_params(target), rel=1e-6)
+
+
+@pytest.mark.parametrize("sync", [
+    ["replicas/sync=allreduce"],
+    ["replicas/sync=diloco", "replicas.sync.every=2", "replicas.sync.codec=int8"],
+    ["replicas/sync=sparta"],
+])
+def test_lowbw_simulate_with_replicas_gives_the_regime_runs_step_times(compose, tmp_path, sync):
+    # a tiny GPT learning in gpt_1b's regime on 2 stages x 2 replicas, and lowbw-simulate of gpt_1b itself
+    from lowbw.simulate import compose as sim_compose
+    from lowbw.simulate import simulate
+
+    shape = ["pipeline.stages=2", "pipeline.microbatches=2", "train.batch_size=4", "replicas.count=2", "net=home",
+             "hardware=rtx4090", *sync]
+    run_dir = tmp_path / "run"
+    s = run(compose(TINY + shape + ["train.steps=4", "regime=gpt_1b", f"out_dir={run_dir}"]), run_dir)
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    sim = simulate(sim_compose(shape + ["model=gpt_1b", "sim.steps=4", "sim.picture_steps=0"]))
+    assert [r["step_time_s"] for r in rows] == pytest.approx([r["step_time_s"] for r in sim["per_step"]], rel=1e-9)
+    assert [r["bytes_sent"] for r in rows] == [r["bytes_sent"] for r in sim["per_step"]]  # every hop the target's
+    assert s["energy"]["j_per_token"] == pytest.approx(sim["energy"]["j_per_token"], rel=1e-9)
+    assert sim["replicas"] == 2 and sim["sync_bytes_per_token"] > 0

@@ -237,16 +237,17 @@ class Transport:
             self._unsized.setdefault((src, ch), deque()).append(inc)
 
     def send(self, dst: int, ch: int, key: tuple[int, int, int, int], payload: torch.Tensor, emulate: bool = True,
-             sized: bool = True) -> float:
+             sized: bool = True, charge: Optional[int] = None) -> float:
         """Send a payload; returns its emulated arrival time (run clock), or now when not emulated.
 
-        ``sized``: the receiver expects exactly this length (the codec's ``payload_nbytes``)."""
+        ``sized``: the receiver expects exactly this length (the codec's ``payload_nbytes``). ``charge``: bytes
+        the link model charges instead of :meth:`charged_bytes` (a regime's replica messages, lowbw.replicas)."""
         payload = payload.detach().reshape(-1)
         n = payload.numel()
         t = self.now()
         arrival, hold = t, 0.0
         if emulate and self.link is not None:
-            timing = self.link.send(dst, self.charged_bytes(ch, n), t)
+            timing = self.link.send(dst, self.charged_bytes(ch, n) if charge is None else charge, t)
             arrival, hold = timing.arrival, timing.tx_done - t
         buf = _empty_meta_buffer(n if sized else 0)
         if sized:
@@ -331,7 +332,7 @@ class Transport:
         return Message(src, ch, key, payload, float(f[6]), inc.received, int(m[9]), float(f[7]), float(f[8]),
                        deadline)
 
-    def delivery_time(self, msg: Message, emulate: bool = True) -> float:
+    def delivery_time(self, msg: Message, emulate: bool = True, charge: Optional[int] = None) -> float:
         """When the message is usable on this rank's clock, charging this rank's downlink.
 
         Wall clock: a message the sender's emulated uplink releases later than ``timeout_s`` after its
@@ -346,7 +347,8 @@ class Transport:
             if left > msg.deadline:
                 self._held_past_deadline(msg)
             arrival = self.link.arrival_after_receipt(msg.src, self.now() - (time.perf_counter() - left))
-        return self.link.deliver(msg.src, self.charged_bytes(msg.channel, msg.nbytes), arrival)
+        return self.link.deliver(msg.src, self.charged_bytes(msg.channel, msg.nbytes) if charge is None else charge,
+                                 arrival)
 
     def _held_past_deadline(self, msg: Message) -> None:
         """Wait out the receive's timeout on a message still on the sender's emulated uplink, then fail."""

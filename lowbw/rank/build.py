@@ -22,7 +22,7 @@ from lowbw.models.gpt import GPTStage
 from lowbw.net.clock import Clock, make_clock, planned_durations
 from lowbw.net.link import LinkModel
 from lowbw.net.liveness import LinkWatch
-from lowbw.net.transport import CH_BWD, CH_FWD, CH_SYNC, CONTROL_TAGS, Transport
+from lowbw.net.transport import CH_BWD, CH_FWD, CONTROL_TAGS, Transport
 from lowbw.net.wire import GLOO_TIMEOUT, GlooWire, Wire
 from lowbw.optim import build_optimizer
 from lowbw.pipeline.durations import planner
@@ -115,10 +115,10 @@ def stage_seconds(cfg: Any, plan: Plan, rank: int, stages: dict[int, StageRuntim
     return out
 
 
-def message_charge(plan: Plan) -> dict[int, tuple[int, int]]:
-    """Channel -> (target, run) payload bytes the link model charges under a regime; empty: payload lengths."""
+def message_charge(plan: Plan) -> Optional[dict[int, tuple[int, int]]]:
+    """Channel -> (target, run) payload bytes the link model charges under a regime; None: payload lengths."""
     if plan.regime is None:
-        return {}
+        return None
     return {CH_FWD: plan.regime.message_bytes["fwd"], CH_BWD: plan.regime.message_bytes["bwd"]}
 
 
@@ -139,10 +139,7 @@ def build_rank(cfg: Any, plan: Plan, rank: int, world: int, local_rank: int = 0,
         wire = GlooWire.per_direction(rank, world, GLOO_TIMEOUT, CONTROL_TAGS)
     layout = Layout.of(cfg, plan.schedule.n_ranks)
     prank = layout.pipeline_rank(rank)
-    charge = message_charge(plan)
-    if plan.sync_charge:  # a regime's replicas move the target's parameters (lowbw.replicas.charge)
-        charge[CH_SYNC] = plan.sync_charge[prank]
-    transport = Transport(rank, link, clock, cfg.timeout_s, wire, charge=charge, watch=watch)
+    transport = Transport(rank, link, clock, cfg.timeout_s, wire, charge=message_charge(plan), watch=watch)
     stages = build_stages(cfg, plan, prank, device)
     optimizer = build_optimizer(cfg.train, [st.module for st in stages.values()])
     corpus = Corpus(cfg.data.path, cfg.model.block_size, cfg.data.val_fraction, cfg.seed)
@@ -151,7 +148,9 @@ def build_rank(cfg: Any, plan: Plan, rank: int, world: int, local_rank: int = 0,
     executor = Executor(prank, stages, transport, clock, device, planned, stash, base=layout.base(rank))
     meter = select_meter(str(device), cfg.energy.meter)
     opt_s = None if planned_durations(cfg.clock) is None else 0.0
-    group = ReplicaGroup(transport, clock, layout.group(rank), rank, planned=opt_s)
+    # under a regime, the target's parameters are charged (lowbw.replicas.charge)
+    target = plan.sync_target[prank] if plan.sync_target else None
+    group = ReplicaGroup(transport, clock, layout.group(rank), rank, planned=opt_s, target=target)
     replicas = getattr(cfg, "replicas", None)
     sync = build_sync(replicas.sync if replicas is not None else "allreduce")
     sync.bind([q for st in stages.values() for q in st.module.parameters()], group, cfg.seed)

@@ -1,65 +1,67 @@
-"""Under a regime (lowbw/regime.py), what the replicas' messages cost: the target model's, not the run's.
+"""The parameters a replica group averages, as shapes: for a run under a regime, and for lowbw-simulate.
 
-A regime's virtual clock charges each pipeline message what the target's message would take after
-the same codec. The replicas' messages get the same treatment: rank ``r``'s synchronisation moves
-its stages' parameters (or gradients, or pseudo-gradients), so a message of ``n`` bytes is charged
-``n x target / run``, where ``target`` and ``run`` are the bytes the method's formula gives for the
-target's stages held by that rank and for the run's own (``SyncMethod.group_bytes_per_step`` on the
-tensors' shapes, at a step where it synchronises). The target is cut into stages as the regime cuts
-it for its FLOPs (:func:`lowbw.models.flops.stage_blocks`: whole blocks, or equal fractions of the
-blocks when there are more stages than blocks), so a stage's bytes are ``blocks x a block's bytes``
-plus the embedding on the first stage and the final norm and head on the last.
+A regime's virtual clock (lowbw/regime.py) charges each pipeline message what the target model's
+message would take after the same codec. The replicas' messages get the same treatment, exactly: a
+group's exchange is the method's :class:`~lowbw.replicas.collective.Exchange` for the *target's*
+parameters held by that pipeline rank (at a step where the method sends), and every hop of the run's
+collective is charged that hop of the target's -- the chunks lowbw-simulate plays for the target, so
+a regime run and the simulator of its target give the same step times (tests/test_replicas.py).
 
-Shapes come from the model code itself, built on PyTorch's ``meta`` device (no memory, no
-arithmetic); that costs a few seconds once, in the launcher, and only for replicas under a regime.
+The target is cut into stages as the regime cuts it for its FLOPs (:func:`lowbw.models.flops.stage_blocks`:
+whole blocks as evenly as they go, or equal fractions of the blocks when there are more stages than
+blocks); a fractional stage is its fraction of a block plus the embedding on the first and the head on
+the last. Shapes come from the model code itself, built on PyTorch's ``meta`` device (no memory, no
+arithmetic): that costs a few seconds once (the first use imports torch's compiler stack), in the
+launcher or the simulator, and only with replicas.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
 from lowbw.boundary import build_method
 from lowbw.models.flops import stage_blocks
 from lowbw.models.gpt import GPTStage
-from lowbw.replicas.sync import SyncMethod, build_sync
+from lowbw.pipeline.partition import partition_layers
+from lowbw.replicas.collective import Exchange
+from lowbw.replicas.sync import build_sync
 
-Shapes = list[tuple[int, ...]]
-
-
-def _shapes(module: torch.nn.Module) -> Shapes:
-    return [tuple(p.shape) for p in module.parameters()]
+Parts = list[tuple[float, list[tuple[int, ...]]]]
 
 
-def _sync_step(method: SyncMethod) -> int:
-    return getattr(method, "every", 1) - 1  # a step at which the method sends (DiLoCo: the end of a round)
+def rank_parts(model: Any, sched: Any, seed: int, boundary: Any = None, partition: Optional[list[int]] = None) -> list[Parts]:
+    """Per rank of ``sched``, the parameters of the model stages it holds as (weight, shapes) parts.
 
+    ``boundary``: the run's boundary config (its modules are parameters too); ``partition``: blocks per
+    stage (None: as even as possible, or fractions of a block when there are more stages than blocks)."""
+    n = sched.n_stages
+    blocks, fractional = stage_blocks(model.n_layer, n, partition)
 
-def sync_charges(cfg: Any, schedule: Any, ranges: tuple[tuple[int, int], ...], replicas: int) -> tuple[tuple[int, int], ...]:
-    """Per pipeline rank, (target bytes, run bytes) of one synchronisation; () without a regime or replicas."""
-    regime = cfg.regime
-    if regime.model is None or replicas == 1:
-        return ()
-    method, n = build_sync(cfg.replicas.sync), schedule.n_stages
-    step = _sync_step(method)
+    def shapes(stage: GPTStage) -> list[tuple[int, ...]]:
+        return [tuple(q.shape) for q in stage.parameters()]
 
-    def cost(shapes: Shapes) -> int:
-        return method.group_bytes_per_step(shapes, replicas, step)
-
-    run_method = build_method(cfg.boundary, cfg.model, cfg.seed)
-    target = regime.model
     with torch.device("meta"):  # shapes only
-        run_stages = [_shapes(GPTStage(cfg.model, *ranges[s], s == 0, s == n - 1, cfg.seed, method=run_method,
-                                       index=s)) for s in range(n)]
-        block = cost(_shapes(GPTStage(target, 0, 1, False, False, cfg.seed)))
-        embed = cost(_shapes(GPTStage(target, 0, 0, True, False, cfg.seed)))
-        head = cost(_shapes(GPTStage(target, 0, 0, False, True, cfg.seed)))
-    blocks, _ = stage_blocks(target.n_layer, n, None)
-    target_stage = [nb * block + (embed if s == 0 else 0) + (head if s == n - 1 else 0) for s, nb in enumerate(blocks)]
-    out = []
-    for r in range(schedule.n_ranks):
-        held = schedule.stages_of(r)
-        run = sum(cost(run_stages[s]) for s in held)
-        out.append((max(1, round(sum(target_stage[s] for s in held))), max(1, run)))
-    return tuple(out)
+        if fractional:
+            block = shapes(GPTStage(model, 0, 1, False, False, seed))
+            embed = shapes(GPTStage(model, 0, 0, True, False, seed))
+            head = shapes(GPTStage(model, 0, 0, False, True, seed))
+            per_stage = [[(nb, block)] + ([(1.0, embed)] if s == 0 else []) + ([(1.0, head)] if s == n - 1 else [])
+                         for s, nb in enumerate(blocks)]
+        else:
+            method = build_method(boundary, model, seed) if boundary is not None else None
+            per_stage = [[(1.0, shapes(GPTStage(model, a, b, s == 0, s == n - 1, seed, method=method, index=s)))]
+                         for s, (a, b) in enumerate(partition_layers(model.n_layer, n, partition))]
+    return [[part for s in sched.stages_of(r) for part in per_stage[s]] for r in range(sched.n_ranks)]
+
+
+def target_exchanges(cfg: Any, schedule: Any, replicas: int) -> tuple[Optional[Exchange], ...]:
+    """Per pipeline rank, the exchange of the regime's target at a step where the method sends; () without
+    a regime or replicas."""
+    target = cfg.regime.model
+    if target is None or replicas == 1:
+        return ()
+    method = build_sync(cfg.replicas.sync)
+    step = getattr(method, "every", 1) - 1  # a step at which the method sends (DiLoCo: the end of a round)
+    return tuple(method.exchange(parts, step) for parts in rank_parts(target, schedule, cfg.seed))

@@ -24,6 +24,7 @@ so replicas that start equal stay equal.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -34,6 +35,27 @@ from lowbw.net.transport import CH_SYNC, Transport
 from lowbw.replicas.per_tensor import PerTensor
 
 PHASE_SYNC = 2  # message keys (phase, step, exchange, 0): after PHASE_TRAIN (0) and PHASE_EVAL (1)
+
+
+@dataclass(frozen=True)
+class Exchange:
+    """What a replica group sends to average once: a ring all-reduce of ``amount`` float32 entries, or an
+    all-gather of one payload of ``amount`` bytes from each member."""
+
+    kind: str  # "ring" | "gather"
+    amount: int
+
+    def group_bytes(self, replicas: int) -> int:
+        return ring_bytes(self.amount, replicas) if self.kind == "ring" else gather_bytes(self.amount, replicas)
+
+    def hops(self, replicas: int, index: int) -> list[int]:
+        """Bytes member ``index`` sends at each hop, in order (what ReplicaGroup's collectives send)."""
+        if self.kind == "gather":
+            return [self.amount] * (replicas - 1)
+        base, extra = divmod(self.amount, replicas)  # torch.tensor_split's chunk sizes
+        chunk = [4 * (base + (c < extra)) for c in range(replicas)]
+        return ([chunk[(index - s) % replicas] for s in range(replicas - 1)]
+                + [chunk[(index + 1 - s) % replicas] for s in range(replicas - 1)])
 
 
 def ring_bytes(n: int, replicas: int) -> int:
@@ -54,7 +76,7 @@ class ReplicaGroup:
     work in the pipeline; None: measured)."""
 
     def __init__(self, transport: Transport, clock: Clock, members: list[int], rank: int,
-                 planned: Optional[float] = None):
+                 planned: Optional[float] = None, target: Optional[Exchange] = None):
         self.transport, self.clock, self.members, self.rank = transport, clock, members, rank
         self.size = len(members)
         self.index = members.index(rank)
@@ -65,20 +87,28 @@ class ReplicaGroup:
         self.events: list[Event] = []
         self.bytes_sent: dict[int, int] = {}  # destination rank -> bytes the link charged
         self.step = 0
-
+        # under a regime: the target's exchange, whose hops the link model charges instead of the run's
+        # (lowbw.replicas.charge): the same chunks of the target's parameters that lowbw-simulate plays
+        self.target = target
+        self._hop = 0  # hop of the current collective
     def _exchange(self, payload: torch.Tensor, nbytes_in: int) -> torch.Tensor:
         """Send ``payload`` to the next member, take ``nbytes_in`` bytes from the previous one."""
         key = (PHASE_SYNC, self.step, self._exchanges, 0)
         self._exchanges += 1
         t = self.transport
+        out_charge = in_charge = None
+        if self.target is not None:
+            out_charge = self.target.hops(self.size, self.index)[self._hop]
+            in_charge = self.target.hops(self.size, (self.index - 1) % self.size)[self._hop]
+        self._hop += 1
         t.expect(self.prev, CH_SYNC, key, nbytes_in)
-        t.send(self.next, CH_SYNC, key, payload)
-        n = t.charged_bytes(CH_SYNC, payload.numel())
+        t.send(self.next, CH_SYNC, key, payload, charge=out_charge)
+        n = t.charged_bytes(CH_SYNC, payload.numel()) if out_charge is None else out_charge
         self.bytes_sent[self.next] = self.bytes_sent.get(self.next, 0) + n
         now = self.clock.now()
         self.events.append(Event(self.rank, "send", now, now, self.step, "sync", n, self.next))
         msg = t.recv(self.prev, CH_SYNC, key)
-        self.clock.wait_until(t.delivery_time(msg))
+        self.clock.wait_until(t.delivery_time(msg, charge=in_charge))
         self.events.append(Event(self.rank, "sync_wait", now, self.clock.now(), self.step, "sync", msg.nbytes,
                                  self.prev))
         return msg.payload
@@ -93,6 +123,7 @@ class ReplicaGroup:
         R, i = self.size, self.index
         if R == 1:
             return
+        self._hop = 0
         chunks = list(flat.tensor_split(R))
 
         def raw(c: torch.Tensor) -> torch.Tensor:
@@ -112,6 +143,7 @@ class ReplicaGroup:
         R, i = self.size, self.index
         if R == 1:
             return
+        self._hop = 0
         nbytes = encoder.nbytes
         payloads: list[Optional[torch.Tensor]] = [None] * R
         payloads[i] = self._compute(lambda: encoder.encode(flat))
@@ -149,14 +181,6 @@ class Averager:
             self.group.all_reduce_mean(flat)
         else:
             self.group.all_gather_mean(flat, self.encoder, self.decoders)
-
-    @staticmethod
-    def bytes_for(codec: object, shapes: list[tuple[int, ...]], replicas: int) -> int:
-        """Bytes a group of ``replicas`` sends to average, once, float32 tensors of these shapes through ``codec``."""
-        enc = PerTensor(codec, shapes)
-        if enc.lossless:
-            return ring_bytes(sum(enc.sizes), replicas)
-        return gather_bytes(enc.nbytes, replicas)
 
     def state_dict(self) -> dict:
         return {"encoder": self.encoder.state_dict(), "decoders": [d.state_dict() for d in self.decoders]}

@@ -25,14 +25,18 @@ from __future__ import annotations
 import inspect
 import math
 from abc import ABC
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Optional
 
 import torch
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from lowbw.compress.base import build_codec
 from lowbw.errors import ConfigError
-from lowbw.replicas.collective import Averager, ReplicaGroup, ring_bytes
+from lowbw.replicas.collective import Averager, Exchange, ReplicaGroup
+from lowbw.replicas.per_tensor import PerTensor
+
+
+Shapes = list[tuple[int, ...]]
 
 
 class SyncMethod(ABC):
@@ -57,9 +61,16 @@ class SyncMethod(ABC):
     def after_optimizer(self, step: int) -> None:
         """The optimizer has stepped."""
 
-    def group_bytes_per_step(self, shapes: list[tuple[int, ...]], replicas: int, step: int) -> int:
+    def exchange(self, parts: list[tuple[float, Shapes]], step: int) -> Optional[Exchange]:
+        """What the replica group of a rank sends in training step ``step`` (None: nothing), for parameters
+        made of ``parts``: (weight, shapes) -- weight 1 for tensors a rank holds, a fraction of a block for
+        lowbw-simulate's stages cut finer than blocks."""
+        return None
+
+    def group_bytes_per_step(self, shapes: Shapes, replicas: int, step: int) -> int:
         """Bytes the replica group of a rank whose parameters have these shapes sends in training step ``step``."""
-        return 0
+        ex = self.exchange([(1.0, shapes)], step)
+        return 0 if ex is None else ex.group_bytes(replicas)
 
     def _shapes(self) -> list[tuple[int, ...]]:
         return [tuple(p.shape) for p in self.params]
@@ -83,6 +94,17 @@ class SyncMethod(ABC):
             n = p.numel()
             p.grad = flat[offset:offset + n].view(p.shape).to(p.device, p.dtype, copy=True)
             offset += n
+
+
+def _entries(parts: list[tuple[float, Shapes]]) -> int:
+    return round(sum(w * sum(math.prod(s) for s in shapes) for w, shapes in parts))
+
+
+def _averaged(codec: Any, parts: list[tuple[float, Shapes]]) -> Exchange:
+    """The exchange that averages the parts' float32 entries through ``codec`` (collective.Averager's rule)."""
+    if build_codec(codec).name == "none":
+        return Exchange("ring", _entries(parts))
+    return Exchange("gather", round(sum(w * PerTensor(codec, shapes).nbytes for w, shapes in parts)))
 
 
 SYNCS: dict[str, type[SyncMethod]] = {}
@@ -131,8 +153,8 @@ class AllReduce(SyncMethod):
         self.average(flat)
         self._set_grads(flat)
 
-    def group_bytes_per_step(self, shapes, replicas, step):
-        return Averager.bytes_for(self.codec, shapes, replicas)
+    def exchange(self, parts, step):
+        return _averaged(self.codec, parts)
 
     def state_dict(self):
         return {"average": self.average.state_dict()}
@@ -184,8 +206,8 @@ class DiLoCo(SyncMethod):
             for a, p in zip(self.anchor, self.params):
                 p.copy_(a.to(p.device, p.dtype))
 
-    def group_bytes_per_step(self, shapes, replicas, step):
-        return Averager.bytes_for(self.codec, shapes, replicas) if (step + 1) % self.every == 0 else 0
+    def exchange(self, parts, step):
+        return _averaged(self.codec, parts) if (step + 1) % self.every == 0 else None
 
     def state_dict(self):
         return {"anchor": [a.detach().clone() for a in self.anchor], "outer": self.outer.state_dict(),
@@ -240,5 +262,5 @@ class Sparta(SyncMethod):
             flat[idx] = values
             vector_to_parameters(flat.to(self.params[0].device, self.params[0].dtype), self.params)
 
-    def group_bytes_per_step(self, shapes, replicas, step):
-        return ring_bytes(self.count(sum(math.prod(s) for s in shapes)), replicas)
+    def exchange(self, parts, step):
+        return Exchange("ring", self.count(_entries(parts)))
