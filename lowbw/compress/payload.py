@@ -7,6 +7,7 @@ Every byte here -- header and padding too -- is charged on the link.
 
 from __future__ import annotations
 
+import functools
 import struct
 
 import torch
@@ -36,6 +37,25 @@ def pack_layout(specs: list[tuple[torch.dtype, tuple[int, ...]]],
                 device: torch.device = torch.device("cpu")) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """A payload for tensors of these ``(dtype, shape)``, header and padding written, and a view of each
     tensor's place in it: a codec fills the views where they lie, with no copy into a payload afterwards."""
+    header, total, places = _plan(tuple((dtype, tuple(int(d) for d in shape)) for dtype, shape in specs))
+    payload = torch.empty(total, dtype=torch.uint8, device=device)
+    if payload.device.type == "cpu":  # a numpy copy of a few dozen bytes costs a tenth of torch's
+        payload.numpy()[: header.numel()] = header.numpy()
+    else:
+        payload[: header.numel()].copy_(header)
+    views = []
+    for pos, nbytes, pad, dtype, shape in places:
+        views.append(payload[pos : pos + nbytes].view(dtype).view(shape))
+        if pad:
+            payload[pos + nbytes : pos + nbytes + pad] = 0
+    return payload, views
+
+
+@functools.lru_cache(maxsize=1024)
+def _plan(specs: tuple[tuple[torch.dtype, tuple[int, ...]], ...]) -> tuple[torch.Tensor, int, tuple]:
+    """(header bytes as a uint8 CPU tensor -- read, never written --, payload length, per tensor its
+    ``(offset, nbytes, padding, dtype, shape)``) for :func:`pack_layout`, computed once per layout: a
+    codec sends tensors of the same few shapes message after message."""
     header = bytearray(struct.pack("<I", len(specs)))
     for dtype, shape in specs:
         if dtype not in _CODE:
@@ -43,15 +63,12 @@ def pack_layout(specs: list[tuple[torch.dtype, tuple[int, ...]]],
         header += struct.pack("<BB", _CODE[dtype], len(shape))
         header += struct.pack(f"<{len(shape)}q", *shape)
     header += b"\0" * _pad(len(header))
-    payload = torch.empty(packed_size(specs), dtype=torch.uint8, device=device)
-    payload[: len(header)].copy_(torch.frombuffer(header, dtype=torch.uint8))
-    views, pos = [], len(header)
+    places, pos = [], len(header)
     for dtype, shape in specs:
         nbytes = _ITEMSIZE[dtype] * _numel(shape)
-        views.append(payload[pos : pos + nbytes].view(dtype).view(shape))
-        payload[pos + nbytes : pos + nbytes + _pad(nbytes)] = 0
+        places.append((pos, nbytes, _pad(nbytes), dtype, shape))
         pos += nbytes + _pad(nbytes)
-    return payload, views
+    return torch.frombuffer(header, dtype=torch.uint8), pos, tuple(places)
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -76,10 +93,7 @@ def unpack(payload: torch.Tensor) -> list[torch.Tensor]:
     pos += _pad(pos)
     out = []
     for dtype, shape in specs:
-        numel = 1
-        for d in shape:
-            numel *= d
-        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        nbytes = _numel(shape) * _ITEMSIZE[dtype]
         out.append(payload[pos : pos + nbytes].view(dtype).reshape(shape))
         pos += nbytes + _pad(nbytes)
     if pos != payload.numel():

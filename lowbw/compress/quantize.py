@@ -29,7 +29,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from lowbw.compress import _util
+from lowbw.compress import _util, quantize_cpu
 from lowbw.compress.base import Codec, register_codec
 from lowbw.compress.payload import pack_layout, packed_size, unpack
 
@@ -125,6 +125,16 @@ class Quantizer:
     def quantize_into(self, x: torch.Tensor, stats: torch.Tensor, codes: torch.Tensor) -> None:
         """Write ``x``'s block stats and packed codes into ``stats`` and ``codes`` (shaped as :meth:`specs`
         says): a codec passes views of its payload, so nothing is copied into the payload afterwards."""
+        if _util.numel(tuple(x.shape)) == 0:
+            return
+        if x.device.type == "cpu":
+            quantize_cpu.quantize_into(self, x, stats, codes)
+        else:
+            self.quantize_into_torch(x, stats, codes)
+
+    def quantize_into_torch(self, x: torch.Tensor, stats: torch.Tensor, codes: torch.Tensor) -> None:
+        """:meth:`quantize_into` in torch ops alone, for any device (CPU tensors take the faster, bit-identical
+        lowbw.compress.quantize_cpu)."""
         n, b, nb, nbytes = self._geometry(tuple(x.shape))
         if n == 0:
             return
@@ -147,6 +157,12 @@ class Quantizer:
 
     def dequantize(self, stats: torch.Tensor, codes: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
         """float32 tensor of ``shape`` from :meth:`quantize`'s output."""
+        if codes.device.type == "cpu" and _util.numel(shape) > 0:
+            return quantize_cpu.dequantize(self, stats, codes, shape)
+        return self.dequantize_torch(stats, codes, shape)
+
+    def dequantize_torch(self, stats: torch.Tensor, codes: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        """:meth:`dequantize` in torch ops alone, for any device."""
         n, b, nb, _ = self._geometry(shape)
         if n == 0:
             return torch.empty(shape, dtype=torch.float32, device=codes.device)
@@ -202,7 +218,7 @@ class Quant(Codec):
         _util.check_float(self.name, x)
         shape = tuple(x.shape)
         payload, (meta, stats, codes) = pack_layout([_util.meta_spec(shape), *self.q.specs(shape)], x.device)
-        meta.copy_(_util.meta(x))
+        _util.write_meta(meta, x)
         self.q.quantize_into(x, stats, codes)
         return payload
 
