@@ -31,7 +31,7 @@ import torch
 
 from lowbw.compress import _util, quantize_cpu
 from lowbw.compress.base import Codec, register_codec
-from lowbw.compress.payload import pack_layout, packed_size, unpack
+from lowbw.compress.payload import pack_layout, pack_layout_numpy, packed_size, unpack, unpack_numpy
 
 _NEG_INF = float("-inf")
 _POS_INF = float("inf")
@@ -128,7 +128,7 @@ class Quantizer:
         if _util.numel(tuple(x.shape)) == 0:
             return
         if x.device.type == "cpu":
-            quantize_cpu.quantize_into(self, x, stats, codes)
+            quantize_cpu.quantize(self, x, _bytes(stats), codes.numpy())
         else:
             self.quantize_into_torch(x, stats, codes)
 
@@ -158,7 +158,7 @@ class Quantizer:
     def dequantize(self, stats: torch.Tensor, codes: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
         """float32 tensor of ``shape`` from :meth:`quantize`'s output."""
         if codes.device.type == "cpu" and _util.numel(shape) > 0:
-            return quantize_cpu.dequantize(self, stats, codes, shape)
+            return quantize_cpu.dequantize(self, _bytes(stats), stats.dtype, codes.numpy(), shape)
         return self.dequantize_torch(stats, codes, shape)
 
     def dequantize_torch(self, stats: torch.Tensor, codes: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
@@ -217,12 +217,25 @@ class Quant(Codec):
     def encode(self, x: torch.Tensor, sample_ids: torch.Tensor | None = None) -> torch.Tensor:
         _util.check_float(self.name, x)
         shape = tuple(x.shape)
-        payload, (meta, stats, codes) = pack_layout([_util.meta_spec(shape), *self.q.specs(shape)], x.device)
+        specs = [_util.meta_spec(shape), *self.q.specs(shape)]
+        if x.device.type == "cpu":  # numpy views of the payload: see lowbw.compress.quantize_cpu
+            payload, (meta, stats, codes) = pack_layout_numpy(specs)
+            _util.write_meta(meta, x)
+            if _util.numel(shape):
+                quantize_cpu.quantize(self.q, x, stats, codes)
+            return payload
+        payload, (meta, stats, codes) = pack_layout(specs, x.device)
         _util.write_meta(meta, x)
         self.q.quantize_into(x, stats, codes)
         return payload
 
     def decode(self, payload: torch.Tensor, sample_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if payload.device.type == "cpu":
+            (_, _, m), (stats_dtype, _, stats), (_, _, codes) = unpack_numpy(payload)
+            dtype, _, shape = _util.read_meta(m.view(np.int64))
+            if _util.numel(shape):
+                y = quantize_cpu.dequantize(self.q, stats, stats_dtype, codes, shape)
+                return y if dtype == torch.float32 else y.to(dtype)
         m, stats, codes = unpack(payload)
         dtype, _, shape = _util.read_meta(m)
         return self.q.dequantize(stats, codes, shape).to(dtype)
@@ -236,6 +249,11 @@ class Quant(Codec):
         if norm == 0.0:
             return 0.0
         return math.sqrt(self.q.err_sq_bound(x)) / norm
+
+
+def _bytes(t: torch.Tensor) -> np.ndarray:
+    """The bytes of a CPU tensor, as a flat uint8 numpy view (a copy if it is not contiguous)."""
+    return t.contiguous().view(torch.uint8).numpy().reshape(-1)
 
 
 def _alias(bits: int) -> type[Quant]:
