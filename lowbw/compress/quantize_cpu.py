@@ -147,7 +147,8 @@ def quantize(q: Quantizer, x: torch.Tensor, stats: np.ndarray, codes: np.ndarray
     t, tn, lo, hi, s = _scratch(nb, b)
     off, step = affine(q, _block_stats(q, xb, stats, lo, hi, s))
     inv = np.zeros_like(step)
-    np.divide(np.float32(1.0), step, out=inv, where=step > 0)
+    with np.errstate(over="ignore"):  # 1/denormal = inf, silently as in torch; the clamp below handles it
+        np.divide(np.float32(1.0), step, out=inv, where=step > 0)
     inv_t = torch.from_numpy(inv[:, None])
     if off is None:
         torch.mul(xb, inv_t, out=t)
