@@ -26,13 +26,14 @@ from __future__ import annotations
 
 import sys
 import threading
-from typing import TYPE_CHECKING, Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
 
-if TYPE_CHECKING:  # annotations only: quantize.py imports this module
-    from lowbw.compress.quantize import Quantizer
+#: The ``lowbw.compress.quantize.Quantizer`` whose settings and torch helpers the functions here take
+#: as ``q`` (not imported: quantize.py imports this module).
+Quantizer = Any
 
 #: A payload's (min, max) bfloat16 pair read as one uint32 has min in the low half on little-endian CPUs.
 _LITTLE = sys.byteorder == "little"
@@ -127,10 +128,12 @@ def _block_stats(q: Quantizer, xb: torch.Tensor, stats: np.ndarray, lo: torch.Te
 
 
 def affine(q: Quantizer, sf: np.ndarray) -> tuple[Optional[np.ndarray], np.ndarray]:
-    """(offset or None for symmetric, step) per block: ``Quantizer._affine``'s float32 arithmetic."""
+    """(offset or None for symmetric, step) per block: ``Quantizer._affine``'s float32 arithmetic.
+    ``max − min`` past float32's range is inf, silently as in torch."""
     if q.symmetric:
         return None, sf[0] / np.float32(q.half)
-    return sf[0], (sf[1] - sf[0]) / np.float32(q.levels)
+    with np.errstate(over="ignore"):
+        return sf[0], (sf[1] - sf[0]) / np.float32(q.levels)
 
 
 def _blocks(q: Quantizer, x: torch.Tensor, n: int, b: int, nb: int) -> torch.Tensor:
