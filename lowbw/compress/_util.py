@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import numpy as np
 import torch
 
 from lowbw.compress.payload import _CODE, _DTYPES
@@ -22,13 +21,10 @@ def meta(x: torch.Tensor, *extra: int) -> torch.Tensor:
     return torch.tensor([_CODE[x.dtype], *extra, *x.shape], dtype=torch.int64, device=x.device)
 
 
-def write_meta(dst: torch.Tensor | np.ndarray, x: torch.Tensor, *extra: int) -> None:
-    """Write :func:`meta` of ``x`` into ``dst``: a payload's view shaped by :func:`meta_spec`, or its
-    bytes as a uint8 numpy view (a CPU codec's fast path, lowbw.compress.payload.pack_layout_numpy)."""
+def write_meta(dst: torch.Tensor, x: torch.Tensor, *extra: int) -> None:
+    """Write :func:`meta` of ``x`` into ``dst``, a payload's view shaped by :func:`meta_spec`."""
     vals = [_CODE[x.dtype], *extra, *x.shape]
-    if isinstance(dst, np.ndarray):
-        dst.view(np.int64)[:] = vals
-    elif dst.device.type == "cpu":  # numpy fills a few numbers in ~1 µs, torch.tensor + copy_ in ~10
+    if dst.device.type == "cpu":  # numpy fills a few numbers in ~1 µs, torch.tensor + copy_ in ~10
         dst.numpy()[:] = vals
     else:
         dst.copy_(torch.tensor(vals, dtype=torch.int64))

@@ -38,7 +38,7 @@ def pack_layout(specs: list[tuple[torch.dtype, tuple[int, ...]]],
                 device: torch.device = torch.device("cpu")) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """A payload for tensors of these ``(dtype, shape)``, header and padding written, and a view of each
     tensor's place in it: a codec fills the views where they lie, with no copy into a payload afterwards."""
-    header, total, places = _plan(tuple((dtype, tuple(int(d) for d in shape)) for dtype, shape in specs))
+    header, total, places = layout(tuple((dtype, tuple(int(d) for d in shape)) for dtype, shape in specs))
     payload = torch.empty(total, dtype=torch.uint8, device=device)
     if payload.device.type == "cpu":  # a numpy copy of a few dozen bytes costs a tenth of torch's
         payload.numpy()[: header.size] = header
@@ -52,25 +52,12 @@ def pack_layout(specs: list[tuple[torch.dtype, tuple[int, ...]]],
     return payload, views
 
 
-def pack_layout_numpy(specs: list[tuple[torch.dtype, tuple[int, ...]]]) -> tuple[torch.Tensor, list[np.ndarray]]:
-    """:func:`pack_layout` on the CPU with each tensor's place as a uint8 numpy view, which the codec
-    reinterprets (``.view(np.int64)``...). A torch view costs a few µs a call, ~20 µs with cold caches
-    (a codec runs between a model's layers); a numpy slice a fraction of that."""
-    header, total, places = _plan(tuple((dtype, tuple(int(d) for d in shape)) for dtype, shape in specs))
-    payload = torch.empty(total, dtype=torch.uint8)
-    pn = payload.numpy()
-    pn[: header.size] = header
-    for pos, nbytes, pad, _, _ in places:
-        if pad:
-            pn[pos + nbytes : pos + nbytes + pad] = 0
-    return payload, [pn[pos : pos + nbytes] for pos, nbytes, _, _, _ in places]
-
-
 @functools.lru_cache(maxsize=1024)
-def _plan(specs: tuple[tuple[torch.dtype, tuple[int, ...]], ...]) -> tuple[np.ndarray, int, tuple]:
+def layout(specs: tuple[tuple[torch.dtype, tuple[int, ...]], ...]) -> tuple[np.ndarray, int, tuple]:
     """(header bytes as a uint8 array -- read, never written --, payload length, per tensor its
-    ``(offset, nbytes, padding, dtype, shape)``) for :func:`pack_layout`, computed once per layout: a
-    codec sends tensors of the same few shapes message after message."""
+    ``(offset, nbytes, padding, dtype, shape)``) of :func:`pack_layout`'s payload for ``specs`` (a tuple
+    of ``(dtype, tuple shape)``), computed once per layout: a codec sends tensors of the same few
+    shapes message after message. A codec's CPU path may fill such a payload through numpy itself."""
     header = bytearray(struct.pack("<I", len(specs)))
     for dtype, shape in specs:
         if dtype not in _CODE:
@@ -103,7 +90,8 @@ def unpack(payload: torch.Tensor) -> list[torch.Tensor]:
 def unpack_numpy(payload: torch.Tensor) -> list[tuple[torch.dtype, tuple[int, ...], np.ndarray]]:
     """:func:`unpack` for a CPU payload, as ``(dtype, shape, its bytes)``: each tensor's place in the
     payload as a uint8 numpy view, to be reinterpreted by the caller. No torch call but one, which
-    is what a codec's CPU path wants (see :func:`pack_layout_numpy`)."""
+    is what a codec's CPU path wants: a torch view costs a few µs a call, ~20 µs with cold caches (a
+    codec runs between a model's layers), a numpy slice a fraction of that."""
     pn = payload.numpy()
     return [(dtype, shape, pn[pos : pos + nbytes])
             for pos, nbytes, dtype, shape in _parse(pn[:4096].tobytes(), pn.size)]

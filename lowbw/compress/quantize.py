@@ -31,7 +31,8 @@ import torch
 
 from lowbw.compress import _util, quantize_cpu
 from lowbw.compress.base import Codec, register_codec
-from lowbw.compress.payload import pack_layout, pack_layout_numpy, packed_size, unpack, unpack_numpy
+from lowbw.compress.payload import _CODE as _DTYPE_CODE
+from lowbw.compress.payload import layout, pack_layout, packed_size, unpack, unpack_numpy
 
 _NEG_INF = float("-inf")
 _POS_INF = float("inf")
@@ -213,21 +214,42 @@ class Quant(Codec):
         symmetric = _util.check_bool(self.name, "symmetric", symmetric)
         sd = _util.check_dtype(self.name, "scale_dtype", scale_dtype)
         self.q = Quantizer(bits, block, symmetric, sd)
+        self._plans: dict[tuple[tuple[int, ...], torch.dtype], tuple] = {}
 
     def encode(self, x: torch.Tensor, sample_ids: torch.Tensor | None = None) -> torch.Tensor:
         _util.check_float(self.name, x)
         shape = tuple(x.shape)
-        specs = [_util.meta_spec(shape), *self.q.specs(shape)]
         if x.device.type == "cpu":  # numpy views of the payload: see lowbw.compress.quantize_cpu
-            payload, (meta, stats, codes) = pack_layout_numpy(specs)
-            _util.write_meta(meta, x)
+            prefix, total, stats_at, codes_at = self._cpu_plan(shape, x.dtype)
+            payload = torch.empty(total, dtype=torch.uint8)
+            pn = payload.numpy()
+            pn[: prefix.size] = prefix
+            views = []
+            for pos, nbytes, pad, _, _ in (stats_at, codes_at):
+                views.append(pn[pos : pos + nbytes])
+                if pad:
+                    pn[pos + nbytes : pos + nbytes + pad] = 0
             if _util.numel(shape):
-                quantize_cpu.quantize(self.q, x, stats, codes)
+                quantize_cpu.quantize(self.q, x, *views)
             return payload
-        payload, (meta, stats, codes) = pack_layout(specs, x.device)
+        payload, (meta, stats, codes) = pack_layout([_util.meta_spec(shape), *self.q.specs(shape)], x.device)
         _util.write_meta(meta, x)
         self.q.quantize_into(x, stats, codes)
         return payload
+
+    def _cpu_plan(self, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[np.ndarray, int, tuple, tuple]:
+        """(the payload's first bytes -- header and meta, fixed for a shape and dtype --, its length, and
+        the ``(offset, nbytes, padding, dtype, shape)`` of stats and codes), kept per shape and dtype."""
+        plan = self._plans.get((shape, dtype))
+        if plan is None:
+            if len(self._plans) >= 64:  # shapes keep changing: forget them rather than grow
+                self._plans.clear()
+            specs = [_util.meta_spec(shape), *self.q.specs(shape)]
+            header, total, (meta_at, stats_at, codes_at) = layout(tuple((d, tuple(s)) for d, s in specs))
+            meta = np.array([_DTYPE_CODE[dtype], *shape], dtype=np.int64).view(np.uint8)
+            assert meta_at[0] == header.size and meta_at[1] == meta.size and meta_at[2] == 0
+            plan = self._plans[shape, dtype] = (np.concatenate([header, meta]), total, stats_at, codes_at)
+        return plan
 
     def decode(self, payload: torch.Tensor, sample_ids: torch.Tensor | None = None) -> torch.Tensor:
         if payload.device.type == "cpu":

@@ -7,8 +7,8 @@ and decode three (cast, multiply, add) -- the float32 operations of the torch pa
 so that rounding is the same --, and around them as few calls as possible: with the caches cold,
 as when a codec runs between a model's layers, a torch call costs ~20 µs (scripts/bench_codecs.py).
 
-- Payloads are written and read through numpy views of their bytes
-  (:func:`~lowbw.compress.payload.pack_layout_numpy`, :func:`~lowbw.compress.payload.unpack_numpy`).
+- Payloads are written and read through numpy views of their bytes (``Quant.encode`` copies a
+  header kept per shape, :func:`~lowbw.compress.payload.unpack_numpy` reads one).
 - The per-block statistics (``n/block`` numbers) go through numpy; rounding them outward to
   bfloat16 is integer arithmetic on the float32 bit pattern (bfloat16 is its upper half) instead of
   a cast, a compare, a ``nextafter`` and a ``where`` per row.
@@ -112,7 +112,9 @@ def _block_stats(q: Quantizer, xb: torch.Tensor, stats: np.ndarray, lo: torch.Te
     torch.amax(xb, 1, out=hi)
     if q.symmetric:  # max(−min, max) is the absmax exactly; abs() turns a −0.0 into the +0.0 of abs().amax()
         s = np.abs(np.maximum(-s[0], s[1]))[None]
-    finite = bool(np.isfinite(s).all())
+    # one pass: a nan or inf entry makes the sum non-finite (a sum past float32's range only sends
+    # finite stats down the slower path, which gives the same bits)
+    finite = bool(np.isfinite(s.sum()))
     if finite and q.scale_dtype == torch.bfloat16:
         m = bf16_outward(s, up_rows=slice(0, 1) if q.symmetric else slice(1, 2))
         _write_bf16(stats, m)
@@ -149,9 +151,12 @@ def quantize(q: Quantizer, x: torch.Tensor, stats: np.ndarray, codes: np.ndarray
     xb = _blocks(q, x, n, b, nb)
     t, tn, lo, hi, s = _scratch(nb, b)
     off, step = affine(q, _block_stats(q, xb, stats, lo, hi, s))
-    inv = np.zeros_like(step)
-    with np.errstate(over="ignore"):  # 1/denormal = inf, silently as in torch; the clamp below handles it
-        np.divide(np.float32(1.0), step, out=inv, where=step > 0)
+    with np.errstate(over="ignore", divide="ignore"):  # 1/0 and 1/denormal = inf, silently as in torch
+        inv = np.float32(1.0) / step
+    finite = bool(np.isfinite(inv.sum()))
+    if not finite:  # the torch path's 1/step where step > 0, else 0; is it all finite then?
+        inv[~(step > 0)] = 0.0
+        finite = bool(np.isfinite(inv).all())
     inv_t = torch.from_numpy(inv[:, None])
     if off is None:
         torch.mul(xb, inv_t, out=t)
@@ -159,7 +164,7 @@ def quantize(q: Quantizer, x: torch.Tensor, stats: np.ndarray, codes: np.ndarray
         torch.sub(xb, torch.from_numpy(off[:, None]), out=t).mul_(inv_t)
     shift, top = (q.half + 0.5, 2 * q.half) if q.symmetric else (0.5, q.levels)
     whole = codes.reshape(nb, b) if q.per_byte == 1 else np.empty((nb, b), dtype=np.uint8)
-    if np.isfinite(inv).all():
+    if finite:
         # round half up = truncate(t + 1/2); t + shift lies in [1/2, top + 1) because the stats cover the block
         np.add(tn, np.float32(shift), out=whole, casting="unsafe")
     else:
