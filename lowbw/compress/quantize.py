@@ -128,7 +128,7 @@ class Quantizer:
         says): a codec passes views of its payload, so nothing is copied into the payload afterwards."""
         if _util.numel(tuple(x.shape)) == 0:
             return
-        if x.device.type == "cpu":
+        if x.device.type == "cpu" and stats.is_contiguous() and codes.is_contiguous():  # views to write through
             quantize_cpu.quantize(self, x, _bytes(stats), codes.numpy())
         else:
             self.quantize_into_torch(x, stats, codes)
@@ -274,7 +274,7 @@ class Quant(Codec):
 
 
 def _bytes(t: torch.Tensor) -> np.ndarray:
-    """The bytes of a CPU tensor, as a flat uint8 numpy view (a copy if it is not contiguous)."""
+    """The bytes of a CPU tensor, as a flat uint8 numpy view (of a copy if ``t`` is not contiguous)."""
     return t.contiguous().view(torch.uint8).numpy().reshape(-1)
 
 
