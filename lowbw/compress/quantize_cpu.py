@@ -41,6 +41,11 @@ _SCRATCH = threading.local()
 _MAX_SHAPES = 16  # views kept per thread; more shapes than this and the views are rebuilt
 
 
+def _silent() -> np.errstate:
+    """inf and nan on the way (1/0, max − min past float32's range, non-finite entries) go unreported, as in torch."""
+    return np.errstate(over="ignore", invalid="ignore", divide="ignore")  # one per use: it cannot be re-entered
+
+
 def _scratch(nb: int, b: int) -> tuple[torch.Tensor, np.ndarray, torch.Tensor, torch.Tensor, np.ndarray]:
     """This thread's buffers for ``nb`` blocks of ``b``: ``t`` ``[nb, b]`` (torch and numpy views of the
     same float32 memory), the min and max rows ``[nb]`` and both as one numpy ``[2, nb]``. Contents undefined."""
@@ -130,12 +135,10 @@ def _block_stats(q: Quantizer, xb: torch.Tensor, stats: np.ndarray, lo: torch.Te
 
 
 def affine(q: Quantizer, sf: np.ndarray) -> tuple[Optional[np.ndarray], np.ndarray]:
-    """(offset or None for symmetric, step) per block: ``Quantizer._affine``'s float32 arithmetic.
-    ``max − min`` past float32's range is inf, silently as in torch."""
+    """(offset or None for symmetric, step) per block: ``Quantizer._affine``'s float32 arithmetic."""
     if q.symmetric:
         return None, sf[0] / np.float32(q.half)
-    with np.errstate(over="ignore"):
-        return sf[0], (sf[1] - sf[0]) / np.float32(q.levels)
+    return sf[0], (sf[1] - sf[0]) / np.float32(q.levels)
 
 
 def _blocks(q: Quantizer, x: torch.Tensor, n: int, b: int, nb: int) -> torch.Tensor:
@@ -150,13 +153,13 @@ def quantize(q: Quantizer, x: torch.Tensor, stats: np.ndarray, codes: np.ndarray
     n, b, nb, nbytes = q._geometry(tuple(x.shape))
     xb = _blocks(q, x, n, b, nb)
     t, tn, lo, hi, s = _scratch(nb, b)
-    off, step = affine(q, _block_stats(q, xb, stats, lo, hi, s))
-    with np.errstate(over="ignore", divide="ignore"):  # 1/0 and 1/denormal = inf, silently as in torch
+    with _silent():
+        off, step = affine(q, _block_stats(q, xb, stats, lo, hi, s))
         inv = np.float32(1.0) / step
-    finite = bool(np.isfinite(inv.sum()))
-    if not finite:  # the torch path's 1/step where step > 0, else 0; is it all finite then?
-        inv[~(step > 0)] = 0.0
-        finite = bool(np.isfinite(inv).all())
+        finite = bool(np.isfinite(inv.sum()))
+        if not finite:  # the torch path's 1/step where step > 0, else 0; is it all finite then?
+            inv[~(step > 0)] = 0.0
+            finite = bool(np.isfinite(inv).all())
     inv_t = torch.from_numpy(inv[:, None])
     if off is None:
         torch.mul(xb, inv_t, out=t)
@@ -178,7 +181,8 @@ def dequantize(q: Quantizer, stats: np.ndarray, stats_dtype: torch.dtype, codes:
     """``Quantizer.dequantize`` from the bytes of a payload's stats (of ``stats_dtype``) and codes
     (uint8 numpy views), for a ``shape`` of at least one entry."""
     n, b, nb, _ = q._geometry(shape)
-    off, step = affine(q, stored_stats(q, stats, stats_dtype))
+    with _silent():
+        off, step = affine(q, stored_stats(q, stats, stats_dtype))
     y = torch.empty((nb, b), dtype=torch.float32)
     if q.per_byte == 1:
         y.copy_(torch.from_numpy(codes.reshape(nb, b)))
