@@ -1,10 +1,11 @@
 #!/usr/bin/env python
 """Benchmark the built-in codecs on activation-shaped tensors, one core, beside hivemind's.
 
-    python scripts/bench_codecs.py [--shape 8 128 512] [--reps 10] [--threads 1] [--no-hivemind]
+    python scripts/bench_codecs.py [--shape 8 128 512] [--reps 10] [--rounds 1] [--threads 1] [--no-hivemind]
 
-For each codec: encode and decode time (median over reps, ms), throughput (GB/s of raw input
-through encode+decode), compression ratio (raw bytes / payload bytes) and relative error
+For each codec: encode and decode time (median over reps, ms; with ``--rounds N`` the median over N
+rounds of those medians, hivemind's child and lowbw's codecs taking turns each round), throughput
+(GB/s of raw input through encode+decode), compression ratio (raw bytes / payload bytes) and relative error
 ‖x̂ − x‖/‖x‖, on a random normal tensor and on a realistic activation (output of a
 TransformerEncoderLayer, with two outlier channels). ``none`` is the reference row. Stateful codecs
 run as a sender/receiver pair, message after message; ``aqsgd`` is measured in its steady state
@@ -191,10 +192,26 @@ def run_hivemind(py: Path, inputs: dict, reps: int, threads: int) -> tuple[Optio
         return None, f"the hivemind child script printed no JSON: {p.stdout[-200:]!r}"
 
 
+def _median_rows(rounds: list[list[dict]]) -> list[dict]:
+    """hivemind's rows, each timing the median over rounds of that round's median."""
+    rows = []
+    for i, row in enumerate(rounds[0]):
+        row = dict(row)
+        if "error" not in row:
+            for key in ("enc_s", "dec_s"):
+                row[key] = statistics.median(r[i][key] for r in rounds)
+        rows.append(row)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", type=int, nargs="+", default=[8, 128, 512])
     ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="measure everything this many times, hivemind's child then lowbw's codecs each round, "
+                         "and print per row the median over rounds of each round's median time: on a shared "
+                         "machine, load that comes and goes then hits both sides alike (default: %(default)s)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--hivemind", action=argparse.BooleanOptionalAction, default=True,
                     help="also run hivemind's codecs in a venv of their own (default: on, if it can be set up)")
@@ -208,13 +225,28 @@ def main() -> None:
         "activation": activations(shape),
     }
     raw = inputs["random"].numel() * 4
-    hm, hm_why = None, "skipped (--no-hivemind)"
+    py, hm, hm_why = None, None, "skipped (--no-hivemind)"
     if args.hivemind:  # first, so that its set-up messages do not split the table
         py, hm_why = ensure_hivemind_venv(args.hivemind_venv.expanduser())
+    hm_rounds: list[list[dict]] = []
+    ours: dict[tuple[str, str], list[tuple[float, float, float, float]]] = {}
+    for _ in range(args.rounds):
         if py is not None:
             hm, hm_why = run_hivemind(py, inputs, args.reps, args.threads)
+            if hm is None:
+                py = None
+            else:
+                hm_rounds.append(hm["rows"])
+        for spec in CODECS:
+            for kind, x in inputs.items():
+                ours.setdefault((label(spec), kind), []).append(bench(spec, x, args.reps))
+    if py is not None and hm_rounds:
+        hm["rows"] = _median_rows(hm_rounds)
+    else:
+        hm = None
     print(f"shape {list(shape)} float32 ({raw / 2**20:.1f} MiB), torch {torch.__version__}, "
-          f"{torch.get_num_threads()} thread(s), median of {args.reps}")
+          f"{torch.get_num_threads()} thread(s), median of {args.reps}"
+          + (f", then the median of {args.rounds} rounds" if args.rounds > 1 else ""))
     if hm is not None:
         print(f"hivemind {hm['hivemind']} (numpy {hm['numpy']}, torch {hm['torch']}) in {args.hivemind_venv}")
     else:
@@ -223,12 +255,12 @@ def main() -> None:
     header = f"{'codec':<38} {'input':<10} {'enc ms':>8} {'dec ms':>8} {'GB/s':>7} {'ratio':>8} {'rel err':>9}"
     print(header)
     print("-" * len(header))
-    for spec in CODECS:
-        for kind, x in inputs.items():
-            e, d, ratio, err = bench(spec, x, args.reps)
-            gbs = raw / (e + d) / 1e9
-            results[label(spec), kind] = (gbs, err)
-            print(f"{label(spec):<38} {kind:<10} {e * 1e3:8.2f} {d * 1e3:8.2f} {gbs:7.2f} {ratio:8.2f} {err:9.2e}")
+    for (lab, kind), runs in ours.items():
+        e, d = (statistics.median(r[i] for r in runs) for i in (0, 1))
+        _, _, ratio, err = runs[0]  # the same in every round: the same tensors, the same codec
+        gbs = raw / (e + d) / 1e9
+        results[lab, kind] = (gbs, err)
+        print(f"{lab:<38} {kind:<10} {e * 1e3:8.2f} {d * 1e3:8.2f} {gbs:7.2f} {ratio:8.2f} {err:9.2e}")
     failed: dict[str, str] = {}
     for row in hm["rows"] if hm else []:
         name = "hivemind " + row["codec"]

@@ -21,6 +21,15 @@ def meta(x: torch.Tensor, *extra: int) -> torch.Tensor:
     return torch.tensor([_CODE[x.dtype], *extra, *x.shape], dtype=torch.int64, device=x.device)
 
 
+def write_meta(dst: torch.Tensor, x: torch.Tensor, *extra: int) -> None:
+    """Write :func:`meta` of ``x`` into ``dst``, a payload's view shaped by :func:`meta_spec`."""
+    vals = [_CODE[x.dtype], *extra, *x.shape]
+    if dst.device.type == "cpu":  # numpy fills a few numbers in ~1 µs, torch.tensor + copy_ in ~10
+        dst.numpy()[:] = vals
+    else:
+        dst.copy_(torch.tensor(vals, dtype=torch.int64))
+
+
 def meta_spec(shape: tuple[int, ...], n_extra: int = 0) -> tuple[torch.dtype, tuple[int, ...]]:
     return (torch.int64, (1 + n_extra + len(shape),))
 

@@ -29,9 +29,10 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from lowbw.compress import _util
+from lowbw.compress import _util, quantize_cpu
 from lowbw.compress.base import Codec, register_codec
-from lowbw.compress.payload import pack_layout, packed_size, unpack
+from lowbw.compress.payload import _CODE as _DTYPE_CODE
+from lowbw.compress.payload import layout, pack_layout, packed_size, unpack, unpack_numpy
 
 _NEG_INF = float("-inf")
 _POS_INF = float("inf")
@@ -125,6 +126,16 @@ class Quantizer:
     def quantize_into(self, x: torch.Tensor, stats: torch.Tensor, codes: torch.Tensor) -> None:
         """Write ``x``'s block stats and packed codes into ``stats`` and ``codes`` (shaped as :meth:`specs`
         says): a codec passes views of its payload, so nothing is copied into the payload afterwards."""
+        if _util.numel(tuple(x.shape)) == 0:
+            return
+        if x.device.type == "cpu" and stats.is_contiguous() and codes.is_contiguous():  # views to write through
+            quantize_cpu.quantize(self, x, _bytes(stats), codes.numpy())
+        else:
+            self.quantize_into_torch(x, stats, codes)
+
+    def quantize_into_torch(self, x: torch.Tensor, stats: torch.Tensor, codes: torch.Tensor) -> None:
+        """:meth:`quantize_into` in torch ops alone, for any device (CPU tensors take the faster, bit-identical
+        lowbw.compress.quantize_cpu)."""
         n, b, nb, nbytes = self._geometry(tuple(x.shape))
         if n == 0:
             return
@@ -147,6 +158,12 @@ class Quantizer:
 
     def dequantize(self, stats: torch.Tensor, codes: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
         """float32 tensor of ``shape`` from :meth:`quantize`'s output."""
+        if codes.device.type == "cpu" and _util.numel(shape) > 0:
+            return quantize_cpu.dequantize(self, _bytes(stats), stats.dtype, codes.numpy(), shape)
+        return self.dequantize_torch(stats, codes, shape)
+
+    def dequantize_torch(self, stats: torch.Tensor, codes: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        """:meth:`dequantize` in torch ops alone, for any device."""
         n, b, nb, _ = self._geometry(shape)
         if n == 0:
             return torch.empty(shape, dtype=torch.float32, device=codes.device)
@@ -197,16 +214,50 @@ class Quant(Codec):
         symmetric = _util.check_bool(self.name, "symmetric", symmetric)
         sd = _util.check_dtype(self.name, "scale_dtype", scale_dtype)
         self.q = Quantizer(bits, block, symmetric, sd)
+        self._plans: dict[tuple[tuple[int, ...], torch.dtype], tuple] = {}
 
     def encode(self, x: torch.Tensor, sample_ids: torch.Tensor | None = None) -> torch.Tensor:
         _util.check_float(self.name, x)
         shape = tuple(x.shape)
+        if x.device.type == "cpu":  # numpy views of the payload: see lowbw.compress.quantize_cpu
+            prefix, total, stats_at, codes_at = self._cpu_plan(shape, x.dtype)
+            payload = torch.empty(total, dtype=torch.uint8)
+            pn = payload.numpy()
+            pn[: prefix.size] = prefix
+            views = []
+            for pos, nbytes, pad, _, _ in (stats_at, codes_at):
+                views.append(pn[pos : pos + nbytes])
+                if pad:
+                    pn[pos + nbytes : pos + nbytes + pad] = 0
+            if _util.numel(shape):
+                quantize_cpu.quantize(self.q, x, *views)
+            return payload
         payload, (meta, stats, codes) = pack_layout([_util.meta_spec(shape), *self.q.specs(shape)], x.device)
-        meta.copy_(_util.meta(x))
+        _util.write_meta(meta, x)
         self.q.quantize_into(x, stats, codes)
         return payload
 
+    def _cpu_plan(self, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[np.ndarray, int, tuple, tuple]:
+        """(the payload's first bytes -- header and meta, fixed for a shape and dtype --, its length, and
+        the ``(offset, nbytes, padding, dtype, shape)`` of stats and codes), kept per shape and dtype."""
+        plan = self._plans.get((shape, dtype))
+        if plan is None:
+            if len(self._plans) >= 64:  # shapes keep changing: forget them rather than grow
+                self._plans.clear()
+            specs = [_util.meta_spec(shape), *self.q.specs(shape)]
+            header, total, (meta_at, stats_at, codes_at) = layout(tuple((d, tuple(s)) for d, s in specs))
+            meta = np.array([_DTYPE_CODE[dtype], *shape], dtype=np.int64).view(np.uint8)
+            assert meta_at[0] == header.size and meta_at[1] == meta.size and meta_at[2] == 0
+            plan = self._plans[shape, dtype] = (np.concatenate([header, meta]), total, stats_at, codes_at)
+        return plan
+
     def decode(self, payload: torch.Tensor, sample_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if payload.device.type == "cpu":
+            (_, _, m), (stats_dtype, _, stats), (_, _, codes) = unpack_numpy(payload)
+            dtype, _, shape = _util.read_meta(m.view(np.int64))
+            if _util.numel(shape):
+                y = quantize_cpu.dequantize(self.q, stats, stats_dtype, codes, shape)
+                return y if dtype == torch.float32 else y.to(dtype)
         m, stats, codes = unpack(payload)
         dtype, _, shape = _util.read_meta(m)
         return self.q.dequantize(stats, codes, shape).to(dtype)
@@ -220,6 +271,11 @@ class Quant(Codec):
         if norm == 0.0:
             return 0.0
         return math.sqrt(self.q.err_sq_bound(x)) / norm
+
+
+def _bytes(t: torch.Tensor) -> np.ndarray:
+    """The bytes of a CPU tensor, as a flat uint8 numpy view (of a copy if ``t`` is not contiguous)."""
+    return t.contiguous().view(torch.uint8).numpy().reshape(-1)
 
 
 def _alias(bits: int) -> type[Quant]:
