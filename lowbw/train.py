@@ -42,9 +42,10 @@ from lowbw.metrics.tensorboard import run_name
 from lowbw.models.flops import n_params
 from lowbw.rank.process import run_rank
 from lowbw.replicas import Layout
+from lowbw.replicas.layout import replica_count
 from lowbw.run_folder import check_resume, prepare, set_aside
 from lowbw.timing import describe
-from lowbw.validation import Plan, replica_count, validate
+from lowbw.validation import Plan, validate
 
 
 def under_torchrun() -> bool:

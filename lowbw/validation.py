@@ -37,6 +37,7 @@ from lowbw.pipeline.partition import partition_layers
 from lowbw.pipeline.schedules import build_schedule, forward_only
 from lowbw.regime import Regime, build_regime
 from lowbw.replicas import build_sync
+from lowbw.replicas.layout import replica_count
 from lowbw.replicas.charge import target_exchanges
 
 
@@ -97,12 +98,6 @@ def validate(cfg: Any, world_size: Optional[int] = None) -> Plan:
     sync_target = target_exchanges(cfg, schedule, replica_count(cfg)) if regime is not None else ()
     return Plan(schedule, eval_schedule, tuple(ranges), topology, conditions, tuple(profiles), codecs,
                 regime, fault_warnings(cfg) + replica_warnings(cfg), sync_target)
-
-
-def replica_count(cfg: Any) -> int:
-    """``replicas.count`` (1 for a config composed without the replicas group)."""
-    replicas = getattr(cfg, "replicas", None)
-    return int(replicas.count) if replicas is not None else 1
 
 
 def _check_replicas(cfg: Any, schedule: Schedule) -> None:

@@ -14,6 +14,12 @@ from dataclasses import dataclass
 from typing import Any
 
 
+def replica_count(cfg: Any) -> int:
+    """``replicas.count`` of a composed config; 1 for a config composed without the replicas group."""
+    replicas = getattr(cfg, "replicas", None)
+    return int(replicas.count) if replicas is not None else 1
+
+
 @dataclass(frozen=True)
 class Layout:
     pipeline_ranks: int  # S: ranks of one pipeline (the schedule's n_ranks)
@@ -22,8 +28,7 @@ class Layout:
     @staticmethod
     def of(cfg: Any, pipeline_ranks: int) -> "Layout":
         """The layout of a composed config (``replicas.count``; 1 when the config has no replicas)."""
-        replicas = getattr(cfg, "replicas", None)  # configs composed before replicas existed: one pipeline
-        return Layout(pipeline_ranks, int(replicas.count) if replicas is not None else 1)
+        return Layout(pipeline_ranks, replica_count(cfg))
 
     @property
     def world(self) -> int:
