@@ -213,30 +213,16 @@ def _close(a: dict, b: dict, tol: float) -> float:
     return worst
 
 
-def test_allreduce_replicas_train_as_one_pipeline_on_the_combined_batch(compose, tmp_path):
-    # SGD: its update is the gradient, so the weights compare the gradients themselves (AdamW divides
-    # near-zero gradients by their own size and turns float rounding into differences of 1e-4)
-    sgd = ["train.steps=3", "train.optimizer=sgd", "train.lr=0.5"]
-    s, rows, w = _run(compose, tmp_path, "dp", sgd + ["replicas.count=2"])
-    one, one_rows, w1 = _run(compose, tmp_path, "one", sgd + ["train.batch_size=8", "pipeline.microbatches=4"])
-    assert s["status"] == "completed" and s["world_size"] == 4 and s["tokens"] == one["tokens"]
-    for a, b in zip(rows, one_rows):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
-    assert s["val_loss"] == pytest.approx(one["val_loss"], rel=1e-5)  # validated on the same text
-    _close(_replica(w, 0, 2), w1, 1e-5)
-    assert _replica(w, 0, 2).keys() == _replica(w, 2, 2).keys()
-    assert all(torch.equal(_replica(w, 0, 2)[k], _replica(w, 2, 2)[k]) for k in w1)  # replicas stay equal
+SGD = ["train.steps=3", "replicas.count=2", "train.optimizer=sgd", "train.lr=0.5"]
 
 
-def test_diloco_with_one_inner_step_outer_lr_1_and_no_momentum_is_data_parallel(compose, tmp_path):
-    common = ["train.steps=3", "replicas.count=2", "train.optimizer=sgd", "train.lr=0.5"]
-    _, dp_rows, dp = _run(compose, tmp_path, "dp", common)
-    _, di_rows, di = _run(compose, tmp_path, "diloco", common + [
-        "replicas/sync=diloco", "replicas.sync.every=1", "replicas.sync.outer_lr=1.0",
-        "replicas.sync.outer_momentum=0.0"])
-    for a, b in zip(di_rows, dp_rows):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
-    _close(di, dp, 1e-5)
+@pytest.fixture(scope="module")
+def data_parallel(tmp_path_factory):
+    """One 2 x 2 all-reduce run with SGD (its update is the gradient, so weights compare gradients: AdamW
+    divides near-zero gradients by their own size and turns float rounding into differences of 1e-4)."""
+    from lowbw.train import compose
+
+    return _run(compose, tmp_path_factory.mktemp("dp"), "dp", SGD)
 
 
 def _stage_shapes(compose, overrides: list[str]) -> list[list[tuple[int, ...]]]:
@@ -247,24 +233,50 @@ def _stage_shapes(compose, overrides: list[str]) -> list[list[tuple[int, ...]]]:
              for q in st.module.parameters()] for p in range(plan.schedule.n_ranks)]
 
 
-@pytest.mark.parametrize("sync", [
-    ["replicas/sync=allreduce"],
-    ["replicas/sync=allreduce", "replicas.sync.codec=int8"],
-    ["replicas/sync=allreduce", "replicas.sync.codec=powersgd"],
-    ["replicas/sync=diloco", "replicas.sync.every=2"],
-    ["replicas/sync=sparta", "replicas.sync.fraction=0.01"],
-])
-def test_replica_bytes_equal_the_formula_of_each_method(compose, tmp_path, sync):
-    overrides = ["train.steps=4", "replicas.count=2", *sync]
-    s, rows, _ = _run(compose, tmp_path, "run", overrides)
+def _check_formula(compose, s: dict, rows: list[dict], overrides: list[str]) -> None:
+    """Each step's replica bytes are the method's formula for the run's parameters."""
     method = build_sync(dict(s["sync"]))
-    want = [sum(method.group_bytes_per_step(shapes, 2, step) for shapes in _stage_shapes(compose, overrides))
-            for step in range(4)]
+    want = [sum(method.group_bytes_per_step(shapes, 2, r["step"]) for shapes in _stage_shapes(compose, overrides))
+            for r in rows]
     assert [r["sync_bytes_sent"] for r in rows] == want and s["sync_bytes_sent"] == sum(want) > 0
     assert s["sync_bytes_per_token"] == pytest.approx(sum(want) / s["tokens"])
     # charged on the links between a stage's replicas, beside the pipeline's own links
     assert {"0->2", "2->0", "1->3", "3->1"} <= set(s["bytes_per_link"])
     assert s["bytes_sent"] > s["sync_bytes_sent"]
+
+
+def test_allreduce_replicas_train_as_one_pipeline_on_the_combined_batch(compose, tmp_path, data_parallel):
+    s, rows, w = data_parallel
+    one, one_rows, w1 = _run(compose, tmp_path, "one", SGD[:1] + SGD[2:] + ["train.batch_size=8",
+                                                                             "pipeline.microbatches=4"])
+    assert s["status"] == "completed" and s["world_size"] == 4 and s["tokens"] == one["tokens"]
+    for a, b in zip(rows, one_rows):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    assert s["val_loss"] == pytest.approx(one["val_loss"], rel=1e-5)  # validated on the same text
+    _close(_replica(w, 0, 2), w1, 1e-5)
+    assert _replica(w, 0, 2).keys() == _replica(w, 2, 2).keys()
+    assert all(torch.equal(_replica(w, 0, 2)[k], _replica(w, 2, 2)[k]) for k in w1)  # replicas stay equal
+    _check_formula(compose, s, rows, SGD)  # the ring: 2 (R - 1) x 4 bytes per parameter a step
+
+
+def test_diloco_with_one_inner_step_outer_lr_1_and_no_momentum_is_data_parallel(compose, tmp_path, data_parallel):
+    _, dp_rows, dp = data_parallel
+    _, di_rows, di = _run(compose, tmp_path, "diloco", SGD + [
+        "replicas/sync=diloco", "replicas.sync.every=1", "replicas.sync.outer_lr=1.0",
+        "replicas.sync.outer_momentum=0.0"])
+    for a, b in zip(di_rows, dp_rows):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    _close(di, dp, 1e-5)
+
+
+@pytest.mark.parametrize("sync", [
+    ["replicas/sync=allreduce", "replicas.sync.codec=powersgd"],
+    ["replicas/sync=sparta", "replicas.sync.fraction=0.01"],
+])  # the ring: above; DiLoCo through int8 (a gather every other step): in the resume test
+def test_replica_bytes_equal_the_formula_of_each_method(compose, tmp_path, sync):
+    overrides = ["train.steps=2", "replicas.count=2", *sync]
+    s, rows, _ = _run(compose, tmp_path, "run", overrides)
+    _check_formula(compose, s, rows, overrides)
 
 
 def test_one_replica_changes_nothing(compose, tmp_path):
@@ -301,15 +313,17 @@ def test_per_tensor_error_feedback_delays_what_a_lossy_codec_drops_instead_of_lo
 def test_a_resumed_diloco_run_continues_exactly(compose, tmp_path):
     # the checkpoint after step 2 falls inside a DiLoCo round (H = 2 ends rounds at steps 1 and 3): the
     # round's start, the outer momentum and the int8 residuals must come back for the same numbers
-    common = TINY + ["replicas.count=2", "replicas/sync=diloco", "replicas.sync.every=2", "replicas.sync.codec=int8"]
+    sync = ["replicas.count=2", "replicas/sync=diloco", "replicas.sync.every=2", "replicas.sync.codec=int8"]
+    common = TINY + sync
     whole = tmp_path / "whole"
-    run(compose(common + ["train.steps=5", f"out_dir={whole}"]), whole)
+    s = run(compose(common + ["train.steps=5", f"out_dir={whole}"]), whole)
     cut = tmp_path / "cut"
     run(compose(common + ["train.steps=3", "checkpoint.every=1", f"out_dir={cut}"]), cut)
     run(compose(common + ["train.steps=5", "checkpoint.every=1", "resume=true", f"out_dir={cut}"]), cut)
     rows = [[json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()] for d in (whole, cut)]
     assert [r["loss"] for r in rows[0]] == [r["loss"] for r in rows[1]]
     assert [r["step_time_s"] for r in rows[0]] == [r["step_time_s"] for r in rows[1]]
+    _check_formula(compose, s, rows[0], sync)  # int8 payloads gathered at steps 1 and 3, nothing between
 
 
 def test_a_crashed_replica_is_named_by_rank_replica_and_pipeline_rank(compose, tmp_path):
@@ -321,15 +335,6 @@ def test_a_crashed_replica_is_named_by_rank_replica_and_pipeline_rank(compose, t
     assert err.value.rank == 3
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "failed" and summary["failed_rank"] == 3 and "replica 1" in summary["error"]
-
-
-def test_under_a_regime_replicas_are_charged_the_target_models_parameters(compose, tmp_path):
-    # gpt_1b over 2 stages x 2 replicas: a ring all-reduce moves 2 (R - 1) x 4 bytes per target parameter
-    run_dir = tmp_path / "regime"
-    s = run(compose(TINY + ["replicas.count=2", "train.steps=1", "regime=gpt_1b", "hardware=rtx4090",
-                            f"out_dir={run_dir}"]), run_dir)
-    target = compose(["regime=gpt_1b"]).regime.model
-    assert s["sync_bytes_sent"] == pytest.approx(2 * (2 - 1) * 4 * n_params(target), rel=1e-6)
 
 
 @pytest.mark.parametrize("sync", [
@@ -352,3 +357,6 @@ def test_lowbw_simulate_with_replicas_gives_the_regime_runs_step_times(compose, 
     assert [r["bytes_sent"] for r in rows] == [r["bytes_sent"] for r in sim["per_step"]]  # every hop the target's
     assert s["energy"]["j_per_token"] == pytest.approx(sim["energy"]["j_per_token"], rel=1e-9)
     assert sim["replicas"] == 2 and sim["sync_bytes_per_token"] > 0
+    if sync == ["replicas/sync=allreduce"]:  # the ring of gpt_1b: 2 (R - 1) x 4 bytes per target parameter
+        target = compose(["regime=gpt_1b"]).regime.model
+        assert rows[0]["sync_bytes_sent"] == 2 * (2 - 1) * 4 * n_params(target)
