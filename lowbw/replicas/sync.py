@@ -28,7 +28,6 @@ from abc import ABC
 from typing import Any, ClassVar, Optional
 
 import torch
-from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from lowbw.compress.base import build_codec
 from lowbw.errors import ConfigError
@@ -254,13 +253,18 @@ class Sparta(SyncMethod):
         if self.group.size == 1:
             return
         self.group.step = step
-        with torch.no_grad():
-            flat = parameters_to_vector(self.params).float().cpu()
-            idx = self.indices(step, flat.numel())
-            values = flat[idx].contiguous()
+        ends = torch.tensor([p.numel() for p in self.params]).cumsum(0)
+        idx = self.indices(step, int(ends[-1]))  # sorted
+        owner = torch.searchsorted(ends, idx, right=True)  # which parameter holds each entry
+        with torch.no_grad():  # only the k chosen entries move: no copy of the whole model a step
+            picked = [(self.params[i], (idx[owner == i] - (ends[i - 1] if i else 0)).to(self.params[i].device))
+                      for i in owner.unique().tolist()]
+            values = torch.cat([p.detach().reshape(-1)[at].float().cpu() for p, at in picked])
             self.group.all_reduce_mean(values)
-            flat[idx] = values
-            vector_to_parameters(flat.to(self.params[0].device, self.params[0].dtype), self.params)
+            offset = 0
+            for p, at in picked:
+                p.view(-1)[at] = values[offset:offset + at.numel()].to(p.device, p.dtype)
+                offset += at.numel()
 
     def exchange(self, parts, step):
         return Exchange("ring", self.count(_entries(parts)))
