@@ -199,7 +199,7 @@ class DiLoCo(SyncMethod):
             self.average(delta)  # the outer gradient: the replicas' mean pseudo-gradient
             offset = 0
             for a in self.anchor:
-                a.grad = delta[offset:offset + a.numel()].view_as(a).clone()
+                a.grad = delta[offset:offset + a.numel()].view_as(a)  # delta is this sync's own: no copy
                 offset += a.numel()
             self.outer.step()
             for a, p in zip(self.anchor, self.params):
