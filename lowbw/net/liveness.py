@@ -82,8 +82,19 @@ class LinkWatch:
         """Start a collective (``start`` returns its work handle: ``async_op=True``) and wait for it at most
         ``timeout_s``; its failure or timeout becomes this watch's verdict. (gloo's own timeout is set
         beyond any run, so that an idle channel never breaks: every wait has a timeout of lowbw's.)"""
+        self.finish_collective(me, what, self.start_collective(me, what, start), timeout_s)
+
+    def start_collective(self, me: int, what: str, start: Callable[[], Any]) -> Any:
+        """:meth:`collective`'s first half: start it and return its work handle, to wait for later."""
         try:
-            start().wait(timedelta(seconds=timeout_s))
+            return start()
+        except RuntimeError as e:
+            raise self.collective_failed(me, what, e) from None
+
+    def finish_collective(self, me: int, what: str, work: Any, timeout_s: float) -> None:
+        """:meth:`collective`'s second half: wait at most ``timeout_s`` for a started collective."""
+        try:
+            work.wait(timedelta(seconds=timeout_s))
         except RuntimeError as e:
             raise self.collective_failed(me, what, e) from None
 

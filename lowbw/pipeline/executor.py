@@ -108,6 +108,7 @@ class Executor:
         # Codec work runs inside send/receive actions; planned timings charge it 0 s (lowbw.rank.build).
         self.planned = planned or (lambda a: None)
         self.stash = stash  # asynchronous schedules only
+        self._incoming_cache: dict[tuple, tuple[Schedule, list]] = {}  # see _incoming
 
     def run(self, sched: Schedule, phase: int, step: int, x: torch.Tensor, y: torch.Tensor,
             ids: torch.Tensor, emulate: bool = True, measure_error: bool = False) -> StepResult:
@@ -147,7 +148,19 @@ class Executor:
     def _expect(self, ctx: _Step) -> None:
         """Post this run's receives: each message a peer sends this rank in the run, in the peer's order."""
         self.transport.start_round()
-        sched = ctx.sched
+        for src, ch, b, s, i, nbytes in self._incoming(ctx):
+            self.transport.expect(src, ch, (ctx.phase, b, s, i), nbytes)
+
+    def _incoming(self, ctx: _Step) -> list[tuple[int, int, int, int, int, Optional[int]]]:
+        """(global source rank, channel, batch, stage, microbatch, payload length or None) of each message
+        this run receives, in the order its peers send them. A synchronous step's list is the same every
+        step but for the batch (the step): it is worked out once per schedule, phase and batch shape."""
+        shapes = tuple(tuple(x.shape) for x in ctx.batches[ctx.step][0])
+        key = (id(ctx.sched), ctx.train, shapes)
+        if not ctx.asynchronous and key in self._incoming_cache:
+            _, messages = self._incoming_cache[key]
+            return [(src, ch, ctx.step, s, i, n) for src, ch, _, s, i, n in messages]
+        sched, messages = ctx.sched, []
         peers = {sched.stage_to_rank[n] for s in self.stages for n in (s - 1, s + 1) if 0 <= n < sched.n_stages}
         for src in sorted(peers - {self.rank}):
             for a, b, i in self._work(ctx, src):
@@ -157,7 +170,10 @@ class Executor:
                     codec = self.stages[s].codecs.for_action(kind, ctx.train)
                     nbytes = (codec.payload_nbytes(*self.stages[s].boundary(ctx.batches[b][0][i].shape))
                               if self.stages[s].sized(kind) else None)
-                    self.transport.expect(src + self.base, _CHANNEL[kind], (ctx.phase, b, s, i), nbytes)
+                    messages.append((src + self.base, _CHANNEL[kind], b, s, i, nbytes))
+        if not ctx.asynchronous:  # the schedule is kept with its entry: its id stays its own
+            self._incoming_cache[key] = (sched, messages)
+        return messages
 
     # ---- actions ----------------------------------------------------------------------------
 
