@@ -109,6 +109,7 @@ class Executor:
         self.planned = planned or (lambda a: None)
         self.stash = stash  # asynchronous schedules only
         self._incoming_cache: dict[tuple, tuple[Schedule, list]] = {}  # see _incoming
+        self._lengths: dict[tuple, tuple] = {}  # see _agreed_length (the codec kept: its id stays its own)
 
     def run(self, sched: Schedule, phase: int, step: int, x: torch.Tensor, y: torch.Tensor,
             ids: torch.Tensor, emulate: bool = True, measure_error: bool = False) -> StepResult:
@@ -301,11 +302,14 @@ class Executor:
                        tokens: torch.Size) -> Optional[int]:
         """The payload length the receiver posted for (None: unsized); raises if the tensor or the
         codec disagree with what the receiver computed, instead of letting the link abort."""
-        shape, dtype = self.stages[a.stage].boundary(tokens)
+        key = (id(codec), a.stage, tuple(tokens))  # a codec's length is a function of shape and dtype alone
+        if key not in self._lengths:
+            shape, dtype = self.stages[a.stage].boundary(tokens)
+            self._lengths[key] = (codec, shape, dtype, codec.payload_nbytes(shape, dtype))
+        _, shape, dtype, nbytes = self._lengths[key]
         if tuple(x.shape) != shape or x.dtype != dtype:
             raise RuntimeError(f"rank {self.rank} action {a}: sends a {x.dtype} tensor of shape {tuple(x.shape)}, "
                                f"but its receiver expects {dtype} {shape} (the stage's boundary spec)")
-        nbytes = codec.payload_nbytes(shape, dtype)
         if nbytes is not None and nbytes != payload.numel():
             raise RuntimeError(f"codec {codec.name!r}: encode gave {payload.numel()} bytes for {dtype} {shape}, "
                                f"payload_nbytes says {nbytes}")
@@ -343,7 +347,15 @@ class Executor:
     def _decode(self, ctx: _Step, codec: Codec, payload: torch.Tensor, ids, a: Action,
                 stats: CodecStats) -> torch.Tensor:
         payload = payload.to(self.device)
-        x, t0, t1 = self.clock.compute(lambda: codec.decode(payload, ids).clone(), self.planned(a))
+
+        def decode():
+            x = codec.decode(payload, ids)
+            # A view of the message's own buffer (codec none) is the receiver's alone: kept as it is.
+            # Anything else may be a codec's buffer it reuses for the next message: copied.
+            own = x.untyped_storage().data_ptr() == payload.untyped_storage().data_ptr()
+            return x if own else x.clone()
+
+        x, t0, t1 = self.clock.compute(decode, self.planned(a))
         ctx.record(self.me, "decode", t0, t1, a)
         stats.decode_s += t1 - t0
         return x

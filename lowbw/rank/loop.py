@@ -4,8 +4,8 @@ The same on every rank; what differs per rank is built in (the :class:`~lowbw.ra
 or is a role (lowbw.rank.reporting). One step::
 
     batch (from the seed, no data messages) -> executor.run(schedule) -> global gradient norm
-    (one all-reduce) -> [clip] -> optimizer step (timed) -> report (busy time, end time, bytes, loss,
-    events, codec stats) -> [evaluation] -> [checkpoint]
+    (one all-reduce, started) -> [clip: wait for it] -> optimizer step (timed) -> [no clip: wait for
+    it] -> report (busy time, end time, bytes, loss, events, codec stats) -> [evaluation] -> [checkpoint]
 
 With replicas (lowbw.replicas), the batch is the replica's own, the replicas synchronise after the
 backward pass and after the optimizer step (``replicas/sync``: over the emulated links, on the run
@@ -16,7 +16,8 @@ its loss is not finite) into its replica's slot of a vector, one all-reduce of i
 the norm over all stages of its replica. A norm that is not finite stops every rank at the same step (:class:`~lowbw.errors.Diverged`,
 status ``diverged``); ``train.grad_clip > 0`` scales every gradient by ``clip / (norm + 1e-6)`` when
 the norm exceeds it, as ``torch.nn.utils.clip_grad_norm_`` does in one process. The all-reduce is
-control traffic: neither emulated nor charged to the run clock.
+control traffic: neither emulated nor charged to the run clock. Without a clip nothing needs the norm
+before the optimizer step, so the all-reduce runs during it.
 
 Evaluation runs a forward-only schedule with the clock paused and emulation off. Checkpoints are
 written with the clock paused too.
