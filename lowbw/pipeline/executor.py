@@ -109,7 +109,7 @@ class Executor:
         self.planned = planned or (lambda a: None)
         self.stash = stash  # asynchronous schedules only
         self._incoming_cache: dict[tuple, tuple[Schedule, list]] = {}  # see _incoming
-        self._lengths: dict[tuple, tuple] = {}  # see _agreed_length (the codec kept: its id stays its own)
+        self._specs: dict[tuple, tuple] = {}  # see _spec
 
     def run(self, sched: Schedule, phase: int, step: int, x: torch.Tensor, y: torch.Tensor,
             ids: torch.Tensor, emulate: bool = True, measure_error: bool = False) -> StepResult:
@@ -169,7 +169,7 @@ class Executor:
                     s = a.stage + 1 if a.kind == Kind.SEND_F else a.stage - 1
                     kind = _RECEIVE[a.kind]
                     codec = self.stages[s].codecs.for_action(kind, ctx.train)
-                    nbytes = (codec.payload_nbytes(*self.stages[s].boundary(ctx.batches[b][0][i].shape))
+                    nbytes = (self._spec(codec, s, ctx.batches[b][0][i].shape)[2]
                               if self.stages[s].sized(kind) else None)
                     messages.append((src + self.base, _CHANNEL[kind], b, s, i, nbytes))
         if not ctx.asynchronous:  # the schedule is kept with its entry: its id stays its own
@@ -302,11 +302,7 @@ class Executor:
                        tokens: torch.Size) -> Optional[int]:
         """The payload length the receiver posted for (None: unsized); raises if the tensor or the
         codec disagree with what the receiver computed, instead of letting the link abort."""
-        key = (id(codec), a.stage, tuple(tokens))  # a codec's length is a function of shape and dtype alone
-        if key not in self._lengths:
-            shape, dtype = self.stages[a.stage].boundary(tokens)
-            self._lengths[key] = (codec, shape, dtype, codec.payload_nbytes(shape, dtype))
-        _, shape, dtype, nbytes = self._lengths[key]
+        shape, dtype, nbytes = self._spec(codec, a.stage, tokens)
         if tuple(x.shape) != shape or x.dtype != dtype:
             raise RuntimeError(f"rank {self.rank} action {a}: sends a {x.dtype} tensor of shape {tuple(x.shape)}, "
                                f"but its receiver expects {dtype} {shape} (the stage's boundary spec)")
@@ -314,6 +310,16 @@ class Executor:
             raise RuntimeError(f"codec {codec.name!r}: encode gave {payload.numel()} bytes for {dtype} {shape}, "
                                f"payload_nbytes says {nbytes}")
         return nbytes
+
+    def _spec(self, codec: Codec, stage: int,
+              tokens: tuple[int, ...]) -> tuple[tuple[int, ...], torch.dtype, Optional[int]]:
+        """Shape and dtype of what crosses a boundary of ``stage`` for microbatch tokens ``tokens``, and
+        ``codec``'s payload length for it: worked out once (a length depends on shape and dtype alone)."""
+        key = (id(codec), stage, tuple(tokens))
+        if key not in self._specs:
+            shape, dtype = self.stages[stage].boundary(tokens)
+            self._specs[key] = (codec, shape, dtype, codec.payload_nbytes(shape, dtype))  # the codec kept: its id
+        return self._specs[key][1:]
 
     def scaled_loss(self, logits: torch.Tensor, targets: torch.Tensor, m: int, res: StepResult) -> torch.Tensor:
         """Last stage: record the microbatch's loss, return it divided by m (gradients of the batch mean)."""

@@ -201,9 +201,9 @@ class GlobalGradNorm:
 
 
 def clip_gradients(r: Rank, norm: float) -> None:
-    """``train.grad_clip > 0``: scale every gradient so that the global norm is at most the clip."""
+    """Scale every gradient so that the global norm is at most ``train.grad_clip`` (> 0)."""
     clip = r.cfg.train.grad_clip
-    if clip > 0 and norm > clip:
+    if norm > clip:
         coef = clip / (norm + 1e-6)  # torch.nn.utils.clip_grad_norm_'s rule
         for g in _gradients(r):
             g.mul_(coef)
