@@ -118,6 +118,7 @@ class NetConfig:
     framing: str = "payload"  # bits charged per message: payload (8 a payload byte) | line (+ headers and framing per segment)
     tcp_ip_header_bytes: int = 40  # framing=line: IPv4 20 (RFC 791) + TCP 20 (RFC 9293) header bytes per segment, no options
     ethernet_overhead_bytes: int = 38  # framing=line: preamble+SFD 8, MAC header 14, FCS 4, inter-frame gap 12 (IEEE 802.3), bytes
+    wire: str = "auto"  # what carries messages between ranks: auto (ranks of one host pass activations and gradients through shared memory where it works -- Linux, x86-64 -- the rest over gloo; lowbw/net/shm.py) | gloo (every message over gloo, TCP)
     duplex_efficiency: float = 1.0  # fraction of a pair's rate each direction keeps while both carry data at once (two-way TCP: ACKs queue behind the reverse data; docs/networks.md); 1 = independent directions
     energy: NetEnergyConfig = field(default_factory=NetEnergyConfig)  # network energy of this link class (W, J/bit)
 

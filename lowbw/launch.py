@@ -45,6 +45,7 @@ from typing import Optional
 from lowbw.errors import STOP_SIGNALS, Diverged, Interrupted
 from lowbw.metrics.files import atomic_write_json, read_json_lines
 from lowbw.net.kernel import KernelNetwork
+from lowbw.net.shm import SHM_DIR, sweep_stale
 from lowbw.rank.process import run_rank
 from lowbw.validation import Plan
 
@@ -205,6 +206,8 @@ def _spawn_and_supervise(cfg_dict: dict, plan: Plan, world: int, run_dir: Path, 
     finally:
         stop_processes(procs, 1.0)
         shutil.rmtree(rdv, ignore_errors=True)
+        if os.path.isdir(SHM_DIR):
+            sweep_stale()  # the shared-memory files of ranks that exited before their peers read them
     _raise_outcome(stop.signum, reports, failed, running)
 
 

@@ -76,6 +76,9 @@ def validate(cfg: Any, world_size: Optional[int] = None) -> Plan:
     n = p * replica_count(cfg)  # processes: every replica's ranks (lowbw.replicas.layout)
     check_schedule_size(p, m, cfg.schedule.virtual_stages if cfg.schedule.name == "interleaved_1f1b" else 1)
     check_walk_points(cfg.faults.bandwidth_walk)
+    if getattr(cfg.net, "wire", "auto") not in ("auto", "gloo"):
+        raise ConfigError(f"net.wire={cfg.net.wire!r}: use auto (shared memory between ranks of one host "
+                          "where it works, gloo otherwise) or gloo")
     topology = Topology.from_config(cfg.net, n, seed=cfg.seed)
     conditions = conditions_from_config(cfg.faults, cfg.net, n)
     if getattr(cfg.net, "backend", "emulated") == "kernel":

@@ -26,6 +26,7 @@ from lowbw.errors import ConfigError
         (["clock.durations=guess"], "clock.durations='guess'"),
         (["data.path=/nonexistent/corpus.txt"], "data.path='/nonexistent/corpus.txt' does not exist"),
         (["net.semantics=telepathy"], "net.semantics='telepathy'"),
+        (["net.wire=pigeon"], "net.wire='pigeon': use auto"),
         (["compress.bwd.name=aqsgd"], "compress.bwd: codec 'aqsgd' is for fwd only"),
         (["schedule=interleaved_1f1b", "schedule.virtual_stages=2"], "model.n_layer=4"),
         (["faults.straggler_rank=7"], "faults name rank 7 but there are 4 ranks"),

@@ -91,6 +91,14 @@ def test_two_default_runs_give_bit_identical_virtual_clock_figures_and_losses(co
     assert lines[0][0]["step_time_wall_s"] != lines[1][0]["step_time_wall_s"]  # the wall clock is not the run's
 
 
+def test_gloo_for_every_message_gives_the_same_run_as_shared_memory(compose, tmp_path, reference_run):
+    """net.wire only changes what carries the bytes between ranks of this host (auto: shared memory)."""
+    ref, _ = reference_run
+    again = run(compose(DETERMINISTIC + ["net.wire=gloo"]), tmp_path)
+    assert losses(tmp_path) == losses(ref["run_dir"])
+    assert (again["step_time_s"], again["val_loss"]) == (ref["step_time_s"], ref["val_loss"])
+
+
 def test_measured_durations_are_labelled_machine_dependent(compose):
     from lowbw.timing import describe
     from lowbw.validation import validate

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import json
 import socket
+import struct
 import threading
 import time
 import zlib
@@ -81,6 +82,8 @@ def tag(channel: int, part: int) -> int:
 
 #: The control channel's tags: on the default group, apart from the pipeline's per-direction ones.
 CONTROL_TAGS = frozenset(tag(CH_CTRL, part) for part in (_MESSAGE, _HEADER, _PAYLOAD))
+#: The pipeline's tags (activations and gradients): only the compute thread sends and receives on them.
+PIPELINE_TAGS = frozenset(tag(ch, part) for ch in (CH_FWD, CH_BWD) for part in (_MESSAGE, _HEADER, _PAYLOAD))
 
 
 def _meta_view(buf: torch.Tensor) -> np.ndarray:
@@ -127,6 +130,17 @@ class _Incoming:
         f = self.meta.view(np.float64)
         release = f[7] if self.meta[9] == _HOST else (self.received if self.received is not None else now) + f[8]
         return now >= release
+
+
+_META_FORMAT = struct.Struct("<6q3dq")  # the meta block's ten words, as _META describes
+assert _META_FORMAT.size == _META
+
+
+def _meta_block(nbytes: int, key: tuple, arrival: float, hold: float) -> torch.Tensor:
+    """A message's meta block: the arrival time the sender's link model gave, and when the last bit leaves
+    its emulated uplink on this host's clock (``release``, now + ``hold``)."""
+    words = _META_FORMAT.pack(_MAGIC, nbytes, *key, arrival, time.perf_counter() + hold, hold, _HOST)
+    return torch.frombuffer(bytearray(words), dtype=torch.uint8)
 
 
 def _empty_meta_buffer(nbytes: int) -> torch.Tensor:
@@ -249,14 +263,15 @@ class Transport:
         if emulate and self.link is not None:
             timing = self.link.send(dst, self.charged_bytes(ch, n) if charge is None else charge, t)
             arrival, hold = timing.arrival, timing.tx_done - t
-        buf = _empty_meta_buffer(n if sized else 0)
+        meta = _meta_block(n, key, arrival, hold)
         if sized:
-            buf[_META:].copy_(payload)
-        self._write_meta(buf, n, key, arrival, hold)
-        if sized:
-            self._sends.append((self._round, dst, self._post(True, buf, dst, tag(ch, _MESSAGE)), (buf,)))
+            try:
+                handle, keep = self.wire.isend_parts((meta, payload), dst, tag(ch, _MESSAGE))
+            except RuntimeError as e:  # the connection is already closed: the peer is gone
+                raise self.watch.link_failed(self.rank, dst, e) from None
+            self._sends.append((self._round, dst, handle, keep))
         else:
-            self._send_unsized(self._sends, dst, ch, buf, payload.to("cpu", torch.uint8).contiguous())
+            self._send_unsized(self._sends, dst, ch, meta, payload.to("cpu", torch.uint8).contiguous())
         self.watch.sent(dst)
         return arrival
 
@@ -272,17 +287,9 @@ class Transport:
         if body.numel():
             q.append((self._round, dst, self._post(True, body, dst, tag(ch, _PAYLOAD)), (body,)))
 
-    @staticmethod
-    def _write_meta(buf: torch.Tensor, nbytes: int, key: tuple, arrival: float, hold: float) -> None:
-        m = _meta_view(buf)
-        f = m.view(np.float64)
-        m[1], m[2:6], m[9] = nbytes, key, _HOST
-        release = time.perf_counter() + hold
-        f[6], f[7], f[8] = arrival, release, hold
-        m[0] = _MAGIC
-
     def progress(self) -> None:
         """Between actions: note messages that came in, post the payload receives of unsized ones."""
+        self.wire.poll()
         now = time.perf_counter()
         if self._unstamped:
             for inc in self._unstamped:
@@ -299,6 +306,12 @@ class Transport:
         inc.body = torch.empty(int(inc.meta[1]), dtype=torch.uint8)
         if inc.body.numel():
             inc.body_handle = self._post(False, inc.body, inc.src, tag(inc.ch, _PAYLOAD))
+
+    def arrived(self, src: int, ch: int, key: tuple[int, int, int, int]) -> bool:
+        """Whether the expected message ``key`` (its header, if unsized) is in."""
+        self.wire.poll()
+        inc = self._expected.get((src, ch, key))
+        return inc is not None and inc.arrived()
 
     def recv(self, src: int, ch: int, key: tuple[int, int, int, int]) -> Message:
         """Wait (at most timeout_s of wall time) for the expected message ``key`` from ``src`` on ``ch``."""
@@ -365,8 +378,7 @@ class Transport:
 
     def send_json(self, dst: int, key: tuple[int, int, int, int], obj: dict) -> None:
         body = torch.frombuffer(bytearray(json.dumps(obj).encode()), dtype=torch.uint8)
-        head = _empty_meta_buffer(0)
-        self._write_meta(head, body.numel(), key, 0.0, 0.0)
+        head = _meta_block(body.numel(), key, 0.0, 0.0)
         self._send_unsized(self._ctrl_sends, dst, CH_CTRL, head, body)
         self.watch.sent(dst)
         while len(self._ctrl_sends) > _CTRL_WINDOW:

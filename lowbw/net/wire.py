@@ -13,6 +13,8 @@ message. :mod:`lowbw.net.transport` builds keyed, emulated messages on top.
   pair shaped to 20 Mbit/s each way: 4 messages of 512 KB each way at once took 1.85 s on one
   group, 1.06 s on a group per direction; docs/networks.md, "Real links"): activations and
   gradients between two stages would take turns.
+- :class:`lowbw.net.shm.ShmWire`: pipeline messages between ranks of one host through shared
+  memory, the rest on the gloo wire it wraps (``net.wire=auto``).
 - :class:`MemoryWire`: ranks as threads of one process sharing a :class:`Switchboard`; the same
   matching rule, buffers copied in memory. Stricter than gloo in one respect: a receive must have
   exactly the size of the message it takes (gloo accepts a shorter message into a longer buffer,
@@ -54,6 +56,21 @@ class Wire(ABC):
     @abstractmethod
     def irecv(self, buf: torch.Tensor, src: int, tag: int) -> Handle:
         """Post a receive into ``buf`` (uint8, CPU) of the next message ``src`` sends on ``tag``."""
+
+    def isend_parts(self, parts: tuple[torch.Tensor, ...], dst: int, tag: int) -> tuple[Handle, tuple]:
+        """Send the concatenation of ``parts`` (uint8, 1-D) as one message; returns the handle and what must
+        stay untouched until it completes. Here: one buffer, copied into (a wire that can write the parts
+        where they go without it overrides this)."""
+        buf = torch.empty(sum(p.numel() for p in parts), dtype=torch.uint8)
+        at = 0
+        for p in parts:
+            buf[at:at + p.numel()].copy_(p)
+            at += p.numel()
+        return self.isend(buf, dst, tag), (buf,)
+
+    def poll(self) -> None:
+        """Fill the posted receives whose messages are in. Wires that move bytes on threads of their own
+        (gloo, :class:`MemoryWire`) do it without being asked; :class:`lowbw.net.shm.ShmWire` needs it."""
 
 
 class GlooWire(Wire):

@@ -22,7 +22,8 @@ from lowbw.models.gpt import GPTStage
 from lowbw.net.clock import Clock, make_clock, planned_durations
 from lowbw.net.link import LinkModel
 from lowbw.net.liveness import LinkWatch
-from lowbw.net.transport import CH_BWD, CH_FWD, CONTROL_TAGS, Transport
+from lowbw.net.shm import ShmWire
+from lowbw.net.transport import CH_BWD, CH_FWD, CONTROL_TAGS, PIPELINE_TAGS, Transport
 from lowbw.net.wire import GLOO_TIMEOUT, GlooWire, Wire
 from lowbw.optim import build_optimizer
 from lowbw.pipeline.durations import planner
@@ -137,6 +138,8 @@ def build_rank(cfg: Any, plan: Plan, rank: int, world: int, local_rank: int = 0,
     # builds its rank (harnesses that run smaller pipelines in a larger group keep the default group)
     if wire is None and dist.is_initialized() and dist.get_world_size() == world:
         wire = GlooWire.per_direction(rank, world, GLOO_TIMEOUT, CONTROL_TAGS)
+        if getattr(cfg.net, "wire", "auto") == "auto":  # peers on this host: activations and gradients by memory
+            wire = ShmWire.connect(wire, rank, world, PIPELINE_TAGS)
     layout = Layout.of(cfg, plan.schedule.n_ranks)
     prank = layout.pipeline_rank(rank)
     transport = Transport(rank, link, clock, cfg.timeout_s, wire, charge=message_charge(plan), watch=watch)

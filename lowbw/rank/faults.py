@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+from types import SimpleNamespace
 from typing import Any
 
 from lowbw.net.clock import Clock
@@ -16,7 +17,10 @@ from lowbw.net.transport import Transport
 
 class RankFaults:
     def __init__(self, faults: Any, rank: int, clock: Clock, transport: Transport):
-        self.f, self.rank, self.clock, self.transport = faults, rank, clock, transport
+        self.rank, self.clock, self.transport = rank, clock, transport
+        # read once: every step reads them, and an attribute of the run's DictConfig costs ~25 us
+        self.f = SimpleNamespace(**{k: getattr(faults, k) for k in (
+            "straggler_every", "straggler_burst", "straggler_factor", "straggler_rank", "crash_rank", "crash_step")})
 
     def before_step(self, step: int) -> None:
         f = self.f

@@ -1,0 +1,361 @@
+"""Pipeline messages between ranks of one host through shared memory: a ring per directed pair.
+
+On one host gloo moves a message through a loopback TCP connection and two of its own threads, and
+the compute thread pays for waking them: about 0.3 ms inside each ``isend``, and 0.45 ms from the
+send to the waiting receiver's return (measured in a 2-rank GPipe run of the benchmark model; the
+call costs alone are in ``scripts/bench_gloo_calls.py``). Summed over a step's boundary crossings
+that was most of the executor's overhead (``scripts/bench_overhead.py``). :class:`ShmWire` moves the
+messages of chosen tags to peers on the same host through a file in ``/dev/shm`` per directed pair
+instead, and every other message through the wire it wraps (gloo):
+
+* **send**: the sender copies the buffer into the ring (a record: tag, length, bytes) and publishes
+  its new write position. It never waits for the receiver: a ring without room for a record is
+  replaced by one at least twice as large (a new *generation* of the lane's file, announced in
+  the old one's header), so a send completes at once, as a gloo send into a socket buffer would;
+* **receive**: a posted receive is filled when its rank *polls* -- between actions
+  (:meth:`ShmWire.poll`, from :meth:`lowbw.net.transport.Transport.progress`) and while it waits.
+  A record whose tag has no posted receive yet is copied aside and taken by the next receive
+  posted for it; the matching rule is gloo's (per peer and tag, in posting order). Only the
+  compute thread may use these tags;
+* **wait**: polls, spinning for a moment and then sleeping 50 us at a time, and checks every
+  20 ms that the peer's process is alive: a dead peer is a "Connection closed by peer rank N"
+  error, as on gloo, and a silent live one the timeout.
+
+The ring is lock-free: one writer, one reader, positions that only grow. It relies on x86-64's
+memory order (stores are seen in the order they were made, loads are not reordered with older
+loads), since Python has no memory fences; other machines use gloo for everything.
+
+Which peers share memory is agreed when the wire is made (:meth:`ShmWire.connect`, a collective):
+same hostname, boot and network namespace (ranks in namespaces of their own, ``net.backend=kernel``,
+must cross their shaped links), and each sees the other's probe file in ``/dev/shm``. Files are
+named ``lowbw-shm-<creator pid>-<run token>-...``. A receiver unlinks a file once it has mapped it
+(the creator never does: its peer may still need it after it has exited); what no receiver took
+is removed, once its creator has exited, by lowbw's launcher after its ranks stop and by every new
+wire (:func:`sweep_stale`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import mmap
+import os
+import platform
+import secrets
+import socket
+import sys
+import time
+from collections import deque
+from datetime import timedelta
+from typing import Iterable, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from lowbw.net.liveness import process_alive
+from lowbw.net.wire import Handle, Wire
+
+SHM_DIR = "/dev/shm"
+PREFIX = "lowbw-shm-"
+_HEADER = 256  # write position, read position and next generation, each on a cache line of its own
+_W, _R, _NEXT = 0, 8, 16  # their int64 indices
+_RECORD = 16  # a record's head: tag and length, int64 each; its bytes follow, padded to 8
+_WRAP = -1  # tag of a record that says "continue at the ring's start"
+FIRST_CAPACITY = 1 << 20  # bytes of a lane's first ring; it grows with the messages it carries
+MIN_FREE = 64 << 20  # /dev/shm must have this much free for a rank to use shared memory (Docker's default is 64 MiB)
+SPIN_S = 100e-6  # wall seconds a wait polls without sleeping
+SLEEP_S = 50e-6  # then sleeps this long between polls (Linux adds its 50 us timer slack)
+LOOK_EVERY_S = 0.005  # wall seconds between polls' looks for a lane's first file (a wait looks every time)
+ALIVE_EVERY_S = 0.02  # wall seconds between checks that a waited-for peer's process exists
+
+
+def supported() -> Optional[str]:
+    """None when this machine can use the shared-memory wire, else why not."""
+    if not sys.platform.startswith("linux"):
+        return f"{sys.platform} is not Linux"
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return f"{platform.machine()} is not x86-64 (the rings rely on its memory order)"
+    if not os.path.isdir(SHM_DIR):
+        return f"{SHM_DIR} does not exist"
+    st = os.statvfs(SHM_DIR)
+    if st.f_bavail * st.f_frsize < MIN_FREE:
+        return f"{SHM_DIR} has less than {MIN_FREE >> 20} MiB free"
+    return None
+
+
+def _pad8(n: int) -> int:
+    return (n + 7) & ~7
+
+
+def sweep_stale(directory: str = SHM_DIR) -> int:
+    """Remove lowbw's shared-memory files whose creator no longer exists; returns how many."""
+    removed = 0
+    for name in os.listdir(directory):
+        if name.startswith(PREFIX):
+            pid = name[len(PREFIX):].split("-", 1)[0]
+            if pid.isdigit() and not process_alive(int(pid)):
+                try:
+                    os.unlink(os.path.join(directory, name))
+                    removed += 1
+                except FileNotFoundError:
+                    pass
+    return removed
+
+
+class _Ring:
+    """One generation of a lane's file, mapped: the header's int64 words and the data area."""
+
+    def __init__(self, path: str, capacity: Optional[int]):
+        """``capacity``: create the file with this many data bytes (the sender); None: open it (the receiver)."""
+        self.path = path
+        if capacity is not None:  # made whole under another name, then renamed: a reader never sees it half made
+            fd = os.open(path + ".new", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, _HEADER + capacity)  # no room is an error now, not a SIGBUS later
+            except OSError as e:
+                os.close(fd)
+                os.unlink(path + ".new")
+                raise RuntimeError(f"shared memory: cannot reserve {capacity >> 20} MiB in {SHM_DIR} ({e}); "
+                                   "free some, or run with net.wire=gloo") from None
+            os.rename(path + ".new", path)
+        else:
+            fd = os.open(path, os.O_RDWR)
+        try:
+            size = os.fstat(fd).st_size
+            self.map = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        self.capacity = size - _HEADER
+        self.header = np.frombuffer(self.map, np.int64, _HEADER // 8)
+        self.data = np.frombuffer(self.map, np.uint8, self.capacity, _HEADER)
+        self.words = self.data.view(np.int64)
+
+
+class _Outbound:
+    """This rank's end of the lane to one peer: it writes records."""
+
+    def __init__(self, name: str):
+        self.name, self.gen, self.pos = name, 0, 0
+        self.ring: Optional[_Ring] = None  # made with the first message: a peer that is never sent to costs nothing
+
+    def _create(self, capacity: int) -> _Ring:
+        return _Ring(os.path.join(SHM_DIR, f"{self.name}-g{self.gen}"), capacity)
+
+    def put(self, tag: int, parts: tuple[np.ndarray, ...]) -> None:
+        """One record of the concatenated ``parts``."""
+        n = sum(p.size for p in parts)
+        need = _RECORD + _pad8(n)
+        if self.ring is None:
+            self.ring = self._create(max(FIRST_CAPACITY, 4 * need))
+        ring = self.ring
+        off = self.pos % ring.capacity
+        tail = ring.capacity - off
+        skip = tail if tail < need else 0  # a record never wraps: the rest of the ring is skipped
+        if self.pos + skip + need - int(ring.header[_R]) > ring.capacity:
+            self._grow(need)
+            return self.put(tag, parts)
+        if skip and tail >= _RECORD:
+            ring.words[off // 8] = _WRAP
+        if skip:
+            self.pos, off = self.pos + skip, 0
+        w = off // 8
+        ring.words[w], ring.words[w + 1] = tag, n
+        at = off + _RECORD
+        for p in parts:
+            ring.data[at:at + p.size] = p
+            at += p.size
+        self.pos += need
+        ring.header[_W] = self.pos  # published last: the reader sees the record whole (x86-64 store order)
+
+    def _grow(self, need: int) -> None:
+        old = self.ring
+        self.gen += 1
+        self.ring, self.pos = self._create(max(2 * old.capacity, 4 * need)), 0
+        old.header[_NEXT] = self.gen  # after the new file exists and every old record was published
+
+
+class _Inbound:
+    """This rank's end of the lane from one peer: it reads records, and unlinks each file it maps."""
+
+    def __init__(self, name: str):
+        self.name, self.gen, self.pos = name, 0, 0
+        self.ring: Optional[_Ring] = None
+        self.tried = 0.0  # perf_counter of the last look for a first file not there yet
+
+    def _open(self) -> bool:
+        path = os.path.join(SHM_DIR, f"{self.name}-g{self.gen}")
+        try:
+            self.ring = _Ring(path, None)
+        except FileNotFoundError:  # nothing sent yet
+            return False
+        os.unlink(path)
+        self.pos = 0
+        return True
+
+    def read(self, deliver) -> None:
+        """Hand every published record to ``deliver(tag, bytes view)``, which copies it out."""
+        if self.ring is None and not self._open():
+            return
+        while True:
+            ring = self.ring
+            end = int(ring.header[_W])
+            while self.pos < end:
+                off = self.pos % ring.capacity
+                tail = ring.capacity - off
+                if tail < _RECORD or ring.words[off // 8] == _WRAP:
+                    self.pos += tail
+                    continue
+                tag, n = int(ring.words[off // 8]), int(ring.words[off // 8 + 1])
+                deliver(tag, ring.data[off + _RECORD:off + _RECORD + n])
+                self.pos += _RECORD + _pad8(n)
+                ring.header[_R] = self.pos  # after the copy: the writer may reuse the bytes
+            if ring.header[_NEXT] == 0 or int(ring.header[_W]) != self.pos:
+                return
+            self.gen = int(ring.header[_NEXT])  # every record of this generation is read: on to the next
+            if not self._open():
+                raise RuntimeError(f"shared memory: {self.name} generation {self.gen} is gone from {SHM_DIR}")
+
+
+class _Op:
+    __slots__ = ("buf", "peer", "done", "error")
+
+    def __init__(self, buf: Optional[torch.Tensor], peer: int, done: bool = False):
+        self.buf, self.peer, self.done, self.error = buf, peer, done, None
+
+
+class _Handle:
+    __slots__ = ("wire", "op")
+
+    def __init__(self, wire: "ShmWire", op: _Op):
+        self.wire, self.op = wire, op
+
+    def wait(self, timeout: timedelta) -> None:
+        self.wire.wait(self.op, timeout)
+
+
+class ShmWire(Wire):
+    """Messages on ``tags`` to and from the ``peers`` on this host through shared memory; the rest on ``fallback``."""
+
+    def __init__(self, fallback: Wire, rank: int, token: str, peers: dict[int, int], tags: Iterable[int]):
+        """``peers``: rank -> pid of each peer reached through shared memory; ``token``: the run's, the same on
+        every rank."""
+        self.fallback, self.rank, self.peers, self.tags = fallback, rank, dict(peers), frozenset(tags)
+        me = os.getpid()
+        self._out = {p: _Outbound(f"{PREFIX}{me}-{token}-{rank}to{p}") for p in self.peers}
+        self._in = {p: _Inbound(f"{PREFIX}{pid}-{token}-{p}to{rank}") for p, pid in self.peers.items()}
+        self._posted: dict[tuple[int, int], deque[_Op]] = {}
+        self._early: dict[tuple[int, int], deque[np.ndarray]] = {}  # records no receive was posted for yet
+        self._readers = {p: (lane, self._reader(p)) for p, lane in self._in.items()}
+
+    @classmethod
+    def connect(cls, fallback: Wire, rank: int, world: int, tags: Iterable[int]) -> "ShmWire":
+        """Agree with every rank of the default group which pairs share memory (a collective call; tensors
+        only: nothing another process sent is unpickled)."""
+        token = torch.tensor([secrets.randbits(62) if rank == 0 else 0])
+        dist.broadcast(token, src=0)
+        run = f"{int(token):016x}"
+        why_not = supported()
+        probe = os.path.join(SHM_DIR, f"{PREFIX}{os.getpid()}-{run}-probe")
+        if why_not is None:
+            sweep_stale()
+            open(probe, "wb").close()
+        mine = torch.tensor([int(why_not is None), _host_key(), os.getpid()])
+        everyone = [torch.zeros_like(mine) for _ in range(world)]
+        dist.all_gather(everyone, mine)  # every probe exists from here on
+        sees = torch.zeros(world, dtype=torch.int64)
+        for r, (ok, host, pid) in enumerate(t.tolist() for t in everyone):
+            sees[r] = int(r != rank and ok and why_not is None and host == int(mine[1]) and
+                          os.path.exists(os.path.join(SHM_DIR, f"{PREFIX}{pid}-{run}-probe")))
+        views = [torch.zeros_like(sees) for _ in range(world)]
+        dist.all_gather(views, sees)  # a pair shares memory only if both ends see each other
+        if why_not is None:
+            os.unlink(probe)
+        peers = {r: int(everyone[r][2]) for r in range(world) if sees[r] and views[r][rank]}
+        return cls(fallback, rank, run, peers, tags)
+
+    def _mine(self, peer: int, tag: int) -> bool:
+        return tag in self.tags and peer in self.peers
+
+    def isend(self, buf: torch.Tensor, dst: int, tag: int) -> Handle:
+        return self.isend_parts((buf,), dst, tag)[0]
+
+    def isend_parts(self, parts: tuple[torch.Tensor, ...], dst: int, tag: int) -> tuple[Handle, tuple]:
+        if not self._mine(dst, tag):
+            return self.fallback.isend_parts(parts, dst, tag)
+        self._out[dst].put(tag, tuple(p.detach().cpu().numpy() for p in parts))  # copied: nothing to keep
+        return _Handle(self, _Op(None, dst, done=True)), ()
+
+    def irecv(self, buf: torch.Tensor, src: int, tag: int) -> Handle:
+        if not self._mine(src, tag):
+            return self.fallback.irecv(buf, src, tag)
+        op = _Op(buf, src)
+        early = self._early.get((src, tag))
+        if early:
+            self._fill(op, early.popleft(), tag)
+        else:
+            self._posted.setdefault((src, tag), deque()).append(op)
+        return _Handle(self, op)
+
+    def _fill(self, op: _Op, record: np.ndarray, tag: int) -> None:
+        if record.size != op.buf.numel():
+            op.error = (f"message of {record.size} bytes from rank {op.peer} met a receive of "
+                        f"{op.buf.numel()} bytes on rank {self.rank} (tag {tag})")
+        else:
+            np.copyto(op.buf.numpy(), record)
+            op.done = True
+
+    def _reader(self, src: int):
+        def deliver(tag: int, record: np.ndarray) -> None:
+            posted = self._posted.get((src, tag))
+            if posted:
+                self._fill(posted.popleft(), record, tag)
+            else:
+                self._early.setdefault((src, tag), deque()).append(record.copy())
+        return deliver
+
+    def poll(self) -> None:
+        now = time.perf_counter()
+        for lane, deliver in self._readers.values():
+            if lane.ring is None:  # a peer that has sent nothing yet (or never will): looked for now and then
+                if now - lane.tried < LOOK_EVERY_S:
+                    continue
+                lane.tried = now
+            lane.read(deliver)
+
+    def wait(self, op: _Op, timeout: timedelta) -> None:
+        start = last_check = time.perf_counter()
+        lane, deliver = self._readers[op.peer]
+        while not op.done and op.error is None:
+            lane.read(deliver)
+            if op.done or op.error is not None:
+                break
+            now = time.perf_counter()
+            if now - start >= timeout.total_seconds():
+                raise RuntimeError(f"Timed out waiting {timeout.total_seconds():.0f} s for an operation with "
+                                   f"rank {op.peer} to complete")
+            if now - last_check >= ALIVE_EVERY_S:
+                last_check = now
+                if not process_alive(self.peers[op.peer]):
+                    lane.read(deliver)  # what it sent before it went
+                    if not op.done:
+                        op.error = (f"Connection closed by peer rank {op.peer} "
+                                    f"(its process {self.peers[op.peer]} is gone)")
+            if now - start >= SPIN_S:
+                time.sleep(SLEEP_S)
+        if op.error is not None:
+            raise RuntimeError(op.error)
+
+
+def _host_key() -> int:
+    """Hostname, boot and network namespace, hashed: ranks that share all three may share memory."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = ""
+    try:
+        netns = os.stat("/proc/self/ns/net").st_ino
+    except OSError:
+        netns = 0
+    digest = hashlib.sha256(f"{socket.gethostname()}/{boot}/{netns}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 2  # fits an int64 tensor
