@@ -2,6 +2,7 @@
 """lowbw's executor against torch.distributed.pipelining: same model, same split, free links.
 
     python scripts/bench_overhead.py [--steps 30] [--warmup 5] [--rounds 1] [--schedules gpipe 1f1b interleaved_1f1b]
+                                     [--wire auto|gloo]
 
 Model: a small GPT (6 layers, n_embd 128, 4 heads, block 128, batch 8 = 4 microbatches of 2
 sequences; the model scripts/cpu_rate.py times on one thread), cut with
@@ -10,7 +11,9 @@ rank, stage s on rank s % 2), each stage a lowbw.models.gpt.GPTStage, loss = GPT
 (cross-entropy), AdamW step every step; 2 processes on gloo, one thread each, no emulated delay.
 For each schedule (GPipe, 1F1B, interleaved 1F1B):
 
-  (a) lowbw:  lowbw.train.run with net=ideal clock=wall (its executor and transport);
+  (a) lowbw:  lowbw.train.run with net=ideal clock=wall (its executor and transport; --wire: net.wire, auto =
+              activations and gradients through shared memory, as by default, gloo = everything over gloo
+              as torch's);
   (b) torch:  torch.distributed.pipelining PipelineStage + ScheduleGPipe / Schedule1F1B /
               ScheduleInterleaved1F1B.
 
@@ -149,7 +152,7 @@ def lowbw_overrides(schedule: str, args) -> list[str]:
         f"pipeline.microbatches={args.microbatches}", f"model.n_layer={args.n_layer}", f"model.n_embd={args.n_embd}",
         f"model.n_head={args.n_head}", f"model.block_size={args.block_size}", f"train.batch_size={args.batch}",
         f"train.steps={args.steps}", f"train.warmup_steps={args.warmup}", f"train.lr={args.lr}", "train.eval_interval=0",
-        "train.eval_batches=1", f"seed={args.seed}", "device=cpu",
+        "train.eval_batches=1", f"seed={args.seed}", "device=cpu", f"net.wire={args.wire}",
     ]
 
 
@@ -185,6 +188,7 @@ def main() -> None:
     ap.add_argument("--microbatches", type=int, default=4)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=1337)
+    ap.add_argument("--wire", default="auto", choices=["auto", "gloo"], help="lowbw's net.wire")
     ap.add_argument("--out", type=Path, default=None, help="keep lowbw's run folders here (default: a temp dir)")
     ap.add_argument("--verbose", action="store_true", help="show lowbw's own console output")
     args = ap.parse_args()
@@ -203,7 +207,7 @@ def main() -> None:
           f"2 ranks, blocks per stage {ranges[1]} (interleaved: {ranges[2]}); gloo on loopback, 1 thread per rank, "
           f"AdamW lr={args.lr}; "
           f"{args.steps} steps, first {args.warmup} left out; {args.rounds} round(s); torch {torch.__version__}")
-    print(f"lowbw: net=ideal clock=wall (no emulated delay); torch: torch.distributed.pipelining")
+    print(f"lowbw: net=ideal clock=wall net.wire={args.wire} (no emulated delay); torch: torch.distributed.pipelining")
     print(f"machine before: {machine_load()}")
     sys.stdout.flush()
 

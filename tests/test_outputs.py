@@ -154,15 +154,15 @@ def small_disk(tmp_path):
 def fill(disk: Path, leave_bytes: int = 0) -> None:
     """Fill ``disk`` with a ballast file until at most ``leave_bytes`` are free."""
     free = shutil.disk_usage(disk).free - leave_bytes
-    with open(disk / "ballast", "wb") as f:
-        try:
+    try:
+        with open(disk / "ballast", "wb") as f:
             while free > 0:
                 n = min(free, 1 << 16)
                 f.write(b"\0" * n)
                 f.flush()
                 free -= n
-        except OSError:
-            pass
+    except OSError:  # full already (a running run can fill the last pages first): as asked
+        pass
 
 
 def _check_failed_cleanly(run_dir: Path, proc, err: str) -> None:

@@ -319,10 +319,16 @@ def _tb_scalars(row: dict) -> dict[str, Optional[float]]:
 
 def _codec_view(c: dict) -> dict:
     n = max(1, c.get("messages", 0))
+    if not c.get("measured"):
+        rel_error = None
+    elif c.get("norm_sq"):
+        rel_error = (c["err_sq"] / c["norm_sq"]) ** 0.5
+    else:  # lossless (nothing summed: the executor does not measure what is exact) or all-zero tensors
+        rel_error = 0.0 if not c.get("err_sq") else None
     return {
         "messages": int(c.get("messages", 0)),
         "ratio": c["raw_bytes"] / c["wire_bytes"] if c.get("wire_bytes") else None,
-        "rel_error": (c["err_sq"] / c["norm_sq"]) ** 0.5 if c.get("measured") and c.get("norm_sq") else None,
+        "rel_error": rel_error,
         "encode_s": c.get("encode_s", 0.0) / n,
         "decode_s": c.get("decode_s", 0.0) / n,
     }
