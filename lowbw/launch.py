@@ -206,8 +206,8 @@ def _spawn_and_supervise(cfg_dict: dict, plan: Plan, world: int, run_dir: Path, 
     finally:
         stop_processes(procs, 1.0)
         shutil.rmtree(rdv, ignore_errors=True)
-        if os.path.isdir(SHM_DIR):
-            sweep_stale()  # the shared-memory files of ranks that exited before their peers read them
+        if os.path.isdir(SHM_DIR):  # the shared-memory files of ranks that exited before their peers read them
+            sweep_stale(pids=[p.pid for p in procs if p.pid is not None])
     _raise_outcome(stop.signum, reports, failed, running)
 
 

@@ -111,13 +111,19 @@ def test_other_tags_and_peers_travel_on_the_wrapped_wire():
     assert lane_files(token) == []  # neither made a ring
 
 
-def test_files_of_exited_processes_are_swept_and_those_of_live_ones_kept(tmp_path):
+def test_old_files_of_exited_processes_are_swept_and_those_of_live_or_recent_ones_kept(tmp_path):
     gone = subprocess.Popen(["true"])
     gone.wait()
-    for name in (f"{PREFIX}{gone.pid}-tok-0to1-g0", f"{PREFIX}{os.getpid()}-tok-0to1-g0", "other-file"):
+    old, live, recent = (f"{PREFIX}{gone.pid}-tok-0to1-g0", f"{PREFIX}{os.getpid()}-tok-0to1-g0",
+                         f"{PREFIX}{gone.pid}-tok-1to0-g0")
+    for name in (old, live, recent, "other-file"):
         (tmp_path / name).write_bytes(b"x")
+    os.utime(tmp_path / old, (0, 0))
+    os.utime(tmp_path / live, (0, 0))
     assert sweep_stale(str(tmp_path)) == 1
-    assert sorted(os.listdir(tmp_path)) == sorted([f"{PREFIX}{os.getpid()}-tok-0to1-g0", "other-file"])
+    assert sorted(os.listdir(tmp_path)) == sorted([live, recent, "other-file"])
+    assert sweep_stale(str(tmp_path), pids=[gone.pid]) == 1  # a launcher's own ranks: whatever their age
+    assert sorted(os.listdir(tmp_path)) == sorted([live, "other-file"])
 
 
 def test_a_transport_over_shared_memory_moves_sized_and_unsized_messages():

@@ -30,8 +30,8 @@ same hostname, boot and network namespace (ranks in namespaces of their own, ``n
 must cross their shaped links), and each sees the other's probe file in ``/dev/shm``. Files are
 named ``lowbw-shm-<creator pid>-<run token>-...``. A receiver unlinks a file once it has mapped it
 (the creator never does: its peer may still need it after it has exited); what no receiver took
-is removed, once its creator has exited, by lowbw's launcher after its ranks stop and by every new
-wire (:func:`sweep_stale`).
+is removed by lowbw's launcher once its ranks have stopped, and otherwise by the next wire made on
+the host a minute after its creator exited (:func:`sweep_stale`).
 """
 
 from __future__ import annotations
@@ -66,6 +66,7 @@ MIN_FREE = 64 << 20  # /dev/shm must have this much free for a rank to use share
 SPIN_S = 100e-6  # wall seconds a wait polls without sleeping
 SLEEP_S = 50e-6  # then sleeps this long between polls (Linux adds its 50 us timer slack)
 LOOK_EVERY_S = 0.005  # wall seconds between polls' looks for a lane's first file (a wait looks every time)
+STALE_S = 60.0  # wall seconds after which an untaken file of a process that no longer exists is removed
 ALIVE_EVERY_S = 0.02  # wall seconds between checks that a waited-for peer's process exists
 
 
@@ -87,18 +88,29 @@ def _pad8(n: int) -> int:
     return (n + 7) & ~7
 
 
-def sweep_stale(directory: str = SHM_DIR) -> int:
-    """Remove lowbw's shared-memory files whose creator no longer exists; returns how many."""
-    removed = 0
+def sweep_stale(directory: str = SHM_DIR, pids: Optional[Iterable[int]] = None, min_age_s: float = STALE_S) -> int:
+    """Remove lowbw's shared-memory files no reader will take; returns how many.
+
+    ``pids``: those made by these processes (a launcher's ranks, all exited). Otherwise those whose
+    creator no longer exists and that are at least ``min_age_s`` old: a live run's reader takes its files
+    within milliseconds, and the age guards against a creator that merely lives in another pid namespace
+    (a container sharing this /dev/shm)."""
+    mine = None if pids is None else {str(p) for p in pids}
+    removed, now = 0, time.time()
     for name in os.listdir(directory):
-        if name.startswith(PREFIX):
-            pid = name[len(PREFIX):].split("-", 1)[0]
-            if pid.isdigit() and not process_alive(int(pid)):
-                try:
-                    os.unlink(os.path.join(directory, name))
-                    removed += 1
-                except FileNotFoundError:
-                    pass
+        if not name.startswith(PREFIX):
+            continue
+        pid, path = name[len(PREFIX):].split("-", 1)[0], os.path.join(directory, name)
+        try:
+            if mine is not None:
+                stale = pid in mine
+            else:
+                stale = pid.isdigit() and not process_alive(int(pid)) and now - os.stat(path).st_mtime >= min_age_s
+            if stale:
+                os.unlink(path)
+                removed += 1
+        except FileNotFoundError:
+            pass  # its reader, or another sweep, took it
     return removed
 
 
