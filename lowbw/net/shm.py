@@ -26,8 +26,9 @@ memory order (stores are seen in the order they were made, loads are not reorder
 loads), since Python has no memory fences; other machines use gloo for everything.
 
 Which peers share memory is agreed when the wire is made (:meth:`ShmWire.connect`, a collective):
-same hostname, boot and network namespace (ranks in namespaces of their own, ``net.backend=kernel``,
-must cross their shaped links), and each sees the other's probe file in ``/dev/shm``. Files are
+same hostname, boot, network namespace (ranks in namespaces of their own, ``net.backend=kernel``,
+must cross their shaped links) and pid namespace (a wait checks its peer's pid), and each sees the
+other's probe file in ``/dev/shm``. Files are
 named ``lowbw-shm-<creator pid>-<run token>-...``. A receiver unlinks a file once it has mapped it
 (the creator never does: its peer may still need it after it has exited); what no receiver took
 is removed by lowbw's launcher once its ranks have stopped, and otherwise by the next wire made on
@@ -359,15 +360,18 @@ class ShmWire(Wire):
 
 
 def _host_key() -> int:
-    """Hostname, boot and network namespace, hashed: ranks that share all three may share memory."""
+    """Hostname, boot, network and pid namespace, hashed: ranks that share all four may share memory (the pid
+    namespace because a wait checks its peer's pid)."""
     try:
         with open("/proc/sys/kernel/random/boot_id") as f:
             boot = f.read().strip()
     except OSError:
         boot = ""
-    try:
-        netns = os.stat("/proc/self/ns/net").st_ino
-    except OSError:
-        netns = 0
-    digest = hashlib.sha256(f"{socket.gethostname()}/{boot}/{netns}".encode()).digest()
+    spaces = []
+    for ns in ("net", "pid"):
+        try:
+            spaces.append(os.stat(f"/proc/self/ns/{ns}").st_ino)
+        except OSError:
+            spaces.append(0)
+    digest = hashlib.sha256(f"{socket.gethostname()}/{boot}/{spaces}".encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 2  # fits an int64 tensor
