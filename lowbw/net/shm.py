@@ -120,7 +120,6 @@ class _Ring:
 
     def __init__(self, path: str, capacity: Optional[int]):
         """``capacity``: create the file with this many data bytes (the sender); None: open it (the receiver)."""
-        self.path = path
         if capacity is not None:  # made whole under another name, then renamed: a reader never sees it half made
             fd = os.open(path + ".new", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
             try:
