@@ -186,18 +186,10 @@ def _wall_pair(rank, port, q):
 
 
 def test_wall_clock_delivery_of_1MB_over_20Mbps_30ms_within_5_percent():
-    from lowbw.launch import free_port, rank_context
+    from lowbw.testing.spawn import pair_results
 
-    ctx = rank_context()
-    q = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_wall_pair, args=(r, port, q)) for r in range(2)]
-    for p in procs:
-        p.start()
-    items = [q.get(timeout=120) for _ in range(2)]
-    for p in procs:
-        p.join(60)
-    assert [p.exitcode for p in procs] == [0, 0]
+    items, codes = pair_results(_wall_pair, 2)
+    assert codes == [0, 0]
     sent = next(i for i in items if isinstance(i, float))
     _, delivered, nbytes = next(i for i in items if isinstance(i, tuple))
     expected = 8 * nbytes / 20e6 + 0.030  # 0.43 s

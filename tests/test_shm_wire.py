@@ -168,17 +168,10 @@ def _connected_pair(rank: int, port: int, q) -> None:
 
 
 def test_two_processes_of_one_host_agree_to_share_memory_and_keep_control_on_gloo():
-    from lowbw.launch import free_port, rank_context
+    from lowbw.testing.spawn import pair_results
 
-    ctx = rank_context()
-    q = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_connected_pair, args=(r, port, q)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = sorted(q.get(timeout=120) for _ in range(2))
-    for p in procs:
-        p.join(60)
+    items, codes = pair_results(_connected_pair, 2)
+    results = sorted(items)
     assert results[0] == (0, [1], 2, 2 * 50_000, {"from": 1}), results
     assert results[1] == (1, [0], 1, 50_000, None), results
-    assert [p.exitcode for p in procs] == [0, 0]
+    assert codes == [0, 0]

@@ -240,19 +240,11 @@ def _gloo_pair(rank: int, port: int, q) -> None:
 
 
 def test_sends_posted_before_their_receives_arrive_although_nothing_else_holds_them():
-    from lowbw.launch import free_port, rank_context
+    from lowbw.testing.spawn import pair_results
 
-    ctx = rank_context()
-    q = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_gloo_pair, args=(r, port, q)) for r in range(2)]
-    for p in procs:
-        p.start()
-    got = q.get(timeout=120)
-    for p in procs:
-        p.join(60)
+    (got,), codes = pair_results(_gloo_pair, 1)
     assert got == [0, 1, 2]
-    assert [p.exitcode for p in procs] == [0, 0]
+    assert codes == [0, 0]
 
 
 def test_each_direction_between_two_ranks_has_its_own_process_group_and_control_keeps_the_default():

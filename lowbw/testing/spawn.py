@@ -114,3 +114,21 @@ def spawned_group(target, world: int, args: tuple, timeout_s: float, what: str) 
         if any(c != 0 for c in codes):
             raise RuntimeError(f"{what} processes exited with codes {codes}")
         yield Path(out)
+
+
+def pair_results(target, expected: int, timeout_s: float = 120.0) -> tuple[list, list[int]]:
+    """Run ``target(rank, port, queue)`` in two spawned processes (ranks 0 and 1, a free loopback port for their
+    group); return the ``expected`` items they put on the queue, in arrival order, and their exit codes."""
+    ctx = rank_context()
+    q = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=target, args=(r, port, q)) for r in range(2)]
+    try:
+        for p in procs:
+            p.start()
+        items = [q.get(timeout=timeout_s) for _ in range(expected)]
+        for p in procs:
+            p.join(60)
+        return items, [p.exitcode for p in procs]
+    finally:
+        stop_processes(procs, 1.0)
