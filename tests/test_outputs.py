@@ -103,6 +103,24 @@ def test_a_line_that_fails_half_way_is_cut_back_to_the_last_whole_line(tmp_path,
     assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 0, "loss": 1.5}\n'
 
 
+def test_a_batch_of_lines_that_fails_half_way_leaves_none_of_the_batch(tmp_path, monkeypatch):
+    log = LineLog(tmp_path / "timeline.jsonl")
+    log.extend(dumps({"step": 0, "i": i}) for i in range(3))
+    real_write = os.write
+
+    def half_write(fd, data):
+        real_write(fd, bytes(data)[: len(data) // 2])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "write", half_write)
+    with pytest.raises(OutputError, match="No space left on device"):
+        log.extend(dumps({"step": 1, "i": i}) for i in range(3))
+    monkeypatch.undo()
+    log.close()
+    assert read_json_lines(tmp_path / "timeline.jsonl") == [{"step": 0, "i": i} for i in range(3)]
+    assert (tmp_path / "timeline.jsonl").read_text().endswith("\n")
+
+
 def _recorded_run(run_dir: Path, steps: int = 3) -> Recorder:
     rec = Recorder(run_dir, "virtual", world=2, tokens_per_step=64, steps=steps, warmup_steps=0, progress=False,
                    meta={})

@@ -5,9 +5,9 @@ JSON without NaN.
   flush it to disk and rename it over the target; if anything fails (a full disk, a folder that is not
   writable) the temporary file is removed and :class:`OutputError` names the file and the cause. The
   target is then either the old file, untouched, or the new one, whole.
-- :class:`LineLog` appends one line at a time with unbuffered writes; a write that fails part-way is
-  cut back to the end of the previous line, so the file stays valid line by line (``metrics.jsonl``,
-  ``timeline.jsonl``).
+- :class:`LineLog` appends lines with unbuffered writes, a batch of them (a step's events) in one write;
+  a write that fails part-way is cut back to where the batch began, so the file stays valid line by
+  line (``metrics.jsonl``, ``timeline.jsonl``).
 - :func:`finite` replaces NaN and infinities by None: JSON has no such numbers, and a "NaN" in a file
   reads back as a number in Python but breaks every other JSON reader. ``json.dumps(..., allow_nan=False)``
   is used everywhere below so that one that slips through is an error, not a silent file.
@@ -19,7 +19,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 
 class OutputError(OSError):
@@ -39,7 +39,10 @@ def finite(obj: Any) -> Any:
 
 def dumps(obj: Any, indent: int | None = None) -> str:
     """JSON text of ``obj`` with non-finite floats written as null."""
-    return json.dumps(finite(obj), indent=indent, allow_nan=False)
+    try:  # nearly every object is finite: the copy that replaces non-finite floats is made only when one is not
+        return json.dumps(obj, indent=indent, allow_nan=False)
+    except ValueError:
+        return json.dumps(finite(obj), indent=indent, allow_nan=False)
 
 
 def _why(e: OSError) -> str:
@@ -75,7 +78,7 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 
 class LineLog:
-    """An append-only file of lines, each written whole or not at all."""
+    """An append-only file of lines; each :meth:`append` or :meth:`extend` is written whole or not at all."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -85,7 +88,13 @@ class LineLog:
             raise OutputError(e.errno, f"could not open {self.path}: {_why(e)}") from None
 
     def append(self, line: str) -> None:
-        data = (line + "\n").encode()
+        self.extend((line,))
+
+    def extend(self, lines: Iterable[str]) -> None:
+        """Append ``lines`` in one write (rank 0 logs a step's ~100 events: one system call, not ~100)."""
+        data = "".join(line + "\n" for line in lines).encode()
+        if not data:
+            return
         fd = self._f.fileno()
         end = os.lseek(fd, 0, os.SEEK_END)
         try:

@@ -126,9 +126,7 @@ class Recorder:
         vals = [r["val_loss"] for r in reports if r.get("val_loss") is not None]
         if vals:
             row["val_loss"] = self.val_loss = vals[0]
-        for r in reports:
-            for e in r.get("events", []):
-                self._timeline.append(dumps(e))
+        self._timeline.extend(dumps(e) for r in reports for e in r.get("events", []))
         self._metrics.append(dumps(row))  # last: a step is in metrics.jsonl only with all its events
         self.rows.append(row)
         self._tb.scalars(step, _tb_scalars(row))

