@@ -284,6 +284,25 @@ def test_payload_nbytes_is_the_length_encode_produces_for_every_codec_and_parame
             x.numel() * x.element_size() / nbytes, rel=1e-12)
 
 
+@settings(max_examples=100, deadline=None)
+@given(spec=codec_specs(), shape=st.lists(st.integers(1, 40), min_size=1, max_size=4),
+       dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16, torch.float64]), seed=st.integers(0, 99))
+def test_the_pieces_a_codec_sends_join_into_its_payload(spec, shape, dtype, seed):
+    whole, pieces = build_codec(spec), build_codec(spec)  # two instances: stateful codecs advance alike
+    x = random_tensor(seed, tuple(shape)).to(dtype)
+    ids = torch.arange(shape[0])
+    for _ in range(2):
+        parts = pieces.encode_parts(x, ids)
+        assert all(p.dtype == torch.uint8 and p.dim() == 1 for p in parts)
+        assert torch.equal(torch.cat(parts), whole.encode(x, ids))
+
+
+def test_codec_none_sends_the_tensors_own_bytes_without_copying_them():
+    x = torch.randn(2, 8, 16)
+    parts = build_codec("none").encode_parts(x)
+    assert any(p.data_ptr() == x.data_ptr() for p in parts)
+
+
 def int8_wire_ratio(shape: tuple[int, ...]) -> tuple[int, int]:
     """(bytes of the uncompressed float32 payload, bytes of the int8 payload) for a tensor of ``shape``,
     from the payload layout alone: ``none`` packs the tensor itself; ``int8`` packs an int64 meta

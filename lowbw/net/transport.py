@@ -55,7 +55,7 @@ import zlib
 from collections import deque
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -250,14 +250,17 @@ class Transport:
         if not sized:
             self._unsized.setdefault((src, ch), deque()).append(inc)
 
-    def send(self, dst: int, ch: int, key: tuple[int, int, int, int], payload: torch.Tensor, emulate: bool = True,
+    def send(self, dst: int, ch: int, key: tuple[int, int, int, int],
+             payload: Union[torch.Tensor, tuple[torch.Tensor, ...]], emulate: bool = True,
              sized: bool = True, charge: Optional[int] = None) -> float:
-        """Send a payload; returns its emulated arrival time (run clock), or now when not emulated.
+        """Send a payload -- a uint8 tensor, or pieces whose concatenation it is (Codec.encode_parts: pieces are
+        copied into the message before this returns, so they may be views of a live tensor) -- and return its
+        emulated arrival time (run clock), or now when not emulated.
 
         ``sized``: the receiver expects exactly this length (the codec's ``payload_nbytes``). ``charge``: bytes
         the link model charges instead of :meth:`charged_bytes` (a regime's replica messages, lowbw.replicas)."""
-        payload = payload.detach().reshape(-1)
-        n = payload.numel()
+        parts = tuple(p.detach().reshape(-1) for p in ((payload,) if isinstance(payload, torch.Tensor) else payload))
+        n = sum(p.numel() for p in parts)
         t = self.now()
         arrival, hold = t, 0.0
         if emulate and self.link is not None:
@@ -266,12 +269,13 @@ class Transport:
         meta = _meta_block(n, key, arrival, hold)
         if sized:
             try:
-                handle, keep = self.wire.isend_parts((meta, payload), dst, tag(ch, _MESSAGE))
+                handle, keep = self.wire.isend_parts((meta,) + parts, dst, tag(ch, _MESSAGE))
             except RuntimeError as e:  # the connection is already closed: the peer is gone
                 raise self.watch.link_failed(self.rank, dst, e) from None
             self._sends.append((self._round, dst, handle, keep))
         else:
-            self._send_unsized(self._sends, dst, ch, meta, payload.to("cpu", torch.uint8).contiguous())
+            body = parts[0] if len(parts) == 1 else torch.cat([p.cpu() for p in parts])
+            self._send_unsized(self._sends, dst, ch, meta, body.to("cpu", torch.uint8).contiguous())
         self.watch.sent(dst)
         return arrival
 

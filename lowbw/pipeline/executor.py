@@ -271,13 +271,14 @@ class Executor:
         codec = self.stages[s].codecs.for_action(a.kind, ctx.train)
         ids = ctx.batches[b][2][i]
         tokens = st.tokens.pop(k, None) if a.kind == Kind.SEND_F else None  # boundary method's ids (see _forward)
-        payload = self._encode(ctx, codec, x, ids, a, ctx.res.codecs.setdefault(boundary, CodecStats()), tokens)
-        nbytes = (self._agreed_length(a, codec, x, payload, ctx.batches[b][0][i].shape)
+        parts = self._encode(ctx, codec, x, ids, a, ctx.res.codecs.setdefault(boundary, CodecStats()), tokens)
+        length = sum(p.numel() for p in parts)
+        nbytes = (self._agreed_length(a, codec, x, length, ctx.batches[b][0][i].shape)
                   if self.stages[a.stage].sized(a.kind) else None)
         dst = peer_of(a, ctx.sched) + self.base
         ch = _CHANNEL[a.kind]
-        self.transport.send(dst, ch, key, payload, ctx.emulate, sized=nbytes is not None)
-        charged = self.transport.charged_bytes(ch, payload.numel())  # a target regime's, if any
+        self.transport.send(dst, ch, key, parts, ctx.emulate, sized=nbytes is not None)
+        charged = self.transport.charged_bytes(ch, length)  # a target regime's, if any
         ctx.res.bytes_sent[dst] = ctx.res.bytes_sent.get(dst, 0) + charged
         now = self.clock.now()
         ctx.record(self.me, "send", now, now, a, charged, dst)
@@ -306,7 +307,7 @@ class Executor:
 
     # ---- pieces -----------------------------------------------------------------------------
 
-    def _agreed_length(self, a: Action, codec: Codec, x: torch.Tensor, payload: torch.Tensor,
+    def _agreed_length(self, a: Action, codec: Codec, x: torch.Tensor, length: int,
                        tokens: torch.Size) -> Optional[int]:
         """The payload length the receiver posted for (None: unsized); raises if the tensor or the
         codec disagree with what the receiver computed, instead of letting the link abort."""
@@ -314,8 +315,8 @@ class Executor:
         if tuple(x.shape) != shape or x.dtype != dtype:
             raise RuntimeError(f"rank {self.rank} action {a}: sends a {x.dtype} tensor of shape {tuple(x.shape)}, "
                                f"but its receiver expects {dtype} {shape} (the stage's boundary spec)")
-        if nbytes is not None and nbytes != payload.numel():
-            raise RuntimeError(f"codec {codec.name!r}: encode gave {payload.numel()} bytes for {dtype} {shape}, "
+        if nbytes is not None and nbytes != length:
+            raise RuntimeError(f"codec {codec.name!r}: encode gave {length} bytes for {dtype} {shape}, "
                                f"payload_nbytes says {nbytes}")
         return nbytes
 
@@ -337,26 +338,30 @@ class Executor:
         return loss / m
 
     def _encode(self, ctx: _Step, codec: Codec, x: torch.Tensor, ids, a: Action, stats: CodecStats,
-                tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The codec's payload of ``x``; with ``tokens`` (lowbw.boundary), one payload holding both."""
+                tokens: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, ...]:
+        """The codec's payload of ``x`` in pieces (Codec.encode_parts); with ``tokens`` (lowbw.boundary), one
+        payload holding both."""
         def encode():
+            if tokens is None:
+                return None, codec.encode_parts(x, ids)
             inner = codec.encode(x, ids)
-            return inner, (inner if tokens is None else attach_tokens(inner, tokens))
+            return inner, (attach_tokens(inner, tokens),)
 
-        (payload, wire), t0, t1 = self.clock.compute(encode, self.planned(a))
+        (inner, parts), t0, t1 = self.clock.compute(encode, self.planned(a))
         ctx.record(self.me, "encode", t0, t1, a)
         stats.messages += 1
         stats.raw_bytes += x.numel() * x.element_size()
-        stats.wire_bytes += wire.numel()
+        stats.wire_bytes += sum(p.numel() for p in parts)
         stats.encode_s += t1 - t0
         if ctx.measure_error:
             if codec.name != "none":  # lossless: the error is 0 without a pass over x, which would hold the send up
+                payload = inner if inner is not None else parts[0] if len(parts) == 1 else torch.cat(parts)
                 with self.clock.paused(), torch.no_grad():
                     x_hat = codec.reconstruction(payload, ids).to(x.dtype)
                     stats.err_sq += float((x_hat - x).float().pow(2).sum())
                     stats.norm_sq += float(x.float().pow(2).sum())
             stats.measured += 1
-        return wire
+        return parts
 
     def _decode(self, ctx: _Step, codec: Codec, payload: torch.Tensor, ids, a: Action,
                 stats: CodecStats) -> torch.Tensor:
