@@ -114,6 +114,22 @@ class Executor:
         # autograd graph, about 0.2 ms of a 3-block stage's, which would otherwise delay the action after every
         # backward (the send of its gradient, most often) -- on the critical path.
         self._spent: list[torch.Tensor] = []
+        self._chores: list[Callable[[], None]] = []  # see chore
+
+    def chore(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` when this rank next has to wait for a message, and at the latest before its next backward
+        (or at the end of the next run). For work that must happen before a backward but need not delay a
+        forward: the step loop's ``zero_grad`` frees every gradient, 0.4-1 ms on a rank of the benchmark
+        model, which sat between the optimizer step and the next step's first forward -- on the critical
+        path, which starts there on rank 0."""
+        self._chores.append(fn)
+
+    def _housekeeping(self) -> None:
+        """About to wait (or about to run a backward): the chores, and the graphs of finished microbatches."""
+        chores, self._chores = self._chores, []
+        for fn in chores:
+            fn()
+        self._spent.clear()
 
     def run(self, sched: Schedule, phase: int, step: int, x: torch.Tensor, y: torch.Tensor,
             ids: torch.Tensor, emulate: bool = True, measure_error: bool = False) -> StepResult:
@@ -137,6 +153,8 @@ class Executor:
         for a, b, i in self._work(ctx, self.rank):
             self._act(ctx, a, b, i)
             self.transport.progress()
+        if self._chores:  # a run without a wait or a backward (evaluation)
+            self._housekeeping()
         if asynchronous:
             self.stash.end_step(step, m)
         elif train and state:  # evaluation leaves its forwards' outputs: dropped with the step
@@ -226,6 +244,8 @@ class Executor:
             self.stash.log_forward(s, b, i, ctx.step)
 
     def _backward(self, ctx: _Step, a: Action, b: int, i: int) -> None:
+        if self._chores:
+            self._housekeeping()
         s, k, st = a.stage, (a.stage, b, i), ctx.state
         out = st.outputs[k]
         grad = None if s == ctx.sched.n_stages - 1 else st.out_grads[k]
@@ -288,8 +308,8 @@ class Executor:
         s, k, st = a.stage, (a.stage, b, i), ctx.state
         src = peer_of(a, ctx.sched) + self.base
         t0 = self.clock.now()
-        if self._spent and not self.transport.arrived(src, _CHANNEL[a.kind], (ctx.phase, b, s, i)):
-            self._spent.clear()  # about to wait anyway: the graphs of finished microbatches go now
+        if (self._spent or self._chores) and not self.transport.arrived(src, _CHANNEL[a.kind], (ctx.phase, b, s, i)):
+            self._housekeeping()  # about to wait anyway
         msg = self.transport.recv(src, _CHANNEL[a.kind], (ctx.phase, b, s, i))
         self.clock.wait_until(self.transport.delivery_time(msg, ctx.emulate))
         ctx.record(self.me, "recv_wait", t0, self.clock.now(), a, msg.nbytes, src)

@@ -157,7 +157,7 @@ def train_step(r: Rank, step: int, s: StepSettings) -> dict:
     # replica j takes the j-th of R consecutive batches: R replicas of batch B see what one pipeline of
     # batch R x B would (and R = 1 the batches of a single pipeline)
     batch = r.corpus.train_batch(step * r.layout.replicas + r.replica, s.batch_size)
-    r.optimizer.zero_grad(set_to_none=True)
+    r.executor.chore(lambda: r.optimizer.zero_grad(set_to_none=True))  # before the first backward, off the critical path
     every = s.error_every
     res = r.executor.run(r.plan.schedule, PHASE_TRAIN, step, batch.x, batch.y, batch.ids,
                          measure_error=bool(every) and step % every == 0)
