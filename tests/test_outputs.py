@@ -86,9 +86,8 @@ def test_a_write_that_fails_half_way_keeps_the_old_file_and_leaves_no_temporary_
     assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]
 
 
-def test_a_line_that_fails_half_way_is_cut_back_to_the_last_whole_line(tmp_path, monkeypatch):
-    log = LineLog(tmp_path / "metrics.jsonl")
-    log.append(dumps({"step": 0, "loss": 1.5}))
+def writes_fail_half_way(monkeypatch) -> None:
+    """Make every os.write keep the first half of its data, then fail as a full disk does."""
     real_write = os.write
 
     def half_write(fd, data):
@@ -96,6 +95,12 @@ def test_a_line_that_fails_half_way_is_cut_back_to_the_last_whole_line(tmp_path,
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(os, "write", half_write)
+
+
+def test_a_line_that_fails_half_way_is_cut_back_to_the_last_whole_line(tmp_path, monkeypatch):
+    log = LineLog(tmp_path / "metrics.jsonl")
+    log.append(dumps({"step": 0, "loss": 1.5}))
+    writes_fail_half_way(monkeypatch)
     with pytest.raises(OutputError, match="could not write .*metrics.jsonl: No space left on device"):
         log.append(dumps({"step": 1, "loss": 1.25}))
     monkeypatch.undo()
@@ -106,13 +111,7 @@ def test_a_line_that_fails_half_way_is_cut_back_to_the_last_whole_line(tmp_path,
 def test_a_batch_of_lines_that_fails_half_way_leaves_none_of_the_batch(tmp_path, monkeypatch):
     log = LineLog(tmp_path / "timeline.jsonl")
     log.extend(dumps({"step": 0, "i": i}) for i in range(3))
-    real_write = os.write
-
-    def half_write(fd, data):
-        real_write(fd, bytes(data)[: len(data) // 2])
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    monkeypatch.setattr(os, "write", half_write)
+    writes_fail_half_way(monkeypatch)
     with pytest.raises(OutputError, match="No space left on device"):
         log.extend(dumps({"step": 1, "i": i}) for i in range(3))
     monkeypatch.undo()
