@@ -291,8 +291,7 @@ class Executor:
         codec = self.stages[s].codecs.for_action(a.kind, ctx.train)
         ids = ctx.batches[b][2][i]
         tokens = st.tokens.pop(k, None) if a.kind == Kind.SEND_F else None  # boundary method's ids (see _forward)
-        parts = self._encode(ctx, codec, x, ids, a, ctx.res.codecs.setdefault(boundary, CodecStats()), tokens)
-        length = sum(p.numel() for p in parts)
+        parts, length = self._encode(ctx, codec, x, ids, a, ctx.res.codecs.setdefault(boundary, CodecStats()), tokens)
         nbytes = (self._agreed_length(a, codec, x, length, ctx.batches[b][0][i].shape)
                   if self.stages[a.stage].sized(a.kind) else None)
         dst = peer_of(a, ctx.sched) + self.base
@@ -358,9 +357,9 @@ class Executor:
         return loss / m
 
     def _encode(self, ctx: _Step, codec: Codec, x: torch.Tensor, ids, a: Action, stats: CodecStats,
-                tokens: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, ...]:
-        """The codec's payload of ``x`` in pieces (Codec.encode_parts); with ``tokens`` (lowbw.boundary), one
-        payload holding both."""
+                tokens: Optional[torch.Tensor] = None) -> tuple[tuple[torch.Tensor, ...], int]:
+        """The codec's payload of ``x`` in pieces (Codec.encode_parts), and its length; with ``tokens``
+        (lowbw.boundary), one payload holding both."""
         def encode():
             if tokens is None:
                 return None, codec.encode_parts(x, ids)
@@ -371,7 +370,8 @@ class Executor:
         ctx.record(self.me, "encode", t0, t1, a)
         stats.messages += 1
         stats.raw_bytes += x.numel() * x.element_size()
-        stats.wire_bytes += sum(p.numel() for p in parts)
+        length = sum(p.numel() for p in parts)
+        stats.wire_bytes += length
         stats.encode_s += t1 - t0
         if ctx.measure_error:
             if codec.name != "none":  # lossless: the error is 0 without a pass over x, which would hold the send up
@@ -381,7 +381,7 @@ class Executor:
                     stats.err_sq += float((x_hat - x).float().pow(2).sum())
                     stats.norm_sq += float(x.float().pow(2).sum())
             stats.measured += 1
-        return parts
+        return parts, length
 
     def _decode(self, ctx: _Step, codec: Codec, payload: torch.Tensor, ids, a: Action,
                 stats: CodecStats) -> torch.Tensor:
