@@ -7,8 +7,10 @@ pin which pairs the wire agrees on and that everything else still travels on glo
 
 from __future__ import annotations
 
+import ctypes
 import os
 import subprocess
+import threading
 import uuid
 from datetime import timedelta
 
@@ -96,6 +98,26 @@ def test_a_silent_live_peer_times_out_naming_its_rank():
     _, w1, _ = wires()
     with pytest.raises(RuntimeError, match="Timed out waiting 0 s for an operation with rank 0"):
         recv(w1, 8, 0, 4, timeout=timedelta(seconds=0.2))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/timerslack_ns"), reason="no timer slack to read here")
+def test_the_thread_that_makes_a_wire_sleeps_with_a_tight_timer_slack():
+    def slack() -> int:
+        with open(f"/proc/{threading.get_native_id()}/timerslack_ns") as f:  # this thread's
+            return int(f.read())
+
+    seen = {}
+
+    def make():  # in a thread of its own: the setting is per thread, inherited from the thread that starts it
+        ctypes.CDLL(None).prctl(29, 50_000, 0, 0, 0)  # PR_SET_TIMERSLACK: Linux's default, whatever ran before
+        seen["before"] = slack()
+        wires()
+        seen["after"] = slack()
+
+    t = threading.Thread(target=make)
+    t.start()
+    t.join()
+    assert seen == {"before": 50_000, "after": shm.TIMER_SLACK_NS}
 
 
 def test_other_tags_and_peers_travel_on_the_wrapped_wire():

@@ -26,8 +26,8 @@ emulated uplink (``release``, on this host's CLOCK_MONOTONIC) and how long after
 (``hold``). The receiver charges its downlink and waits until delivery: on the wall clock, latency
 and jitter count from ``release`` when both ranks share a host (all processes of a host share
 ``perf_counter``) and from the message's real arrival plus ``hold`` when they do not, so no clock
-synchronisation between machines is needed. The real arrival is noticed between actions
-(:meth:`progress` reads the meta block's first word, which the sender writes non-zero).
+synchronisation between machines is needed. The real arrival is noticed between actions (after each
+but a send, :meth:`progress` reads the meta block's first word, which the sender writes non-zero).
 
 A receive waits at most ``timeout_s`` (wall) for its message; a dead or silent peer becomes a
 :class:`PeerError` naming its rank. Which rank, and whether it died, hangs or sits behind a dead
@@ -86,10 +86,6 @@ CONTROL_TAGS = frozenset(tag(CH_CTRL, part) for part in (_MESSAGE, _HEADER, _PAY
 PIPELINE_TAGS = frozenset(tag(ch, part) for ch in (CH_FWD, CH_BWD) for part in (_MESSAGE, _HEADER, _PAYLOAD))
 
 
-def _meta_view(buf: torch.Tensor) -> np.ndarray:
-    return buf[:_META].numpy().view(np.int64)
-
-
 @dataclass
 class Message:
     src: int
@@ -113,9 +109,10 @@ class _Incoming:
 
     __slots__ = ("src", "ch", "key", "buf", "meta", "handle", "sized", "body", "body_handle", "received")
 
-    def __init__(self, src: int, ch: int, key: tuple, buf: torch.Tensor, handle: Handle, sized: bool):
-        self.src, self.ch, self.key, self.buf, self.handle, self.sized = src, ch, key, buf, handle, sized
-        self.meta = _meta_view(buf)
+    def __init__(self, src: int, ch: int, key: tuple, buf: torch.Tensor, meta: np.ndarray, handle: Handle,
+                 sized: bool):
+        self.src, self.ch, self.key, self.buf, self.meta = src, ch, key, buf, meta
+        self.handle, self.sized = handle, sized
         self.body: Optional[torch.Tensor] = None
         self.body_handle: Optional[Handle] = None
         self.received: Optional[float] = None
@@ -143,10 +140,14 @@ def _meta_block(nbytes: int, key: tuple, arrival: float, hold: float) -> torch.T
     return torch.frombuffer(bytearray(words), dtype=torch.uint8)
 
 
-def _empty_meta_buffer(nbytes: int) -> torch.Tensor:
-    buf = torch.empty(_META + nbytes, dtype=torch.uint8)
-    _meta_view(buf)[0] = 0
-    return buf
+def _empty_meta_buffer(nbytes: int) -> tuple[torch.Tensor, np.ndarray]:
+    """A receive buffer for a meta block and ``nbytes`` of payload, and the meta block's words, the first zeroed
+    (nothing in yet). Made in numpy and shared with torch: one torch call where torch alone needs four, a few
+    us each, and a step posts a receive for every message it takes."""
+    arr = np.empty(_META + nbytes, dtype=np.uint8)
+    meta = arr[:_META].view(np.int64)
+    meta[0] = 0
+    return torch.from_numpy(arr), meta
 
 
 class Transport:
@@ -241,9 +242,10 @@ class Transport:
         Calls for one (src, channel) must follow the order in which ``src`` sends."""
         if (src, ch, key) in self._expected:
             raise RuntimeError(f"rank {self.rank}: message {key} from rank {src} expected twice")
-        buf = _empty_meta_buffer(nbytes if nbytes is not None else 0)
+        buf, meta = _empty_meta_buffer(nbytes if nbytes is not None else 0)
         sized = nbytes is not None
-        inc = _Incoming(src, ch, key, buf, self._post(False, buf, src, tag(ch, _MESSAGE if sized else _HEADER)), sized)
+        inc = _Incoming(src, ch, key, buf, meta, self._post(False, buf, src, tag(ch, _MESSAGE if sized else _HEADER)),
+                        sized)
         self._expected[(src, ch, key)] = inc
         self._unstamped.append(inc)
         self._uncounted.append(inc)
@@ -259,7 +261,8 @@ class Transport:
 
         ``sized``: the receiver expects exactly this length (the codec's ``payload_nbytes``). ``charge``: bytes
         the link model charges instead of :meth:`charged_bytes` (a regime's replica messages, lowbw.replicas)."""
-        parts = tuple(p.detach().reshape(-1) for p in ((payload,) if isinstance(payload, torch.Tensor) else payload))
+        parts = tuple(p if p.dim() == 1 and not p.requires_grad else p.detach().reshape(-1)  # a codec's are, mostly
+                      for p in ((payload,) if isinstance(payload, torch.Tensor) else payload))
         n = sum(p.numel() for p in parts)
         t = self.now()
         arrival, hold = t, 0.0
@@ -396,9 +399,8 @@ class Transport:
             self.watch.waiting(src)
             try:
                 while (src, key) not in self._ctrl_inbox:
-                    head = _empty_meta_buffer(0)
+                    head, m = _empty_meta_buffer(0)
                     self._wait(self._post(False, head, src, tag(CH_CTRL, _HEADER)), src, what)
-                    m = _meta_view(head)
                     body = torch.empty(int(m[1]), dtype=torch.uint8)
                     if body.numel():
                         self._wait(self._post(False, body, src, tag(CH_CTRL, _PAYLOAD)), src, what)

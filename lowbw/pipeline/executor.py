@@ -42,6 +42,7 @@ from lowbw.pipeline.weight_stash import InFlight, WeightStash
 PHASE_TRAIN, PHASE_EVAL = 0, 1
 _CHANNEL = {Kind.SEND_F: CH_FWD, Kind.RECV_F: CH_FWD, Kind.SEND_B: CH_BWD, Kind.RECV_B: CH_BWD}
 _RECEIVE = {Kind.SEND_F: Kind.RECV_F, Kind.SEND_B: Kind.RECV_B}  # what the other end of a send does
+_SENDS = frozenset(_RECEIVE)
 _BACKWARD_EVENT = {Kind.FULL_BACKWARD: "backward", Kind.BACKWARD_INPUT: "backward_input",
                    Kind.BACKWARD_WEIGHT: "backward_weight"}
 
@@ -152,7 +153,8 @@ class Executor:
         self._expect(ctx)
         for a, b, i in self._work(ctx, self.rank):
             self._act(ctx, a, b, i)
-            self.transport.progress()
+            if a.kind not in _SENDS:  # a send takes microseconds and never waits: nothing new to notice after it
+                self.transport.progress()
         if self._chores:  # a run without a wait or a backward (evaluation)
             self._housekeeping()
         if asynchronous:

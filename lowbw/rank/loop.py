@@ -3,9 +3,10 @@
 The same on every rank; what differs per rank is built in (the :class:`~lowbw.rank.build.Rank`)
 or is a role (lowbw.rank.reporting). One step::
 
-    batch (from the seed, no data messages) -> executor.run(schedule) -> global gradient norm
-    (one all-reduce, started) -> [clip: wait for it] -> optimizer step (timed) -> [no clip: wait for
-    it] -> report (busy time, end time, bytes, loss, events, codec stats) -> [evaluation] -> [checkpoint]
+    batch (from the seed, no data messages; made during the step before) -> executor.run(schedule)
+    -> global gradient norm (one all-reduce, started) -> [clip: wait for it] -> optimizer step (timed)
+    -> [no clip: wait for it] -> report (busy time, end time, bytes, loss, events, codec stats)
+    -> [evaluation] -> [checkpoint]
 
 With replicas (lowbw.replicas), the batch is the replica's own, the replicas synchronise after the
 backward pass and after the optimizer step (``replicas/sync``: over the emulated links, on the run
@@ -38,6 +39,7 @@ import torch
 import torch.distributed as dist
 
 from lowbw.checkpoint import checkpoint_dir
+from lowbw.data.corpus import Batch
 from lowbw.errors import Diverged, ignore_stop_signals
 from lowbw.metrics.timeline import Event, busy_seconds
 from lowbw.pipeline.executor import PHASE_EVAL, PHASE_TRAIN
@@ -80,6 +82,7 @@ def train(r: Rank, reporting: Reporting, run_dir: Optional[Path]) -> Optional[di
         r.watch.await_all("built")  # start-up and building may take longer than timeout_s: not a failure
         first_step, resumed_at = restore_rank(r, reporting, ckpt_root) if cfg.resume else (0, 0.0)
         metering = False
+        batches = NextBatch(r, s.batch_size, s.steps - 1)
         with steps_without_gc() as between_steps:  # collects before the clocks start
             # every rank's clock starts together (at 0, or where the checkpoint left it)
             r.watch.collective(r.rank, "the start barrier", lambda: dist.barrier(async_op=True), cfg.timeout_s)
@@ -91,7 +94,7 @@ def train(r: Rank, reporting: Reporting, run_dir: Optional[Path]) -> Optional[di
                     r.meter.begin()
                     metering = True
                 faults.before_step(step)
-                report = train_step(r, step, s)
+                report = train_step(r, step, s, batches)
                 eval_wall = 0.0
                 if step == s.steps - 1 or (s.eval_interval and (step + 1) % s.eval_interval == 0):
                     w0 = time.perf_counter()
@@ -152,11 +155,37 @@ def steps_without_gc() -> Iterator[Callable[[int], None]]:
             gc.enable()
 
 
-def train_step(r: Rank, step: int, s: StepSettings) -> dict:
+class NextBatch:
+    """Each step's training batch, made during the step before, at its first wait (an executor chore).
+
+    Making a batch (sampling its windows, copying them into tensors) took 0.3-0.7 ms, which sat between
+    rank 0's optimizer step and its next forward -- on the critical path (scripts/bench_overhead.py)."""
+
+    def __init__(self, r: Rank, batch_size: int, last_step: int):
+        self.r, self.batch_size, self.last_step = r, batch_size, last_step
+        self._made: Optional[tuple[int, Batch]] = None
+
+    def _make(self, step: int) -> Batch:
+        r = self.r
+        # replica j takes the j-th of R consecutive batches: R replicas of batch B see what one pipeline of
+        # batch R x B would (and R = 1 the batches of a single pipeline)
+        return r.corpus.train_batch(step * r.layout.replicas + r.replica, self.batch_size)
+
+    def _prefetch(self, step: int) -> None:
+        self._made = (step, self._make(step))
+
+    def take(self, step: int) -> Batch:
+        """Step ``step``'s batch; asks the executor to make the next one at the step's first wait."""
+        made, self._made = self._made, None
+        batch = made[1] if made is not None and made[0] == step else self._make(step)
+        if step < self.last_step:
+            self.r.executor.chore(lambda: self._prefetch(step + 1))
+        return batch
+
+
+def train_step(r: Rank, step: int, s: StepSettings, batches: NextBatch) -> dict:
     """One optimizer step on this rank; returns its report for rank 0."""
-    # replica j takes the j-th of R consecutive batches: R replicas of batch B see what one pipeline of
-    # batch R x B would (and R = 1 the batches of a single pipeline)
-    batch = r.corpus.train_batch(step * r.layout.replicas + r.replica, s.batch_size)
+    batch = batches.take(step)
     r.executor.chore(lambda: r.optimizer.zero_grad(set_to_none=True))  # before the first backward, off the critical path
     every = s.error_every
     res = r.executor.run(r.plan.schedule, PHASE_TRAIN, step, batch.x, batch.y, batch.ids,
@@ -189,7 +218,7 @@ def train_step(r: Rank, step: int, s: StepSettings) -> dict:
 
 
 def _gradients(r: Rank) -> list[torch.Tensor]:
-    return [p.grad for st in r.stages.values() for p in st.module.parameters() if p.grad is not None]
+    return [p.grad for p in r.parameters if p.grad is not None]
 
 
 class GlobalGradNorm:
