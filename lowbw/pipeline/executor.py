@@ -393,7 +393,7 @@ class Executor:
             x = codec.decode(payload, ids)
             # A view of the message's own buffer (codec none) is the receiver's alone: kept as it is.
             # Anything else may be a codec's buffer it reuses for the next message: copied.
-            own = x.untyped_storage().data_ptr() == payload.untyped_storage().data_ptr()
+            own = payload.data_ptr() <= x.data_ptr() < payload.data_ptr() + payload.numel()
             return x if own else x.clone()
 
         x, t0, t1 = self.clock.compute(decode, self.planned(a))
