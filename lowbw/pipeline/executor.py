@@ -152,9 +152,11 @@ class Executor:
         ctx = _Step(sched, phase, step, train, asynchronous, emulate, measure_error, batches, state, StepResult())
         self._expect(ctx)
         for a, b, i in self._work(ctx, self.rank):
-            self._act(ctx, a, b, i)
-            if a.kind not in _SENDS:  # a send takes microseconds and never waits: nothing new to notice after it
+            # Messages that came in are noticed (and copied out of a shared-memory ring) before a compute or a
+            # receive, not before a send: a send that follows a compute goes out first.
+            if a.kind not in _SENDS:
                 self.transport.progress()
+            self._act(ctx, a, b, i)
         if self._chores:  # a run without a wait or a backward (evaluation)
             self._housekeeping()
         if asynchronous:
