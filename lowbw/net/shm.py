@@ -49,7 +49,7 @@ import sys
 import time
 from collections import deque
 from datetime import timedelta
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Union
 
 import numpy as np
 import torch
@@ -295,10 +295,11 @@ class ShmWire(Wire):
     def isend(self, buf: torch.Tensor, dst: int, tag: int) -> Handle:
         return self.isend_parts((buf,), dst, tag)[0]
 
-    def isend_parts(self, parts: tuple[torch.Tensor, ...], dst: int, tag: int) -> tuple[Handle, tuple]:
+    def isend_parts(self, parts: tuple[Union[torch.Tensor, bytes], ...], dst: int, tag: int) -> tuple[Handle, tuple]:
         if not self._mine(dst, tag):
             return self.fallback.isend_parts(parts, dst, tag)
-        self._out[dst].put(tag, tuple(_numpy(p) for p in parts))  # copied: nothing to keep
+        # copied: nothing to keep
+        self._out[dst].put(tag, tuple(np.frombuffer(p, np.uint8) if isinstance(p, bytes) else _numpy(p) for p in parts))
         return _Handle(self, _Op(None, dst, done=True)), ()
 
     def irecv(self, buf: torch.Tensor, src: int, tag: int) -> Handle:

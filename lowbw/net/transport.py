@@ -133,11 +133,15 @@ _META_FORMAT = struct.Struct("<6q3dq")  # the meta block's ten words, as _META d
 assert _META_FORMAT.size == _META
 
 
-def _meta_block(nbytes: int, key: tuple, arrival: float, hold: float) -> torch.Tensor:
+def _meta_words(nbytes: int, key: tuple, arrival: float, hold: float) -> bytes:
     """A message's meta block: the arrival time the sender's link model gave, and when the last bit leaves
     its emulated uplink on this host's clock (``release``, now + ``hold``)."""
-    words = _META_FORMAT.pack(_MAGIC, nbytes, *key, arrival, time.perf_counter() + hold, hold, _HOST)
-    return torch.frombuffer(bytearray(words), dtype=torch.uint8)
+    return _META_FORMAT.pack(_MAGIC, nbytes, *key, arrival, time.perf_counter() + hold, hold, _HOST)
+
+
+def _meta_block(nbytes: int, key: tuple, arrival: float, hold: float) -> torch.Tensor:
+    """:func:`_meta_words` as a tensor, for a message sent on its own (an unsized message's header)."""
+    return torch.frombuffer(bytearray(_meta_words(nbytes, key, arrival, hold)), dtype=torch.uint8)
 
 
 def _empty_meta_buffer(nbytes: int) -> tuple[torch.Tensor, np.ndarray]:
@@ -166,8 +170,11 @@ class Transport:
         self._timeout = timedelta(seconds=timeout_s)
         self._expected: dict[tuple[int, int, tuple], _Incoming] = {}
         self._unsized: dict[tuple[int, int], deque[_Incoming]] = {}  # payload receive not posted yet, in order
-        self._unstamped: list[_Incoming] = []
-        self._uncounted: list[_Incoming] = []  # pipeline messages not yet reported to the watch as arrived
+        # Per (source, tag), in the order they will arrive (a tag's messages fill its receives in posting order):
+        # the expected messages not yet seen in, and those not yet reported to the watch as arrived. Each check
+        # looks at the head of a lane only, not at every message of the step.
+        self._unstamped: dict[tuple[int, int], deque[_Incoming]] = {}
+        self._uncounted: dict[tuple[int, int], deque[_Incoming]] = {}
         self._round = 0
         self._sends: deque[tuple[int, int, Handle, tuple]] = deque()  # (round, dst, handle, buffers kept alive)
         self._ctrl_sends: deque[tuple[int, int, Handle, tuple]] = deque()
@@ -197,15 +204,10 @@ class Transport:
 
     def _count_arrivals(self) -> None:
         """Tell the watch of each message taken off its link since the last call (see the module's docstring)."""
-        if not self._uncounted:
-            return
-        now, left = time.perf_counter(), []
-        for inc in self._uncounted:
-            if inc.arrived() if self.virtual else inc.released(now):
-                self.watch.arrived(inc.src)
-            else:
-                left.append(inc)
-        self._uncounted = left
+        now = time.perf_counter()
+        for lane in self._uncounted.values():
+            while lane and (lane[0].arrived() if self.virtual else lane[0].released(now)):
+                self.watch.arrived(lane.popleft().src)
 
     # ---- rounds: send handles live until their receivers have certainly posted -----------------
 
@@ -244,41 +246,43 @@ class Transport:
             raise RuntimeError(f"rank {self.rank}: message {key} from rank {src} expected twice")
         buf, meta = _empty_meta_buffer(nbytes if nbytes is not None else 0)
         sized = nbytes is not None
-        inc = _Incoming(src, ch, key, buf, meta, self._post(False, buf, src, tag(ch, _MESSAGE if sized else _HEADER)),
-                        sized)
+        t = tag(ch, _MESSAGE if sized else _HEADER)
+        inc = _Incoming(src, ch, key, buf, meta, self._post(False, buf, src, t), sized)
         self._expected[(src, ch, key)] = inc
-        self._unstamped.append(inc)
-        self._uncounted.append(inc)
+        if (src, t) not in self._unstamped:
+            self._unstamped[(src, t)], self._uncounted[(src, t)] = deque(), deque()
+        self._unstamped[(src, t)].append(inc)
+        self._uncounted[(src, t)].append(inc)
         if not sized:
             self._unsized.setdefault((src, ch), deque()).append(inc)
 
     def send(self, dst: int, ch: int, key: tuple[int, int, int, int],
              payload: Union[torch.Tensor, tuple[torch.Tensor, ...]], emulate: bool = True,
              sized: bool = True, charge: Optional[int] = None) -> float:
-        """Send a payload -- a uint8 tensor, or pieces whose concatenation it is (Codec.encode_parts: pieces are
-        copied into the message before this returns, so they may be views of a live tensor) -- and return its
+        """Send a payload -- a uint8 tensor, or 1-D uint8 pieces whose concatenation it is (Codec.encode_parts:
+        pieces are copied into the message before this returns, so they may be views of a live tensor) -- and return its
         emulated arrival time (run clock), or now when not emulated.
 
         ``sized``: the receiver expects exactly this length (the codec's ``payload_nbytes``). ``charge``: bytes
         the link model charges instead of :meth:`charged_bytes` (a regime's replica messages, lowbw.replicas)."""
-        parts = tuple(p if p.dim() == 1 and not p.requires_grad else p.detach().reshape(-1)  # a codec's are, mostly
-                      for p in ((payload,) if isinstance(payload, torch.Tensor) else payload))
+        parts = (payload.detach().reshape(-1),) if isinstance(payload, torch.Tensor) else tuple(payload)
         n = sum(p.numel() for p in parts)
         t = self.now()
         arrival, hold = t, 0.0
         if emulate and self.link is not None:
             timing = self.link.send(dst, self.charged_bytes(ch, n) if charge is None else charge, t)
             arrival, hold = timing.arrival, timing.tx_done - t
-        meta = _meta_block(n, key, arrival, hold)
         if sized:
             try:
-                handle, keep = self.wire.isend_parts((meta,) + parts, dst, tag(ch, _MESSAGE))
+                handle, keep = self.wire.isend_parts((_meta_words(n, key, arrival, hold),) + parts, dst,
+                                                     tag(ch, _MESSAGE))
             except RuntimeError as e:  # the connection is already closed: the peer is gone
                 raise self.watch.link_failed(self.rank, dst, e) from None
             self._sends.append((self._round, dst, handle, keep))
         else:
             body = parts[0] if len(parts) == 1 else torch.cat([p.cpu() for p in parts])
-            self._send_unsized(self._sends, dst, ch, meta, body.to("cpu", torch.uint8).contiguous())
+            self._send_unsized(self._sends, dst, ch, _meta_block(n, key, arrival, hold),
+                               body.to("cpu", torch.uint8).contiguous())
         self.watch.sent(dst)
         return arrival
 
@@ -298,11 +302,11 @@ class Transport:
         """Between actions: note messages that came in, post the payload receives of unsized ones."""
         self.wire.poll()
         now = time.perf_counter()
-        if self._unstamped:
-            for inc in self._unstamped:
-                if inc.received is None and inc.arrived():
+        for lane in self._unstamped.values():
+            while lane and lane[0].arrived():
+                inc = lane.popleft()
+                if inc.received is None:  # not taken by recv already
                     inc.received = now
-            self._unstamped = [inc for inc in self._unstamped if inc.received is None]
         self._count_arrivals()
         for q in self._unsized.values():
             while q and q[0].arrived():

@@ -32,7 +32,7 @@ import threading
 from abc import ABC, abstractmethod
 from collections import defaultdict, deque
 from datetime import timedelta
-from typing import Any, Optional, Protocol
+from typing import Any, Optional, Protocol, Union
 
 import torch
 import torch.distributed as dist
@@ -57,10 +57,11 @@ class Wire(ABC):
     def irecv(self, buf: torch.Tensor, src: int, tag: int) -> Handle:
         """Post a receive into ``buf`` (uint8, CPU) of the next message ``src`` sends on ``tag``."""
 
-    def isend_parts(self, parts: tuple[torch.Tensor, ...], dst: int, tag: int) -> tuple[Handle, tuple]:
-        """Send the concatenation of ``parts`` (uint8, 1-D) as one message; returns the handle and what must
-        stay untouched until it completes. Here: one buffer, copied into (a wire that can write the parts
-        where they go without it overrides this)."""
+    def isend_parts(self, parts: tuple[Union[torch.Tensor, bytes], ...], dst: int, tag: int) -> tuple[Handle, tuple]:
+        """Send the concatenation of ``parts`` (1-D uint8 tensors, or bytes: a message's meta block) as one
+        message; returns the handle and what must stay untouched until it completes. Here: one buffer, copied
+        into (a wire that can write the parts where they go without it overrides this)."""
+        parts = tuple(torch.frombuffer(bytearray(p), dtype=torch.uint8) if isinstance(p, bytes) else p for p in parts)
         buf = torch.empty(sum(p.numel() for p in parts), dtype=torch.uint8)
         at = 0
         for p in parts:
