@@ -124,7 +124,7 @@ def _recorded_run(run_dir: Path, steps: int = 3) -> Recorder:
     rec = Recorder(run_dir, "virtual", world=2, tokens_per_step=64, steps=steps, warmup_steps=0, progress=False,
                    meta={})
     for step in range(steps):
-        events = [Event(rank=r, kind="forward", start=step + 0.1 * r, end=step + 0.1 * r + 0.05, step=step).__dict__
+        events = [Event(rank=r, kind="forward", start=step + 0.1 * r, end=step + 0.1 * r + 0.05, step=step)
                   for r in range(2)]
         reports = [{"rank": r, "busy": 0.05, "end": step + 0.2, "bytes_sent": {str(1 - r): 100},
                     "n_loss": r, "loss_sum": 2.0 * r, "events": events if r == 0 else []} for r in range(2)]

@@ -30,6 +30,7 @@ from lowbw.energy import Measurement, account, make_network_model, profiles_for_
 from lowbw.metrics.files import LineLog, atomic_write_json, dumps, read_json_lines, rewrite_lines
 from lowbw.metrics.gantt import write_run_pictures
 from lowbw.metrics.tensorboard import TensorBoardLog
+from lowbw.metrics.timeline import event_dict
 from lowbw.metrics.target import Elapsed, time_to_target
 from lowbw.net.topology import link_key, parse_link_key
 
@@ -126,7 +127,7 @@ class Recorder:
         vals = [r["val_loss"] for r in reports if r.get("val_loss") is not None]
         if vals:
             row["val_loss"] = self.val_loss = vals[0]
-        self._timeline.extend(dumps(e) for r in reports for e in r.get("events", []))
+        self._timeline.extend(dumps(event_dict(e)) for r in reports for e in r.get("events", []))
         self._metrics.append(dumps(row))  # last: a step is in metrics.jsonl only with all its events
         self.rows.append(row)
         self._tb.scalars(step, _tb_scalars(row))

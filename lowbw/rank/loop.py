@@ -212,7 +212,7 @@ def train_step(r: Rank, step: int, s: StepSettings, batches: NextBatch) -> dict:
         "bytes_sent": {str(k): v for k, v in res.bytes_sent.items()},
         "sync_bytes": sum(sync_sent.values()),
         "loss_sum": res.loss_sum, "n_loss": res.n_loss,
-        "events": [e.__dict__ for e in res.events],
+        "events": res.events,  # named tuples: rows in the report (lowbw.metrics.timeline.event_dict)
         "codecs": {k: v.__dict__ for k, v in res.codecs.items()},
     }
 

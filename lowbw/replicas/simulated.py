@@ -14,7 +14,6 @@ Every step is played (no steady-state extrapolation): DiLoCo's steps repeat with
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Callable, Optional, Sequence
 
 from lowbw.net.link import LinkModel
@@ -85,7 +84,7 @@ def play_replicated(players: list[Player], links: ReplicaLinks, exchanges: Calla
             for (a, b), n in res.link_bytes.items():
                 link_bytes[(base + a, base + b)] = n
             messages += res.messages
-            out.events += [replace(e, rank=e.rank + base, peer=e.peer + base if e.peer >= 0 else e.peer)
+            out.events += [e._replace(rank=e.rank + base, peer=e.peer + base if e.peer >= 0 else e.peer)
                            for e in res.events]
         for p, ex in enumerate(exchanges(step)):
             if ex is None:
