@@ -12,8 +12,8 @@ instead, and every other message through the wire it wraps (gloo):
   its new write position. It never waits for the receiver: a ring without room for a record is
   replaced by one at least twice as large (a new *generation* of the lane's file, announced in
   the old one's header), so a send completes at once, as a gloo send into a socket buffer would;
-* **receive**: a posted receive is filled when its rank *polls* -- between actions
-  (:meth:`ShmWire.poll`, from :meth:`lowbw.net.transport.Transport.progress`) and while it waits.
+* **receive**: a posted receive is filled when its rank *polls* -- when the receive comes
+  (:meth:`ShmWire.poll`, from :meth:`lowbw.net.transport.Transport.arrived`) and while it waits.
   A record whose tag has no posted receive yet is copied aside and taken by the next receive
   posted for it; the matching rule is gloo's (per peer and tag, in posting order). Only the
   compute thread may use these tags;

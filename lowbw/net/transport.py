@@ -26,7 +26,7 @@ emulated uplink (``release``, on this host's CLOCK_MONOTONIC) and how long after
 (``hold``). The receiver charges its downlink and waits until delivery: on the wall clock, latency
 and jitter count from ``release`` when both ranks share a host (all processes of a host share
 ``perf_counter``) and from the message's real arrival plus ``hold`` when they do not, so no clock
-synchronisation between machines is needed. The real arrival is noticed between actions (after each
+synchronisation between machines is needed. The real arrival is noticed between actions (before each
 but a send, :meth:`progress` reads the meta block's first word, which the sender writes non-zero).
 
 A receive waits at most ``timeout_s`` (wall) for its message; a dead or silent peer becomes a
@@ -299,8 +299,11 @@ class Transport:
             q.append((self._round, dst, self._post(True, body, dst, tag(ch, _PAYLOAD)), (body,)))
 
     def progress(self) -> None:
-        """Between actions: note messages that came in, post the payload receives of unsized ones."""
-        self.wire.poll()
+        """Between actions: note messages that came in, post the payload receives of unsized ones.
+
+        Leaves a wire that moves messages only when polled (lowbw.net.shm) alone: its messages are taken when
+        their receive comes (:meth:`arrived`, :meth:`recv`) or while the rank waits, not copied in here, where
+        the copy of a message needed later delayed the compute that comes next."""
         now = time.perf_counter()
         for lane in self._unstamped.values():
             while lane and lane[0].arrived():
