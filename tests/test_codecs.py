@@ -7,6 +7,7 @@ import io
 import math
 import pathlib
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -15,7 +16,7 @@ from hypothesis import strategies as st
 from lowbw.compress import CODECS, build_codec
 from lowbw.compress import quantize_cpu
 from lowbw.compress.payload import _CODE as _DTYPE_CODE
-from lowbw.compress.payload import pack_layout, packed_size, unpack
+from lowbw.compress.payload import pack_layout, packed_size, part_nbytes, part_tensor, unpack
 from lowbw.errors import ConfigError
 
 torch.set_num_threads(1)
@@ -293,14 +294,18 @@ def test_the_pieces_a_codec_sends_join_into_its_payload(spec, shape, dtype, seed
     ids = torch.arange(shape[0])
     for _ in range(2):
         parts = pieces.encode_parts(x, ids)
-        assert all(p.dtype == torch.uint8 and p.dim() == 1 for p in parts)
-        assert torch.equal(torch.cat(parts), whole.encode(x, ids))
+        tensors = [part_tensor(p) for p in parts]
+        assert all(t.dtype == torch.uint8 and t.dim() == 1 and t.numel() == part_nbytes(p)
+                   for t, p in zip(tensors, parts))
+        assert torch.equal(torch.cat(tensors), whole.encode(x, ids))
 
 
-def test_codec_none_sends_the_tensors_own_bytes_without_copying_them():
-    x = torch.randn(2, 8, 16)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # numpy has no bfloat16: torch views then
+def test_codec_none_sends_the_tensors_own_bytes_without_copying_them(dtype):
+    x = torch.randn(2, 8, 16).to(dtype)
     parts = build_codec("none").encode_parts(x)
-    assert any(p.data_ptr() == x.data_ptr() for p in parts)
+    ptr = lambda p: p.data_ptr() if isinstance(p, torch.Tensor) else p.ctypes.data if isinstance(p, np.ndarray) else 0
+    assert any(ptr(p) == x.data_ptr() and part_nbytes(p) == x.numel() * x.element_size() for p in parts)
 
 
 def int8_wire_ratio(shape: tuple[int, ...]) -> tuple[int, int]:

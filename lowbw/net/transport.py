@@ -60,6 +60,7 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
+from lowbw.compress.payload import Part, part_nbytes, part_tensor
 from lowbw.net.clock import Clock
 from lowbw.net.link import LinkModel
 from lowbw.net.liveness import LinkWatch
@@ -257,16 +258,17 @@ class Transport:
             self._unsized.setdefault((src, ch), deque()).append(inc)
 
     def send(self, dst: int, ch: int, key: tuple[int, int, int, int],
-             payload: Union[torch.Tensor, tuple[torch.Tensor, ...]], emulate: bool = True,
-             sized: bool = True, charge: Optional[int] = None) -> float:
-        """Send a payload -- a uint8 tensor, or 1-D uint8 pieces whose concatenation it is (Codec.encode_parts:
-        pieces are copied into the message before this returns, so they may be views of a live tensor) -- and return its
+             payload: Union[torch.Tensor, tuple[Part, ...]], emulate: bool = True,
+             sized: bool = True, charge: Optional[int] = None, nbytes: Optional[int] = None) -> float:
+        """Send a payload -- a uint8 tensor, or pieces whose concatenation it is (Codec.encode_parts: pieces are
+        copied into the message before this returns, so they may be views of a live tensor) -- and return its
         emulated arrival time (run clock), or now when not emulated.
 
         ``sized``: the receiver expects exactly this length (the codec's ``payload_nbytes``). ``charge``: bytes
-        the link model charges instead of :meth:`charged_bytes` (a regime's replica messages, lowbw.replicas)."""
+        the link model charges instead of :meth:`charged_bytes` (a regime's replica messages, lowbw.replicas).
+        ``nbytes``: the payload's length, when the caller knows it."""
         parts = (payload.detach().reshape(-1),) if isinstance(payload, torch.Tensor) else tuple(payload)
-        n = sum(p.numel() for p in parts)
+        n = nbytes if nbytes is not None else sum(part_nbytes(p) for p in parts)
         t = self.now()
         arrival, hold = t, 0.0
         if emulate and self.link is not None:
@@ -280,7 +282,7 @@ class Transport:
                 raise self.watch.link_failed(self.rank, dst, e) from None
             self._sends.append((self._round, dst, handle, keep))
         else:
-            body = parts[0] if len(parts) == 1 else torch.cat([p.cpu() for p in parts])
+            body = part_tensor(parts[0]) if len(parts) == 1 else torch.cat([part_tensor(p).cpu() for p in parts])
             self._send_unsized(self._sends, dst, ch, _meta_block(n, key, arrival, hold),
                                body.to("cpu", torch.uint8).contiguous())
         self.watch.sent(dst)

@@ -32,10 +32,13 @@ import threading
 from abc import ABC, abstractmethod
 from collections import defaultdict, deque
 from datetime import timedelta
-from typing import Any, Optional, Protocol, Union
+from typing import Any, Optional, Protocol
 
+import numpy as np
 import torch
 import torch.distributed as dist
+
+from lowbw.compress.payload import Part, part_nbytes
 
 
 #: gloo's own timeout: beyond any run. A receive posted early on an idle channel would
@@ -57,16 +60,20 @@ class Wire(ABC):
     def irecv(self, buf: torch.Tensor, src: int, tag: int) -> Handle:
         """Post a receive into ``buf`` (uint8, CPU) of the next message ``src`` sends on ``tag``."""
 
-    def isend_parts(self, parts: tuple[Union[torch.Tensor, bytes], ...], dst: int, tag: int) -> tuple[Handle, tuple]:
-        """Send the concatenation of ``parts`` (1-D uint8 tensors, or bytes: a message's meta block) as one
-        message; returns the handle and what must stay untouched until it completes. Here: one buffer, copied
-        into (a wire that can write the parts where they go without it overrides this)."""
-        parts = tuple(torch.frombuffer(bytearray(p), dtype=torch.uint8) if isinstance(p, bytes) else p for p in parts)
-        buf = torch.empty(sum(p.numel() for p in parts), dtype=torch.uint8)
+    def isend_parts(self, parts: tuple[Part, ...], dst: int, tag: int) -> tuple[Handle, tuple]:
+        """Send the concatenation of ``parts`` (1-D uint8 tensors, or bytes-like objects on the CPU:
+        lowbw.compress.payload.Part) as one message; returns the handle and what must stay untouched until it
+        completes. Here: one buffer, copied into (a wire that can write the parts where they go without it
+        overrides this)."""
+        buf = torch.empty(sum(part_nbytes(p) for p in parts), dtype=torch.uint8)
         at = 0
         for p in parts:
-            buf[at:at + p.numel()].copy_(p)
-            at += p.numel()
+            n = part_nbytes(p)
+            if isinstance(p, torch.Tensor):
+                buf[at:at + n].copy_(p)
+            else:
+                buf.numpy()[at:at + n] = np.frombuffer(p, dtype=np.uint8)
+            at += n
         return self.isend(buf, dst, tag), (buf,)
 
     def poll(self) -> None:

@@ -30,6 +30,7 @@ from typing import Callable, Optional
 import torch
 
 from lowbw.compress.base import Codec
+from lowbw.compress.payload import Part, part_nbytes, part_tensor
 from lowbw.metrics.timeline import Event
 from lowbw.models.gpt import GPTStage
 from lowbw.net.clock import Clock
@@ -300,7 +301,7 @@ class Executor:
                   if self.stages[a.stage].sized(a.kind) else None)
         dst = peer_of(a, ctx.sched) + self.base
         ch = _CHANNEL[a.kind]
-        self.transport.send(dst, ch, key, parts, ctx.emulate, sized=nbytes is not None)
+        self.transport.send(dst, ch, key, parts, ctx.emulate, sized=nbytes is not None, nbytes=length)
         charged = self.transport.charged_bytes(ch, length)  # a target regime's, if any
         ctx.res.bytes_sent[dst] = ctx.res.bytes_sent.get(dst, 0) + charged
         now = self.clock.now()
@@ -361,7 +362,7 @@ class Executor:
         return loss / m
 
     def _encode(self, ctx: _Step, codec: Codec, x: torch.Tensor, ids, a: Action, stats: CodecStats,
-                tokens: Optional[torch.Tensor] = None) -> tuple[tuple[torch.Tensor, ...], int]:
+                tokens: Optional[torch.Tensor] = None) -> tuple[tuple[Part, ...], int]:
         """The codec's payload of ``x`` in pieces (Codec.encode_parts), and its length; with ``tokens``
         (lowbw.boundary), one payload holding both."""
         def encode():
@@ -374,12 +375,12 @@ class Executor:
         ctx.record(self.me, "encode", t0, t1, a)
         stats.messages += 1
         stats.raw_bytes += x.numel() * x.element_size()
-        length = sum(p.numel() for p in parts)
+        length = sum(part_nbytes(p) for p in parts)
         stats.wire_bytes += length
         stats.encode_s += t1 - t0
         if ctx.measure_error:
             if codec.name != "none":  # lossless: the error is 0 without a pass over x, which would hold the send up
-                payload = inner if inner is not None else parts[0] if len(parts) == 1 else torch.cat(parts)
+                payload = inner if inner is not None else torch.cat([part_tensor(p) for p in parts])
                 with self.clock.paused(), torch.no_grad():
                     x_hat = codec.reconstruction(payload, ids).to(x.dtype)
                     stats.err_sq += float((x_hat - x).float().pow(2).sum())
