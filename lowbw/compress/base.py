@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from lowbw.compress.payload import Part, pack, pack_parts, pack_parts_cpu, packed_size, unpack
+from lowbw.compress.payload import Part, layout, pack, pack_parts, pack_parts_cpu, packed_size, unpack
 from lowbw.errors import ConfigError
 
 
@@ -62,6 +62,14 @@ class Codec(ABC):
         its message). The default is the payload whole; a codec whose payload holds the input's own bytes
         returns views of them instead of copying them into a payload first."""
         return (self.encode(x, sample_ids),)
+
+    def decoded_view(self, payload: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
+        """For a codec whose :meth:`decode` is a view of the payload: that view, made before the payload's bytes
+        are in (``payload``: the receive buffer posted for a tensor of this shape and dtype); it holds the decoded
+        tensor once they are. None (the default): decode when the message is taken. The receiver makes it when it
+        posts the receive, at a step's start, instead of with the caches cold right before the compute that
+        waits for it (lowbw.pipeline.executor); the sender has checked its tensor against the same spec."""
+        return None
 
     def payload_nbytes(self, shape: tuple[int, ...], dtype: torch.dtype) -> int | None:
         """Exact length of :meth:`encode`'s payload for a tensor of this shape and dtype, nothing encoded.
@@ -158,6 +166,10 @@ class NoCodec(Codec):
     def decode(self, payload: torch.Tensor, sample_ids: torch.Tensor | None = None) -> torch.Tensor:
         (x,) = unpack(payload)
         return x
+
+    def decoded_view(self, payload: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        pos, nbytes, _, _, _ = layout(((dtype, tuple(shape)),))[2][0]
+        return payload[pos:pos + nbytes].view(dtype).view(shape)
 
     def payload_nbytes(self, shape: tuple[int, ...], dtype: torch.dtype) -> int:
         return packed_size([(dtype, tuple(shape))])

@@ -142,7 +142,7 @@ def unpack(payload: torch.Tensor) -> list[torch.Tensor]:
         pn = payload.numpy()
         return [torch.from_numpy(pn[pos : pos + nbytes].view(_NUMPY[dtype]).reshape(shape)) if dtype in _NUMPY
                 else payload[pos : pos + nbytes].view(dtype).reshape(shape)
-                for pos, nbytes, dtype, shape in _parse(pn[:4096].tobytes(), pn.size)]
+                for pos, nbytes, dtype, shape in _parse(pn, pn.size)]
     head = payload[: min(payload.numel(), 4096)].cpu().numpy().tobytes()
     return [payload[pos : pos + nbytes].view(dtype).reshape(shape)
             for pos, nbytes, dtype, shape in _parse(head, payload.numel())]
@@ -158,8 +158,9 @@ def unpack_numpy(payload: torch.Tensor) -> list[tuple[torch.dtype, tuple[int, ..
             for pos, nbytes, dtype, shape in _parse(pn[:4096].tobytes(), pn.size)]
 
 
-def _parse(head: bytes, size: int) -> list[tuple[int, int, torch.dtype, tuple[int, ...]]]:
-    """``(offset, nbytes, dtype, shape)`` of each tensor of a payload of ``size`` bytes starting with ``head``."""
+def _parse(head, size: int) -> list[tuple[int, int, torch.dtype, tuple[int, ...]]]:
+    """``(offset, nbytes, dtype, shape)`` of each tensor of a payload of ``size`` bytes starting with ``head``
+    (bytes, or any buffer: the payload's own bytes)."""
     (count,) = struct.unpack_from("<I", head, 0)
     pos = 4
     specs = []

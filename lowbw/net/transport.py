@@ -108,12 +108,15 @@ class Message:
 class _Incoming:
     """A receive posted for one expected message (and, unsized, its payload's receive once known)."""
 
-    __slots__ = ("src", "ch", "key", "buf", "meta", "handle", "sized", "body", "body_handle", "received")
+    __slots__ = ("src", "ch", "key", "buf", "meta", "handle", "sized", "payload", "body", "body_handle", "received")
 
-    def __init__(self, src: int, ch: int, key: tuple, buf: torch.Tensor, meta: np.ndarray, handle: Handle,
+    def __init__(self, src: int, ch: int, key: tuple, buf: torch.Tensor, meta: memoryview, handle: Handle,
                  sized: bool):
         self.src, self.ch, self.key, self.buf, self.meta = src, ch, key, buf, meta
         self.handle, self.sized = handle, sized
+        # A sized message's payload, sliced now, when posting, rather than when it is taken: there it would be
+        # one more torch call with the caches cold, on the critical path.
+        self.payload: Optional[torch.Tensor] = buf[_META:] if sized else None
         self.body: Optional[torch.Tensor] = None
         self.body_handle: Optional[Handle] = None
         self.received: Optional[float] = None
@@ -125,9 +128,8 @@ class _Incoming:
         """In, and past the moment its last bit left the sender's emulated uplink (wall clock)."""
         if not self.arrived():
             return False
-        f = self.meta.view(np.float64)
-        release = f[7] if self.meta[9] == _HOST else (self.received if self.received is not None else now) + f[8]
-        return now >= release
+        _, _, _, _, _, _, _, release, hold, host = _META_FORMAT.unpack_from(self.meta)
+        return now >= (release if host == _HOST else (self.received if self.received is not None else now) + hold)
 
 
 _META_FORMAT = struct.Struct("<6q3dq")  # the meta block's ten words, as _META describes
@@ -145,12 +147,12 @@ def _meta_block(nbytes: int, key: tuple, arrival: float, hold: float) -> torch.T
     return torch.frombuffer(bytearray(_meta_words(nbytes, key, arrival, hold)), dtype=torch.uint8)
 
 
-def _empty_meta_buffer(nbytes: int) -> tuple[torch.Tensor, np.ndarray]:
+def _empty_meta_buffer(nbytes: int) -> tuple[torch.Tensor, memoryview]:
     """A receive buffer for a meta block and ``nbytes`` of payload, and the meta block's words, the first zeroed
     (nothing in yet). Made in numpy and shared with torch: one torch call where torch alone needs four, a few
     us each, and a step posts a receive for every message it takes."""
     arr = np.empty(_META + nbytes, dtype=np.uint8)
-    meta = arr[:_META].view(np.int64)
+    meta = memoryview(arr)[:_META].cast("q")  # a memoryview: cheaper than numpy's scalars with the caches cold
     meta[0] = 0
     return torch.from_numpy(arr), meta
 
@@ -239,8 +241,10 @@ class Transport:
 
     # ---- pipeline messages (compute thread) ------------------------------------------------------
 
-    def expect(self, src: int, ch: int, key: tuple[int, int, int, int], nbytes: Optional[int]) -> None:
-        """Post the receive of message ``key`` from ``src`` (``nbytes``: its payload length, None if unknown).
+    def expect(self, src: int, ch: int, key: tuple[int, int, int, int],
+               nbytes: Optional[int]) -> Optional[torch.Tensor]:
+        """Post the receive of message ``key`` from ``src`` (``nbytes``: its payload length, None if unknown);
+        returns the buffer its payload will be in (sized messages), which :meth:`recv` hands out as it is.
 
         Calls for one (src, channel) must follow the order in which ``src`` sends."""
         if (src, ch, key) in self._expected:
@@ -256,6 +260,7 @@ class Transport:
         self._uncounted[(src, t)].append(inc)
         if not sized:
             self._unsized.setdefault((src, ch), deque()).append(inc)
+        return inc.payload
 
     def send(self, dst: int, ch: int, key: tuple[int, int, int, int],
              payload: Union[torch.Tensor, tuple[Part, ...]], emulate: bool = True,
@@ -351,15 +356,12 @@ class Transport:
         if inc.received is None:
             inc.received = time.perf_counter()
         self._count_arrivals()
-        m = inc.meta
-        got = tuple(int(v) for v in m[2:6])
-        if m[0] != _MAGIC or got != tuple(key):
-            raise RuntimeError(f"rank {self.rank}: expected message {key} from rank {src}, got {got}: "
+        magic, _, *got, arrival, release, hold, host = _META_FORMAT.unpack_from(inc.meta)
+        if magic != _MAGIC or tuple(got) != tuple(key):
+            raise RuntimeError(f"rank {self.rank}: expected message {key} from rank {src}, got {tuple(got)}: "
                                "the two ranks disagree on the order of their messages")
-        n, f = int(m[1]), m.view(np.float64)
-        payload = inc.buf[_META:_META + n] if inc.sized else inc.body
-        return Message(src, ch, key, payload, float(f[6]), inc.received, int(m[9]), float(f[7]), float(f[8]),
-                       deadline)
+        payload = inc.payload if inc.sized else inc.body  # a sized message's length is the receive's (the wire checks)
+        return Message(src, ch, key, payload, arrival, inc.received, host, release, hold, deadline)
 
     def delivery_time(self, msg: Message, emulate: bool = True, charge: Optional[int] = None) -> float:
         """When the message is usable on this rank's clock, charging this rank's downlink.

@@ -85,6 +85,9 @@ class _Step:
     batches: dict[int, tuple]  # batch -> (xs, ys, idss) chunked into microbatches
     state: InFlight
     res: StepResult
+    # (channel, message key) -> the tensor a message decodes to, made when its receive was posted
+    # (Codec.decoded_view): it holds the value once the message is in
+    decoded: dict[tuple, torch.Tensor] = field(default_factory=dict)
 
     def record(self, rank: int, kind: str, t0: float, t1: float, a: Action, nbytes: int = 0, peer: int = -1) -> None:
         self.res.events.append(Event(rank, kind, t0, t1, self.step, str(a), nbytes, peer))
@@ -176,18 +179,25 @@ class Executor:
     def _expect(self, ctx: _Step) -> None:
         """Post this run's receives: each message a peer sends this rank in the run, in the peer's order."""
         self.transport.start_round()
-        for src, ch, b, s, i, nbytes in self._incoming(ctx):
-            self.transport.expect(src, ch, (ctx.phase, b, s, i), nbytes)
+        for src, ch, b, s, i, nbytes, spec in self._incoming(ctx):
+            key = (ctx.phase, b, s, i)
+            payload = self.transport.expect(src, ch, key, nbytes)
+            if payload is not None and self.device.type == "cpu":
+                codec, shape, dtype = spec
+                view = codec.decoded_view(payload, shape, dtype)
+                if view is not None:
+                    ctx.decoded[(ch, key)] = view.requires_grad_(ctx.train) if ch == CH_FWD else view
 
-    def _incoming(self, ctx: _Step) -> list[tuple[int, int, int, int, int, Optional[int]]]:
-        """(global source rank, channel, batch, stage, microbatch, payload length or None) of each message
-        this run receives, in the order its peers send them. A synchronous step's list is the same every
-        step but for the batch (the step): it is worked out once per schedule, phase and batch shape."""
+    def _incoming(self, ctx: _Step) -> list[tuple[int, int, int, int, int, Optional[int], Optional[tuple]]]:
+        """(global source rank, channel, batch, stage, microbatch, payload length or None, (codec, shape, dtype)
+        of what it decodes to or None) of each message this run receives, in the order its peers send them. A
+        synchronous step's list is the same every step but for the batch (the step): it is worked out once per
+        schedule, phase and batch shape."""
         shapes = tuple(tuple(x.shape) for x in ctx.batches[ctx.step][0])
         key = (id(ctx.sched), ctx.train, shapes)
         if not ctx.asynchronous and key in self._incoming_cache:
             _, messages = self._incoming_cache[key]
-            return [(src, ch, ctx.step, s, i, n) for src, ch, _, s, i, n in messages]
+            return [(src, ch, ctx.step, s, i, n, spec) for src, ch, _, s, i, n, spec in messages]
         sched, messages = ctx.sched, []
         peers = {sched.stage_to_rank[n] for s in self.stages for n in (s - 1, s + 1) if 0 <= n < sched.n_stages}
         for src in sorted(peers - {self.rank}):
@@ -196,9 +206,10 @@ class Executor:
                     s = a.stage + 1 if a.kind == Kind.SEND_F else a.stage - 1
                     kind = _RECEIVE[a.kind]
                     codec = self.stages[s].codecs.for_action(kind, ctx.train)
-                    nbytes = (self._spec(codec, s, ctx.batches[b][0][i].shape)[2]
-                              if self.stages[s].sized(kind) else None)
-                    messages.append((src + self.base, _CHANNEL[kind], b, s, i, nbytes))
+                    shape, dtype, nbytes = (self._spec(codec, s, ctx.batches[b][0][i].shape)
+                                            if self.stages[s].sized(kind) else (None, None, None))
+                    messages.append((src + self.base, _CHANNEL[kind], b, s, i, nbytes,
+                                     (codec, shape, dtype) if nbytes is not None else None))
         if not ctx.asynchronous:  # the schedule is kept with its entry: its id stays its own
             self._incoming_cache[key] = (sched, messages)
         return messages
@@ -314,18 +325,26 @@ class Executor:
         t0 = self.clock.now()
         if (self._spent or self._chores) and not self.transport.arrived(src, _CHANNEL[a.kind], (ctx.phase, b, s, i)):
             self._housekeeping()  # about to wait anyway
-        msg = self.transport.recv(src, _CHANNEL[a.kind], (ctx.phase, b, s, i))
+        ch, key = _CHANNEL[a.kind], (ctx.phase, b, s, i)
+        msg = self.transport.recv(src, ch, key)
         self.clock.wait_until(self.transport.delivery_time(msg, ctx.emulate))
-        ctx.record(self.me, "recv_wait", t0, self.clock.now(), a, msg.nbytes, src)
-        boundary = f"{s - 1}.fwd" if a.kind == Kind.RECV_F else f"{s}.bwd"
-        codec = self.stages[s].codecs.for_action(a.kind, ctx.train)
-        payload = msg.payload
-        if a.kind == Kind.RECV_F and self.stages[s].sends_tokens:  # boundary method's ids (see _forward)
-            payload, st.tokens[k] = split_tokens(payload)
-        tensor = self._decode(ctx, codec, payload, ctx.batches[b][2][i], a,
-                              ctx.res.codecs.setdefault(boundary, CodecStats()))
+        now = self.clock.now()
+        ctx.record(self.me, "recv_wait", t0, now, a, msg.nbytes, src)
+        tensor = ctx.decoded.pop((ch, key), None)
+        if tensor is not None:  # decoded already: a view of the message's buffer, made when it was posted
+            ctx.record(self.me, "decode", now, now, a)
+        else:
+            boundary = f"{s - 1}.fwd" if a.kind == Kind.RECV_F else f"{s}.bwd"
+            codec = self.stages[s].codecs.for_action(a.kind, ctx.train)
+            payload = msg.payload
+            if a.kind == Kind.RECV_F and self.stages[s].sends_tokens:  # boundary method's ids (see _forward)
+                payload, st.tokens[k] = split_tokens(payload)
+            tensor = self._decode(ctx, codec, payload, ctx.batches[b][2][i], a,
+                                  ctx.res.codecs.setdefault(boundary, CodecStats()))
+            if a.kind == Kind.RECV_F:
+                tensor.requires_grad_(ctx.train)
         if a.kind == Kind.RECV_F:
-            st.inputs[k] = tensor.requires_grad_(ctx.train)
+            st.inputs[k] = tensor
         else:
             st.out_grads[k] = tensor
 
