@@ -6,7 +6,8 @@ decode -- is timed by the clock and recorded as busy; receives wait for their me
 time. The rules are those the validator checks (lowbw.pipeline.program), so a validated schedule cannot
 deadlock here.
 
-Before the first action the executor posts every receive of the run (:meth:`Executor._expect`):
+Before the first action the executor posts every receive of the run (:meth:`Executor._post_receives`; during
+the run before, at a wait, when the step loop says which run comes next: :meth:`Executor.expect_ahead`):
 every rank holds the whole schedule, so it knows what each peer will send it and in which order,
 and the codec knows each payload's length (``payload_nbytes``) from the boundary's shape -- the
 message moves the moment it is sent, as in torch.distributed.pipelining.
@@ -120,6 +121,7 @@ class Executor:
         # backward (the send of its gradient, most often) -- on the critical path.
         self._spent: list[torch.Tensor] = []
         self._chores: list[Callable[[], None]] = []  # see chore
+        self._ahead: Optional[tuple] = None  # see expect_ahead: (schedule, phase, step, batch shape, decoded views)
 
     def chore(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` when this rank next has to wait for a message, and at the latest before its next backward
@@ -128,6 +130,24 @@ class Executor:
         model, which sat between the optimizer step and the next step's first forward -- on the critical
         path, which starts there on rank 0."""
         self._chores.append(fn)
+
+    def expect_ahead(self, sched: Schedule, phase: int, step: int, batch_shape: torch.Size) -> None:
+        """Post the receives of the next run -- ``sched`` in ``phase`` for ``step``, on a batch of
+        ``batch_shape`` -- at this rank's next wait (a :meth:`chore`) rather than when that run starts. Rank 0
+        starts a step on the critical path, where posting a dozen receives (and making their decoded views)
+        took 1-3 ms in scripts/bench_overhead.py's interleaved run. The next :meth:`run` must be that one: the
+        receives are in each peer's order only if nothing else is posted between (no evaluation run)."""
+        if sched.asynchronous and phase == PHASE_TRAIN:  # its messages depend on the weight stash's state then
+            return
+        self.chore(lambda: self._post_ahead(sched, phase, step, batch_shape))
+
+    def _post_ahead(self, sched: Schedule, phase: int, step: int, batch_shape: torch.Size) -> None:
+        m = sched.n_microbatches
+        chunks = (torch.empty(batch_shape, dtype=torch.int64).chunk(m), None, None)  # shapes are all it reads
+        ctx = _Step(sched, phase, step, phase == PHASE_TRAIN, False, True, False, {step: chunks}, InFlight(),
+                    StepResult())
+        self._post_receives(ctx)
+        self._ahead = (sched, phase, step, tuple(batch_shape), ctx.decoded)
 
     def _housekeeping(self) -> None:
         """About to wait (or about to run a backward): the chores, and the graphs of finished microbatches."""
@@ -154,7 +174,15 @@ class Executor:
         else:
             batches, state = {step: chunks}, InFlight()
         ctx = _Step(sched, phase, step, train, asynchronous, emulate, measure_error, batches, state, StepResult())
-        self._expect(ctx)
+        self.transport.start_round()
+        ahead, self._ahead = self._ahead, None
+        if ahead is None:
+            self._post_receives(ctx)
+        elif ahead[0] is sched and ahead[1:4] == (phase, step, tuple(x.shape)):
+            ctx.decoded = ahead[4]
+        else:
+            raise RuntimeError(f"rank {self.rank}: receives were posted ahead for step {ahead[2]} of "
+                               f"{ahead[0].name!r}, but step {step} of {sched.name!r} runs")
         for a, b, i in self._work(ctx, self.rank):
             # Messages that came in are noticed (and copied out of a shared-memory ring) before a compute or a
             # receive, not before a send: a send that follows a compute goes out first.
@@ -176,9 +204,8 @@ class Executor:
             return ctx.sched.step_actions(rank, ctx.step, ctx.step == self.stash.last_step)
         return [(a, ctx.step, a.microbatch) for a in ctx.sched.actions[rank]]
 
-    def _expect(self, ctx: _Step) -> None:
+    def _post_receives(self, ctx: _Step) -> None:
         """Post this run's receives: each message a peer sends this rank in the run, in the peer's order."""
-        self.transport.start_round()
         for src, ch, b, s, i, nbytes, spec in self._incoming(ctx):
             key = (ctx.phase, b, s, i)
             payload = self.transport.expect(src, ch, key, nbytes)

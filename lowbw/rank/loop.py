@@ -96,7 +96,7 @@ def train(r: Rank, reporting: Reporting, run_dir: Optional[Path]) -> Optional[di
                 faults.before_step(step)
                 report = train_step(r, step, s, batches)
                 eval_wall = 0.0
-                if step == s.steps - 1 or (s.eval_interval and (step + 1) % s.eval_interval == 0):
+                if evaluates_after(step, s):
                     w0 = time.perf_counter()
                     with r.clock.paused():
                         report["val_loss"] = evaluate(r, step)
@@ -183,9 +183,15 @@ class NextBatch:
         return batch
 
 
+def evaluates_after(step: int, s: StepSettings) -> bool:
+    return step == s.steps - 1 or bool(s.eval_interval and (step + 1) % s.eval_interval == 0)
+
+
 def train_step(r: Rank, step: int, s: StepSettings, batches: NextBatch) -> dict:
     """One optimizer step on this rank; returns its report for rank 0."""
     batch = batches.take(step)
+    if not evaluates_after(step, s):  # the next run is the next step's: its receives go out at a wait of this one
+        r.executor.expect_ahead(r.plan.schedule, PHASE_TRAIN, step + 1, batch.x.shape)
     r.executor.chore(lambda: r.optimizer.zero_grad(set_to_none=True))  # before the first backward, off the critical path
     every = s.error_every
     res = r.executor.run(r.plan.schedule, PHASE_TRAIN, step, batch.x, batch.y, batch.ids,
