@@ -219,3 +219,19 @@ def test_two_way_contention_times_the_executor_as_the_player(name, base_cfg):
     cfg.net.duplex_efficiency = 1.0
     plain = predicted(cfg, validate(cfg), 2)
     assert max(e for _, e in stretched.values()) > max(e for _, e in plain.values())
+
+
+@pytest.mark.parametrize("name", ["1f1b", "interleaved_1f1b", "zbv"])
+def test_receives_posted_a_step_ahead_give_the_steps_of_receives_posted_at_their_start(base_cfg, name):
+    cfg = configure(base_cfg, {"name": name, "virtual_stages": 1 if name == "1f1b" else 2}, 2, 4, 4, steps=3)
+    plan = validate(cfg)
+    at_start, ahead = run_inproc(cfg, plan), run_inproc(cfg, plan, ahead=1)
+    assert executed(ahead, plan) == executed(at_start, plan)
+    for a, b in zip(at_start, ahead):
+        assert a.grads.keys() == b.grads.keys() and all(torch.equal(a.grads[k], b.grads[k]) for k in a.grads)
+
+
+def test_a_run_other_than_the_one_whose_receives_were_posted_ahead_fails_naming_both(base_cfg):
+    cfg = configure(base_cfg, {"name": "1f1b"}, 2, 4, 4, steps=3)
+    with pytest.raises(RuntimeError, match="posted ahead for step 2 of '1f1b', but step 1 of '1f1b' runs"):
+        run_inproc(cfg, validate(cfg), ahead=2)

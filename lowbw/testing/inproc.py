@@ -35,11 +35,13 @@ class RankOutcome:
     error: Optional[BaseException] = None
 
 
-def _run_rank(r: Rank, plan: Plan, optimize: bool, out: RankOutcome, board: Switchboard) -> None:
+def _run_rank(r: Rank, plan: Plan, optimize: bool, ahead: int, out: RankOutcome, board: Switchboard) -> None:
     torch.set_num_threads(1)
     try:
         for step in range(r.cfg.train.steps):
             b = r.corpus.train_batch(step, r.cfg.train.batch_size)
+            if ahead and step + ahead < r.cfg.train.steps:
+                r.executor.expect_ahead(plan.schedule, PHASE_TRAIN, step + ahead, b.x.shape)
             r.optimizer.zero_grad(set_to_none=True)
             out.results.append(r.executor.run(plan.schedule, PHASE_TRAIN, step, b.x, b.y, b.ids))
             if optimize:
@@ -51,18 +53,20 @@ def _run_rank(r: Rank, plan: Plan, optimize: bool, out: RankOutcome, board: Swit
         board.fail(r.rank, f"{type(e).__name__}: {e}")
 
 
-def run_inproc(cfg: Any, plan: Plan, optimize: bool = False, timeout_s: float = 120.0) -> list[RankOutcome]:
+def run_inproc(cfg: Any, plan: Plan, optimize: bool = False, timeout_s: float = 120.0,
+               ahead: int = 0) -> list[RankOutcome]:
     """Run the config's ``train.steps`` training steps of ``plan`` with every rank a thread; one outcome per rank.
 
     ``cfg``: the composed config (DictConfig or plain dict); ``optimize``: also take the optimizer step
-    (without it, gradients accumulate over the steps). Raises RuntimeError naming the first rank that
+    (without it, gradients accumulate over the steps); ``ahead``: each step has the receives of the step this
+    many later posted at one of its waits (Executor.expect_ahead; 1 as the step loop does, 0 never). Raises RuntimeError naming the first rank that
     failed, or the ranks still running after ``timeout_s``."""
     cfg = OmegaConf.create(cfg) if isinstance(cfg, dict) else cfg
     world = plan.schedule.n_ranks
     board = Switchboard()
     ranks = [build_rank(cfg, plan, r, world, wire=MemoryWire(board, r)) for r in range(world)]
     outcomes = [RankOutcome() for _ in range(world)]
-    threads = [threading.Thread(target=_run_rank, args=(ranks[r], plan, optimize, outcomes[r], board),
+    threads = [threading.Thread(target=_run_rank, args=(ranks[r], plan, optimize, ahead, outcomes[r], board),
                                 name=f"lowbw-rank{r}", daemon=True) for r in range(world)]
     for t in threads:
         t.start()
