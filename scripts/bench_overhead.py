@@ -2,7 +2,7 @@
 """lowbw's executor against torch.distributed.pipelining: same model, same split, free links.
 
     python scripts/bench_overhead.py [--steps 30] [--warmup 5] [--rounds 1] [--schedules gpipe 1f1b interleaved_1f1b]
-                                     [--wire auto|gloo]
+                                     [--wire auto|gloo] [--no-torch]
 
 Model: a small GPT (6 layers, n_embd 128, 4 heads, block 128, batch 8 = 4 microbatches of 2
 sequences; the model scripts/cpu_rate.py times on one thread), cut with
@@ -25,13 +25,15 @@ durations and optimizer times replayed through lowbw.pipeline.player.play with f
 by step -- and lowbw's efficiency = ideal / measured (goal >= 0.95); then where lowbw's time goes
 per rank (compute, optimizer, codec copies, receive waits, the rest = bookkeeping between actions),
 and the losses of both (the two compute the same thing, so the losses agree to float precision).
-With --rounds > 1 the runs alternate lowbw/torch and the medians over rounds are printed.
+With --rounds > 1 the runs alternate lowbw/torch and the medians over rounds are printed. --no-torch runs
+lowbw alone (its efficiency needs no torch run): to compare two versions of lowbw, run it on each in turn.
 Machine load (load average) is printed before and after: the figures are timing-sensitive.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import multiprocessing as mp
 import os
 import statistics
@@ -189,6 +191,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=1337)
     ap.add_argument("--wire", default="auto", choices=["auto", "gloo"], help="lowbw's net.wire")
+    ap.add_argument("--no-torch", action="store_true", help="run lowbw alone: efficiency only, no ratio")
     ap.add_argument("--out", type=Path, default=None, help="keep lowbw's run folders here (default: a temp dir)")
     ap.add_argument("--verbose", action="store_true", help="show lowbw's own console output")
     args = ap.parse_args()
@@ -216,7 +219,7 @@ def main() -> None:
         lows, tors = [], []
         for i in range(args.rounds):
             lows.append(run_lowbw_once(sched, args, out / f"{sched}-{i}"))
-            times, tl = run_torch(sched, args)
+            times, tl = run_torch(sched, args) if not args.no_torch else ([math.nan] * args.steps, [math.nan])
             tors.append({"step_s": mean_after(times, args.warmup), "losses": tl})
             print(f"  [{sched} round {i}] lowbw {lows[-1]['step_s'] * 1e3:.1f} ms/step (eff "
                   f"{lows[-1]['ideal_s'] / lows[-1]['step_s']:.3f}), torch {tors[-1]['step_s'] * 1e3:.1f} ms/step; "
@@ -232,6 +235,8 @@ def main() -> None:
         ideal = statistics.median(r["ideal_s"] for r in lows)
         eff = statistics.median(r["ideal_s"] / r["step_s"] for r in lows)
         met = "met" if lo / to <= 0.95 and eff >= 0.95 else "NOT met"
+        if args.no_torch:
+            met = f"efficiency {'met' if eff >= 0.95 else 'NOT met'} (no torch run: no ratio)"
         print(f"{sched:<17}{lo * 1e3:>10.1f}{to * 1e3:>10.1f}{lo / to:>13.3f}{ideal * 1e3:>10.1f}{eff:>12.3f}  {met}")
     print("  (means over the measured steps, wall clock; medians over rounds; efficiency = ideal / lowbw)")
 

@@ -145,7 +145,8 @@ class _Ring:
             os.close(fd)
         self.capacity = size - _HEADER
         # The header's int64 words and the data area as memoryviews: a send runs right after a stage's compute,
-        # with the caches cold, where one numpy scalar access took ~23 us and one of a memoryview ~12 us here.
+        # with the caches cold, where one numpy scalar access took ~25 us and one of a memoryview 10-16 us here
+        # (scripts/bench_cold_calls.py).
         self.hv = memoryview(self.map)[:_HEADER].cast("q")
         self.dv = memoryview(self.map)[_HEADER:]
 
