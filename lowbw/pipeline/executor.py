@@ -426,7 +426,9 @@ class Executor:
         stats.encode_s += t1 - t0
         if ctx.measure_error:
             if codec.name != "none":  # lossless: the error is 0 without a pass over x, which would hold the send up
-                payload = inner if inner is not None else torch.cat([part_tensor(p) for p in parts])
+                whole = len(parts) == 1 and isinstance(parts[0], torch.Tensor)
+                payload = (inner if inner is not None else parts[0] if whole
+                           else torch.cat([part_tensor(p) for p in parts]))
                 with self.clock.paused(), torch.no_grad():
                     x_hat = codec.reconstruction(payload, ids).to(x.dtype)
                     stats.err_sq += float((x_hat - x).float().pow(2).sum())
