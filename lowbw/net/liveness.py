@@ -118,6 +118,7 @@ class Heartbeat(LinkWatch):
         self._lock = threading.Lock()
         self._beat = 0
         self._wait = -1
+        self._main = threading.main_thread().ident  # the compute thread's: its waits are the rank's
         self._sent: dict[int, int] = {}
         self._got: dict[int, int] = {}
         self._peers: dict[int, dict] = {}  # rank -> its last record
@@ -180,7 +181,7 @@ class Heartbeat(LinkWatch):
             self._got[src] = self._got.get(src, 0) + 1
 
     def waiting(self, src: Optional[int]) -> None:
-        if threading.current_thread() is threading.main_thread():  # the collector's waits are not the rank's
+        if threading.get_ident() == self._main:  # the collector's waits are not the rank's
             self._wait = -1 if src is None else src
 
     def silence_s(self, peer: int) -> float:

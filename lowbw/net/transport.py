@@ -64,7 +64,7 @@ from lowbw.compress.payload import Part, part_nbytes, part_tensor
 from lowbw.net.clock import Clock
 from lowbw.net.link import LinkModel
 from lowbw.net.liveness import LinkWatch
-from lowbw.net.wire import GlooWire, Handle, Wire
+from lowbw.net.wire import DONE, GlooWire, Handle, Wire
 
 # Channels: activations forward, gradients backward, run control (reports to rank 0, never emulated),
 # and the synchronisation of a stage's replicas (lowbw.replicas: emulated on the same links as the pipeline).
@@ -285,7 +285,8 @@ class Transport:
                                                      tag(ch, _MESSAGE))
             except RuntimeError as e:  # the connection is already closed: the peer is gone
                 raise self.watch.link_failed(self.rank, dst, e) from None
-            self._sends.append((self._round, dst, handle, keep))
+            if handle is not DONE:  # a shared-memory send is complete when it returns: nothing to wait for
+                self._sends.append((self._round, dst, handle, keep))
         else:
             body = part_tensor(parts[0]) if len(parts) == 1 else torch.cat([part_tensor(p).cpu() for p in parts])
             self._send_unsized(self._sends, dst, ch, _meta_block(n, key, arrival, hold),

@@ -51,6 +51,19 @@ class Handle(Protocol):
     def wait(self, timeout: timedelta) -> Any: ...
 
 
+class _Done:
+    """The handle of a send that was complete when it returned (its bytes were copied: ShmWire)."""
+
+    __slots__ = ()
+
+    def wait(self, timeout: timedelta) -> None:
+        return None
+
+
+#: Returned by a wire's send that completed before returning; the transport keeps no record of it.
+DONE: Handle = _Done()
+
+
 class Wire(ABC):
     @abstractmethod
     def isend(self, buf: torch.Tensor, dst: int, tag: int) -> Handle:

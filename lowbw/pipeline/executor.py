@@ -323,26 +323,42 @@ class Executor:
                 st.inputs.pop(k, None)
 
     def _send(self, ctx: _Step, a: Action, b: int, i: int) -> None:
-        """SEND_F / SEND_B: encode (busy), hand the payload to the link, count its bytes."""
+        """SEND_F / SEND_B: encode (busy), hand the payload to the link, count its bytes.
+
+        What the message does not need -- its events, the codec's statistics, the error measurement -- comes
+        after it is on the link: a send follows a compute, with the caches cold, where each few lines of Python
+        cost tens of microseconds (scripts/bench_cold_calls.py) while the receiver may be waiting for it."""
         s, k, st = a.stage, (a.stage, b, i), ctx.state
         if a.kind == Kind.SEND_F:
-            x, key, boundary = st.outputs[k].detach(), (ctx.phase, b, s + 1, i), f"{s}.fwd"
+            x, key = st.outputs[k].detach(), (ctx.phase, b, s + 1, i)
             if not ctx.train:
                 del st.outputs[k]
         else:
-            x, key, boundary = st.inputs.pop(k).grad, (ctx.phase, b, s - 1, i), f"{s - 1}.bwd"
+            x, key = st.inputs.pop(k).grad, (ctx.phase, b, s - 1, i)
         codec = self.stages[s].codecs.for_action(a.kind, ctx.train)
         ids = ctx.batches[b][2][i]
         tokens = st.tokens.pop(k, None) if a.kind == Kind.SEND_F else None  # boundary method's ids (see _forward)
-        parts, length = self._encode(ctx, codec, x, ids, a, ctx.res.codecs.setdefault(boundary, CodecStats()), tokens)
+
+        def encode():
+            if tokens is None:
+                return None, codec.encode_parts(x, ids)
+            inner = codec.encode(x, ids)  # with the boundary method's ids: one payload holding both
+            return inner, (attach_tokens(inner, tokens),)
+
+        (inner, parts), t0, t1 = self.clock.compute(encode, self.planned(a))
+        length = sum(part_nbytes(p) for p in parts)
         nbytes = (self._agreed_length(a, codec, x, length, ctx.batches[b][0][i].shape)
-                  if self.stages[a.stage].sized(a.kind) else None)
+                  if self.stages[s].sized(a.kind) else None)
         dst = peer_of(a, ctx.sched) + self.base
         ch = _CHANNEL[a.kind]
         self.transport.send(dst, ch, key, parts, ctx.emulate, sized=nbytes is not None, nbytes=length)
+        now = self.clock.now()
+        ctx.record(self.me, "encode", t0, t1, a)
+        boundary = f"{s}.fwd" if a.kind == Kind.SEND_F else f"{s - 1}.bwd"
+        self._count_encoded(ctx, codec, x, ids, inner, parts, length, t1 - t0,
+                            ctx.res.codecs.setdefault(boundary, CodecStats()))
         charged = self.transport.charged_bytes(ch, length)  # a target regime's, if any
         ctx.res.bytes_sent[dst] = ctx.res.bytes_sent.get(dst, 0) + charged
-        now = self.clock.now()
         ctx.record(self.me, "send", now, now, a, charged, dst)
 
     def _receive(self, ctx: _Step, a: Action, b: int, i: int) -> None:
@@ -407,25 +423,17 @@ class Executor:
         res.n_loss += 1
         return loss / m
 
-    def _encode(self, ctx: _Step, codec: Codec, x: torch.Tensor, ids, a: Action, stats: CodecStats,
-                tokens: Optional[torch.Tensor] = None) -> tuple[tuple[Part, ...], int]:
-        """The codec's payload of ``x`` in pieces (Codec.encode_parts), and its length; with ``tokens``
-        (lowbw.boundary), one payload holding both."""
-        def encode():
-            if tokens is None:
-                return None, codec.encode_parts(x, ids)
-            inner = codec.encode(x, ids)
-            return inner, (attach_tokens(inner, tokens),)
-
-        (inner, parts), t0, t1 = self.clock.compute(encode, self.planned(a))
-        ctx.record(self.me, "encode", t0, t1, a)
+    def _count_encoded(self, ctx: _Step, codec: Codec, x: torch.Tensor, ids, inner: Optional[torch.Tensor],
+                       parts: tuple[Part, ...], length: int, seconds: float, stats: CodecStats) -> None:
+        """Add a sent message to its boundary's statistics; on a measured step, its reconstruction error too
+        (``x`` decoded from its payload, outside the clock). ``inner``: the codec's payload when the message
+        also carries token ids (lowbw.boundary), else None."""
         stats.messages += 1
         stats.raw_bytes += x.numel() * x.element_size()
-        length = sum(part_nbytes(p) for p in parts)
         stats.wire_bytes += length
-        stats.encode_s += t1 - t0
+        stats.encode_s += seconds
         if ctx.measure_error:
-            if codec.name != "none":  # lossless: the error is 0 without a pass over x, which would hold the send up
+            if codec.name != "none":  # lossless: the error is 0 without a pass over x
                 whole = len(parts) == 1 and isinstance(parts[0], torch.Tensor)
                 payload = (inner if inner is not None else parts[0] if whole
                            else torch.cat([part_tensor(p) for p in parts]))
@@ -434,7 +442,6 @@ class Executor:
                     stats.err_sq += float((x_hat - x).float().pow(2).sum())
                     stats.norm_sq += float(x.float().pow(2).sum())
             stats.measured += 1
-        return parts, length
 
     def _decode(self, ctx: _Step, codec: Codec, payload: torch.Tensor, ids, a: Action,
                 stats: CodecStats) -> torch.Tensor:

@@ -235,13 +235,18 @@ class GlobalGradNorm:
     def __init__(self, r: Rank, step: int, loss_sum: float, s: StepSettings):
         self.r, self.step, self.s = r, step, s
         grads = _gradients(r)
-        # per-tensor norms in one call, as torch.nn.utils.clip_grad_norm_ computes them; squares summed in double
-        mine = (torch.stack(torch._foreach_norm(grads)).double().pow(2).sum().cpu() if grads
-                else torch.zeros((), dtype=torch.float64))
-        if not math.isfinite(loss_sum):
-            mine = torch.tensor(math.inf, dtype=torch.float64)
-        self.sq = torch.zeros(r.layout.replicas, dtype=torch.float64)
-        self.sq[r.replica] = mine
+        # Rank 0 computes this on the critical path, between its last backward and its optimizer step, with the
+        # caches cold: a few torch calls (each 25-60 us there, scripts/bench_cold_calls.py), no more.
+        if not math.isfinite(loss_sum) or not grads:
+            mine = torch.tensor(0.0 if math.isfinite(loss_sum) else math.inf, dtype=torch.float64)
+        else:  # per-tensor norms in one call, as torch.nn.utils.clip_grad_norm_ computes them; squares summed in double
+            norms = torch.stack(torch._foreach_norm(grads)).double()
+            mine = torch.dot(norms, norms)
+        if r.layout.replicas == 1:
+            self.sq = mine.reshape(1)
+        else:
+            self.sq = torch.zeros(r.layout.replicas, dtype=torch.float64)
+            self.sq[r.replica] = mine
         self.what = f"the gradient-norm all-reduce of step {step}"
         self.work = r.watch.start_collective(r.rank, self.what, lambda: dist.all_reduce(self.sq, async_op=True))
         self._norm: Optional[float] = None
@@ -250,11 +255,12 @@ class GlobalGradNorm:
         if self._norm is None:
             r = self.r
             r.watch.finish_collective(r.rank, self.what, self.work, self.s.timeout_s)
-            if not bool(torch.isfinite(self.sq).all()):
+            sq = self.sq.tolist()
+            if not all(math.isfinite(v) for v in sq):
                 raise Diverged(self.step, f"training diverged at step {self.step}: the loss or the gradients are "
                                           f"not finite (train.lr={self.s.lr}); lower train.lr or set "
                                           "train.grad_clip")
-            self._norm = math.sqrt(float(self.sq[r.replica]))
+            self._norm = math.sqrt(sq[r.replica])
         return self._norm
 
 
