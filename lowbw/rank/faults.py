@@ -22,13 +22,16 @@ class RankFaults:
         self.f = SimpleNamespace(**{k: getattr(faults, k) for k in (
             "straggler_every", "straggler_burst", "straggler_factor", "straggler_rank", "crash_rank", "crash_step")})
 
+    def crashes_at(self, step: int) -> bool:
+        return self.rank == self.f.crash_rank and step == self.f.crash_step
+
     def before_step(self, step: int) -> None:
         f = self.f
         # Straggler: compute takes straggler_factor times as long, all the time or in bursts of
         # straggler_burst steps every straggler_every steps.
         in_burst = f.straggler_every == 0 or step % f.straggler_every < f.straggler_burst
         self.clock.slowdown = f.straggler_factor if self.rank == f.straggler_rank and in_burst else 1.0
-        if self.rank == f.crash_rank and step == f.crash_step:
+        if self.crashes_at(step):
             self.transport.flush()  # what earlier steps sent is on the wire; this step's work is lost
             print(f"lowbw: rank {self.rank} crashing at step {step} (faults.crash_rank)", file=sys.stderr, flush=True)
             os._exit(3)
