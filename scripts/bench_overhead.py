@@ -23,8 +23,8 @@ left out. Prints the config, then per schedule: the mean step time of each (ms),
 lowbw / torch (goal <= 0.95), lowbw's ideal step time -- the run's own measured per-action compute
 durations and optimizer times replayed through lowbw.pipeline.player.play with free links, step
 by step -- and lowbw's efficiency = ideal / measured (goal >= 0.95); then where lowbw's time goes
-per rank (compute, optimizer, codec copies, receive waits, the rest = bookkeeping between actions),
-and the losses of both (the two compute the same thing, so the losses agree to float precision).
+per rank (compute, optimizer, codec copies, receive waits, the rest = bookkeeping between actions)
+beside torch's own forward and backward time per rank (its stage methods, timed), and the losses of both (the two compute the same thing, so the losses agree to float precision).
 With --rounds > 1 the runs alternate lowbw/torch and the medians over rounds are printed. --no-torch runs
 lowbw alone (its efficiency needs no torch run): to compare two versions of lowbw, run it on each in turn.
 Machine load (load average) is printed before and after: the figures are timing-sensitive.
@@ -82,6 +82,7 @@ def _torch_rank(rank: int, world: int, port: int, model: dict, schedule: str, st
         mine = list(range(rank, n_stages, world))  # stage s on rank s % world, as lowbw places chunks
         modules = [GPTStage(cfg, *ranges[s], is_first=s == 0, is_last=s == n_stages - 1, seed=seed) for s in mine]
         stages = [PipelineStage(m, s, n_stages, torch.device("cpu")) for m, s in zip(modules, mine)]
+        busy = _time_torch_compute(type(stages[0]))
         if schedule == "interleaved_1f1b":
             sched = ScheduleInterleaved1F1B(stages, microbatches, loss_fn=GPTStage.loss)
         else:  # scale_grads: grads of the mean loss
@@ -92,7 +93,7 @@ def _torch_rank(rank: int, world: int, port: int, model: dict, schedule: str, st
         corpus = Corpus(None, cfg.block_size, 0.1, seed)
         dist.barrier()
         t0 = time.perf_counter()  # CLOCK_MONOTONIC: comparable across the processes of this machine
-        ends, losses = [], []
+        ends, losses, computes = [], [], []
         for step in range(steps):
             b = corpus.train_batch(step, batch)
             opt.zero_grad(set_to_none=True)
@@ -105,16 +106,41 @@ def _torch_rank(rank: int, world: int, port: int, model: dict, schedule: str, st
                 sched.step(*args)
             opt.step()
             ends.append(time.perf_counter())
-        q.put((rank, t0, ends, losses))
+            computes.append(busy[0])
+            busy[0] = 0.0
+        q.put((rank, t0, ends, losses, computes))
         dist.barrier()
         dist.destroy_process_group()
     except BaseException as e:  # noqa: BLE001 -- reported to the parent
-        q.put((rank, None, repr(e), None))
+        q.put((rank, None, repr(e), None, None))
         raise
 
 
-def run_torch(schedule: str, args) -> tuple[list[float], list[float]]:
-    """Per-step times (s) and last-stage losses of torch.distributed.pipelining on 2 ranks."""
+def _time_torch_compute(stage_class) -> list[float]:
+    """Wrap torch's stage-level forward and backward (private methods of torch 2.13's pipelining stage; if
+    they are not there, nothing is timed) to sum their wall seconds: the first item of the returned list,
+    which the caller reads and resets each step. This is torch's F/B column, lowbw's timeline gives its own."""
+    busy = [0.0]
+    for name in ("forward_one_chunk", "backward_one_chunk"):
+        inner = getattr(stage_class, name, None)
+        if inner is None:
+            busy[0] = math.nan
+            continue
+
+        def timed(self, *a, __inner=inner, **k):
+            t = time.perf_counter()
+            try:
+                return __inner(self, *a, **k)
+            finally:
+                busy[0] += time.perf_counter() - t
+
+        setattr(stage_class, name, timed)
+    return busy
+
+
+def run_torch(schedule: str, args) -> tuple[list[float], list[float], dict[int, float]]:
+    """Per-step times (s), last-stage losses and, per rank, the mean seconds a step of forward and backward
+    (after the warm-up) of torch.distributed.pipelining on 2 ranks."""
     from lowbw.launch import free_port
 
     ctx = mp.get_context("spawn")
@@ -129,10 +155,10 @@ def run_torch(schedule: str, args) -> tuple[list[float], list[float]]:
     results = {}
     try:
         while len(results) < 2:
-            rank, t0, ends, losses = q.get(timeout=600)
+            rank, t0, ends, losses, computes = q.get(timeout=600)
             if t0 is None:
                 raise RuntimeError(f"torch.distributed.pipelining rank {rank} failed: {ends}")
-            results[rank] = (t0, ends, losses)
+            results[rank] = (t0, ends, losses, computes)
     finally:
         for p in procs:
             p.join(30)
@@ -141,7 +167,8 @@ def run_torch(schedule: str, args) -> tuple[list[float], list[float]]:
                 p.join()
     t0 = max(results[r][0] for r in results)
     losses = next(results[r][2] for r in sorted(results) if results[r][2])  # the rank holding the last stage
-    return step_ends_to_times([results[r][1] for r in sorted(results)], t0), losses
+    compute = {r: mean_after(results[r][3], args.warmup) for r in sorted(results)}
+    return step_ends_to_times([results[r][1] for r in sorted(results)], t0), losses, compute
 
 
 # ---- lowbw side --------------------------------------------------------------------------------
@@ -219,8 +246,9 @@ def main() -> None:
         lows, tors = [], []
         for i in range(args.rounds):
             lows.append(run_lowbw_once(sched, args, out / f"{sched}-{i}"))
-            times, tl = run_torch(sched, args) if not args.no_torch else ([math.nan] * args.steps, [math.nan])
-            tors.append({"step_s": mean_after(times, args.warmup), "losses": tl})
+            times, tl, tc = (run_torch(sched, args) if not args.no_torch
+                             else ([math.nan] * args.steps, [math.nan], {0: math.nan, 1: math.nan}))
+            tors.append({"step_s": mean_after(times, args.warmup), "losses": tl, "compute": tc})
             print(f"  [{sched} round {i}] lowbw {lows[-1]['step_s'] * 1e3:.1f} ms/step (eff "
                   f"{lows[-1]['ideal_s'] / lows[-1]['step_s']:.3f}), torch {tors[-1]['step_s'] * 1e3:.1f} ms/step; "
                   f"{machine_load()}", flush=True)
@@ -240,14 +268,18 @@ def main() -> None:
         print(f"{sched:<17}{lo * 1e3:>10.1f}{to * 1e3:>10.1f}{lo / to:>13.3f}{ideal * 1e3:>10.1f}{eff:>12.3f}  {met}")
     print("  (means over the measured steps, wall clock; medians over rounds; efficiency = ideal / lowbw)")
 
-    print("\nwhere lowbw's time goes, ms per step per rank (last round):")
-    print(f"  {'schedule':<17}{'rank':>5}{'span':>8}{'F/B':>8}{'optim':>8}{'codec':>8}{'recv':>8}{'rest':>8}")
-    for sched, (lows, _) in results.items():
+    print("\nwhere lowbw's time goes, ms per step per rank (last round), and torch's forward and backward:")
+    print(f"  {'schedule':<17}{'rank':>5}{'span':>8}{'F/B':>8}{'optim':>8}{'codec':>8}{'recv':>8}{'rest':>8}"
+          f"{'torch F/B':>11}")
+    for sched, (lows, tors) in results.items():
         for r, b in lows[-1]["breakdown"].items():
             print(f"  {sched:<17}{r:>5}" + "".join(f"{b[k] * 1e3:>8.1f}" for k in
-                                                   ("span", "compute", "optimizer", "codec", "recv_wait", "rest")))
+                                                   ("span", "compute", "optimizer", "codec", "recv_wait", "rest"))
+                  + f"{tors[-1]['compute'][r] * 1e3:>11.1f}")
     print("  (span = from the rank's previous optimizer end to this one; rest = span minus all recorded events:\n"
-          "   Python between actions, rank 0's per-step metrics logging and the rank reports)")
+          "   Python between actions, rank 0's per-step metrics logging and the rank reports. F/B is wall time, so\n"
+          "   it includes what other threads and processes took from a compute: the ideal step -- and the\n"
+          "   efficiency -- cannot see that cost, the step time and the F/B columns side by side can)")
 
     print("\nlosses (last stage, mean over microbatches), last round:")
     for sched, (lows, tors) in results.items():
