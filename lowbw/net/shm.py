@@ -239,8 +239,8 @@ class _Inbound:
 class _Op:
     __slots__ = ("buf", "peer", "done", "error")
 
-    def __init__(self, buf: Optional[memoryview], peer: int, done: bool = False):
-        self.buf, self.peer, self.done, self.error = buf, peer, done, None
+    def __init__(self, buf: memoryview, peer: int):
+        self.buf, self.peer, self.done, self.error = buf, peer, False, None
 
 
 class _Handle:

@@ -44,7 +44,8 @@ from lowbw.rank.reporting import RecordOnRankZero, SendToRankZero, describe
 from lowbw.validation import Plan
 
 
-SWITCH_INTERVAL_S = 5e-4  # see run_rank
+SWITCH_INTERVAL_S = 5e-4  # wall seconds; see run_rank
+
 
 def train_rank(cfg: Any, plan: Plan, rank: int, world: int, run_dir: Optional[Path], local_rank: int,
                meta: dict, watch: Optional[Heartbeat] = None) -> Optional[dict]:
