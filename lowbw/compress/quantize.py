@@ -150,7 +150,10 @@ class Quantizer:
         if x.device.type == "cpu" and bool(torch.isfinite(inv).all()):
             # numpy adds and casts in one pass into the codes (torch's float -> uint8 copy is ~5x slower
             # here); t + shift lies in [1/2, top + 1) -- the stats cover the block -- so no clamp is needed
-            np.add(t.numpy(), np.float32(shift), out=whole.numpy().reshape(nb, b), casting="unsafe")
+            # a non-finite input makes its block's scale 0 and t NaN: its code is the torch path's (tested), numpy's
+            # warning about it only noise in a run whose activations blow up
+            with np.errstate(invalid="ignore"):
+                np.add(t.numpy(), np.float32(shift), out=whole.numpy().reshape(nb, b), casting="unsafe")
         else:
             whole.view(nb, b).copy_(t.add_(shift).clamp_(0, top))
         if self.per_byte > 1:

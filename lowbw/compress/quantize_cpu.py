@@ -169,7 +169,10 @@ def quantize(q: Quantizer, x: torch.Tensor, stats: np.ndarray, codes: np.ndarray
     whole = codes.reshape(nb, b) if q.per_byte == 1 else np.empty((nb, b), dtype=np.uint8)
     if finite:
         # round half up = truncate(t + 1/2); t + shift lies in [1/2, top + 1) because the stats cover the block
-        np.add(tn, np.float32(shift), out=whole, casting="unsafe")
+        # a non-finite input makes its block's scale 0 and t NaN: its code is the torch path's (tested), numpy's
+        # warning about it only noise in a run whose activations blow up
+        with np.errstate(invalid="ignore"):
+            np.add(tn, np.float32(shift), out=whole, casting="unsafe")
     else:
         torch.from_numpy(whole).copy_(t.add_(shift).clamp_(0, top))
     if q.per_byte > 1:
