@@ -24,7 +24,8 @@ lowbw / torch (goal <= 0.95), lowbw's ideal step time -- the run's own measured 
 durations and optimizer times replayed through lowbw.pipeline.player.play with free links, step
 by step -- and lowbw's efficiency = ideal / measured (goal >= 0.95); then where lowbw's time goes
 per rank (compute, optimizer, codec copies, receive waits, the rest = bookkeeping between actions)
-beside torch's own forward and backward time per rank (its stage methods, timed), and the losses of both (the two compute the same thing, so the losses agree to float precision).
+beside torch's own forward and backward time per rank (its stage methods, timed), and the losses of
+both (the two compute the same thing, so the losses agree to float precision).
 With --rounds > 1 the runs alternate lowbw/torch and the medians over rounds are printed. --no-torch runs
 lowbw alone (its efficiency needs no torch run): to compare two versions of lowbw, run it on each in turn.
 Machine load (load average) is printed before and after: the figures are timing-sensitive.
@@ -41,6 +42,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -106,8 +108,9 @@ def _torch_rank(rank: int, world: int, port: int, model: dict, schedule: str, st
                 sched.step(*args)
             opt.step()
             ends.append(time.perf_counter())
-            computes.append(busy[0])
-            busy[0] = 0.0
+            computes.append(busy[0] if busy is not None else math.nan)
+            if busy is not None:
+                busy[0] = 0.0
         q.put((rank, t0, ends, losses, computes))
         dist.barrier()
         dist.destroy_process_group()
@@ -116,16 +119,16 @@ def _torch_rank(rank: int, world: int, port: int, model: dict, schedule: str, st
         raise
 
 
-def _time_torch_compute(stage_class) -> list[float]:
-    """Wrap torch's stage-level forward and backward (private methods of torch 2.13's pipelining stage; if
-    they are not there, nothing is timed) to sum their wall seconds: the first item of the returned list,
-    which the caller reads and resets each step. This is torch's F/B column, lowbw's timeline gives its own."""
+def _time_torch_compute(stage_class) -> Optional[list[float]]:
+    """Wrap torch's stage-level forward and backward (private methods of torch 2.13's pipelining stage) to sum
+    their wall seconds into the first item of the returned list, which the caller reads and resets each step:
+    torch's F/B column (lowbw's timeline gives its own). None, and nothing timed, where torch has not both."""
+    names = ("forward_one_chunk", "backward_one_chunk")
+    if not all(hasattr(stage_class, n) for n in names):
+        return None
     busy = [0.0]
-    for name in ("forward_one_chunk", "backward_one_chunk"):
-        inner = getattr(stage_class, name, None)
-        if inner is None:
-            busy[0] = math.nan
-            continue
+    for name in names:
+        inner = getattr(stage_class, name)
 
         def timed(self, *a, __inner=inner, **k):
             t = time.perf_counter()
