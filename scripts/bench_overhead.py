@@ -259,7 +259,7 @@ def main() -> None:
 
     print()
     print(f"{'schedule':<17}{'lowbw ms':>10}{'torch ms':>10}{'lowbw/torch':>13}{'ideal ms':>10}{'efficiency':>12}"
-          f"  goals (ratio <= 0.95, efficiency >= 0.95)")
+          f"  goals (ratio <= 0.95, efficiency >= 0.95); per round: ratio, efficiency")
     for sched, (lows, tors) in results.items():
         lo = statistics.median(r["step_s"] for r in lows)
         to = statistics.median(r["step_s"] for r in tors)
@@ -268,8 +268,11 @@ def main() -> None:
         met = "met" if lo / to <= 0.95 and eff >= 0.95 else "NOT met"
         if args.no_torch:
             met = f"efficiency {'met' if eff >= 0.95 else 'NOT met'} (no torch run: no ratio)"
-        print(f"{sched:<17}{lo * 1e3:>10.1f}{to * 1e3:>10.1f}{lo / to:>13.3f}{ideal * 1e3:>10.1f}{eff:>12.3f}  {met}")
-    print("  (means over the measured steps, wall clock; medians over rounds; efficiency = ideal / lowbw)")
+        ratios = [a["step_s"] / b["step_s"] for a, b in zip(lows, tors)]
+        effs = [r["ideal_s"] / r["step_s"] for r in lows]
+        spread = (f"; {min(ratios):.3f}-{max(ratios):.3f}, {min(effs):.3f}-{max(effs):.3f}" if len(lows) > 1 else "")
+        print(f"{sched:<17}{lo * 1e3:>10.1f}{to * 1e3:>10.1f}{lo / to:>13.3f}{ideal * 1e3:>10.1f}{eff:>12.3f}  {met}{spread}")
+    print("  (means over the measured steps, wall clock; medians over rounds, and their range; efficiency = ideal / lowbw)")
 
     print("\nwhere lowbw's time goes, ms per step per rank (last round), and torch's forward and backward:")
     print(f"  {'schedule':<17}{'rank':>5}{'span':>8}{'F/B':>8}{'optim':>8}{'codec':>8}{'recv':>8}{'rest':>8}"
