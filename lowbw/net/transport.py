@@ -99,10 +99,13 @@ class Message:
     sent_wall: float = 0.0  # sender's perf_counter when the last bit left its emulated uplink ("release")
     hold: float = 0.0  # seconds from the send to that moment
     deadline: float = float("inf")  # perf_counter by which the receive wanted it (timeout_s after it began)
+    # the payload's bytes, from the meta block: asking the payload is a torch call, tens of us right after a
+    # compute (scripts/bench_cold_calls.py), and a receive's events and charge need it; None: ask the payload
+    length: Optional[int] = None
 
     @property
     def nbytes(self) -> int:
-        return int(self.payload.numel())
+        return self.length if self.length is not None else int(self.payload.numel())
 
 
 class _Incoming:
@@ -357,12 +360,12 @@ class Transport:
         if inc.received is None:
             inc.received = time.perf_counter()
         self._count_arrivals()
-        magic, _, *got, arrival, release, hold, host = _META_FORMAT.unpack_from(inc.meta)
+        magic, n, *got, arrival, release, hold, host = _META_FORMAT.unpack_from(inc.meta)
         if magic != _MAGIC or tuple(got) != tuple(key):
             raise RuntimeError(f"rank {self.rank}: expected message {key} from rank {src}, got {tuple(got)}: "
                                "the two ranks disagree on the order of their messages")
         payload = inc.payload if inc.sized else inc.body  # a sized message's length is the receive's (the wire checks)
-        return Message(src, ch, key, payload, arrival, inc.received, host, release, hold, deadline)
+        return Message(src, ch, key, payload, arrival, inc.received, host, release, hold, deadline, n)
 
     def delivery_time(self, msg: Message, emulate: bool = True, charge: Optional[int] = None) -> float:
         """When the message is usable on this rank's clock, charging this rank's downlink.
