@@ -159,7 +159,7 @@ def unpack_numpy(payload: torch.Tensor) -> list[tuple[torch.dtype, tuple[int, ..
     codec runs between a model's layers), a numpy slice a fraction of that."""
     pn = payload.numpy()
     return [(dtype, shape, pn[pos : pos + nbytes])
-            for pos, nbytes, dtype, shape in _parse(pn[:4096].tobytes(), pn.size)]
+            for pos, nbytes, dtype, shape in _parse(pn, pn.size)]
 
 
 def _parse(head, size: int) -> list[tuple[int, int, torch.dtype, tuple[int, ...]]]:
