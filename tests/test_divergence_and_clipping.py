@@ -16,8 +16,11 @@ TINY = ["model.n_layer=2", "model.n_embd=32", "model.n_head=2", "model.block_siz
         "train.eval_batches=1", "net=ideal", "clock=virtual", "clock.durations=fixed"]
 
 
-def test_a_diverging_run_stops_with_status_diverged_the_step_and_exit_code_4(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "lowbw.train", *TINY, "pipeline.stages=2", "train.steps=6",
+@pytest.mark.parametrize("steps", [6, 2], ids=["checked_during_the_next_step", "checked_at_once_on_the_last_step"])
+def test_a_diverging_run_stops_with_status_diverged_the_step_and_exit_code_4(tmp_path, steps):
+    # Step 1 diverges. With 6 steps its gradient norm is checked during step 2 (lowbw.rank.loop.checks_later),
+    # with 2 it is the last step's, checked before the evaluation: the same outcome either way.
+    out = subprocess.run([sys.executable, "-m", "lowbw.train", *TINY, "pipeline.stages=2", f"train.steps={steps}",
                           "train.lr=1e30", f"out_dir={tmp_path}/run"], cwd=tmp_path, capture_output=True, text=True,
                          timeout=600)
     run_dir = tmp_path / "run"

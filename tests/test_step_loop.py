@@ -58,19 +58,50 @@ def test_a_report_is_handed_over_at_the_next_steps_first_wait_and_never_lost_or_
     held = HeldReport(reporting)
     held.when_waiting(r)  # step 0: nothing held yet, no chore
     assert r.executor.chores == []
-    held.hold(0, {}, 0.0)
+    held.hold(0, {"loss_sum": 1.0}, 0.0, checked=True)
     assert reporting.steps == []  # not beside the next step's first compute
     held.when_waiting(r)  # step 1 starts
     assert reporting.steps == []
     r.executor.wait()  # its first wait
     assert reporting.steps == [0]
-    held.hold(1, {}, 0.0)
+    held.hold(1, {"loss_sum": 1.0}, 0.0, checked=True)
     held.when_waiting(r)
     held.hand_over()  # a checkpoint came first: handed over there, and the chore finds nothing
     r.executor.wait()
     assert reporting.steps == [0, 1]
-    held.hold(2, {}, 0.0)
-    held.hold(3, {}, 0.0)  # a step without a wait: the next report pushes the held one out
+    held.hold(2, {"loss_sum": 1.0}, 0.0, checked=True)
+    held.hold(3, {"loss_sum": 1.0}, 0.0, checked=True)
+    held.hold(4, {"loss_sum": 1.0}, 0.0, checked=True)  # steps without a wait: the older reports are pushed out
+    assert reporting.steps == [0, 1, 2, 3, 4]
     held.hand_over()  # the end of the run
     held.hand_over()
-    assert reporting.steps == [0, 1, 2, 3]
+    assert reporting.steps == [0, 1, 2, 3, 4]
+
+
+def test_a_report_checked_a_step_later_waits_for_its_check_and_is_dropped_if_the_run_diverged():
+    reporting, r = _Reporting(), SimpleNamespace(executor=_Executor())
+    held = HeldReport(reporting)
+    held.hold(0, {"loss_sum": 1.0}, 0.0, checked=False)  # step 0's norm is checked at step 1's end
+    held.when_waiting(r)
+    r.executor.wait()  # step 1's first wait: step 0 not yet checked
+    assert reporting.steps == []
+    held.checked(0)  # step 1's end
+    held.hold(1, {"loss_sum": float("nan")}, 0.0, checked=False)
+    held.when_waiting(r)
+    r.executor.wait()  # step 2's first wait: step 0 goes, step 1 waits for its check
+    assert reporting.steps == [0]
+    held.hand_over()  # step 1's check failed at step 2's end: the run diverged, step 1 is never handed over
+    assert reporting.steps == [0]
+    held.hand_over(unchecked=True)  # nor on a failure: its loss is not finite
+    assert reporting.steps == [0]
+
+
+def test_reports_whose_check_never_comes_are_handed_over_when_the_run_fails_or_crashes():
+    reporting = _Reporting()
+    held = HeldReport(reporting)
+    held.hold(4, {"loss_sum": 1.0}, 0.0, checked=True)
+    held.hold(5, {"loss_sum": 2.0}, 0.0, checked=False)
+    held.hand_over()
+    assert reporting.steps == [4]
+    held.hand_over(unchecked=True)  # a peer failed during step 6, before step 5's check
+    assert reporting.steps == [4, 5]

@@ -4,11 +4,11 @@ The same on every rank; what differs per rank is built in (the :class:`~lowbw.ra
 or is a role (lowbw.rank.reporting). One step::
 
     batch (from the seed, no data messages; made during the step before) -> executor.run(schedule)
-    -> global gradient norm (one all-reduce, started) -> [clip: wait for it] -> optimizer step (timed)
-    -> [no clip: wait for it] -> report (busy time, end time, bytes, loss, events, codec stats)
-    -> [evaluation] -> [checkpoint]
+    -> [the last step's divergence check] -> global gradient norm (one all-reduce, started; or later,
+    see below) -> [clip: wait for it] -> optimizer step (timed) -> [no clip: wait for it]
+    -> report (busy time, end time, bytes, loss, events, codec stats) -> [evaluation] -> [checkpoint]
 
-A step's report goes to the reporting at the next step's first wait (:class:`HeldReport`).
+A step's report goes to the reporting at the first wait after its divergence check (:class:`HeldReport`).
 
 With replicas (lowbw.replicas), the batch is the replica's own, the replicas synchronise after the
 backward pass and after the optimizer step (``replicas/sync``: over the emulated links, on the run
@@ -20,7 +20,12 @@ the norm over all stages of its replica. A norm that is not finite stops every r
 status ``diverged``); ``train.grad_clip > 0`` scales every gradient by ``clip / (norm + 1e-6)`` when
 the norm exceeds it, as ``torch.nn.utils.clip_grad_norm_`` does in one process. The all-reduce is
 control traffic: neither emulated nor charged to the run clock. Without a clip nothing needs the norm
-before the optimizer step, so the all-reduce runs during it.
+before the optimizer step, so the all-reduce runs during it -- or, on a step after which nothing reads
+the weights but the next step (no evaluation, no checkpoint, not the last step, one replica), the norm
+is computed and its all-reduce started at the next step's first wait and checked at that step's end
+(:func:`checks_later`): computing it took ~0.4 ms of rank 0's critical path at every step's end. A
+divergence then stops the run one step later, still at the step it happened and before its weights
+are evaluated, saved or stepped on again, and the step's report is held until its check passed.
 
 Evaluation runs a forward-only schedule with the clock paused and emulation off. Checkpoints are
 written with the clock paused too.
@@ -66,12 +71,14 @@ class StepSettings:
     grad_clip: float
     timeout_s: float
     lr: float
+    crash_step: int  # the step at which faults.crash_rank exits; -1: none
+
 
     @classmethod
     def of(cls, cfg: Any) -> "StepSettings":
         t = cfg.train
         return cls(t.steps, t.eval_interval, cfg.checkpoint.every, t.batch_size, cfg.compress.error_every,
-                   t.grad_clip, cfg.timeout_s, t.lr)
+                   t.grad_clip, cfg.timeout_s, t.lr, cfg.faults.crash_step if cfg.faults.crash_rank >= 0 else -1)
 
 
 def train(r: Rank, reporting: Reporting, run_dir: Optional[Path]) -> Optional[dict]:
@@ -86,6 +93,7 @@ def train(r: Rank, reporting: Reporting, run_dir: Optional[Path]) -> Optional[di
         first_step, resumed_at = restore_rank(r, reporting, ckpt_root) if cfg.resume else (0, 0.0)
         metering = False
         batches = NextBatch(r, s.batch_size, s.steps - 1)
+        last_norm: Optional[GlobalGradNorm] = None  # a step's norm checked during the next (checks_later)
         with steps_without_gc() as between_steps:  # collects before the clocks start
             # every rank's clock starts together (at 0, or where the checkpoint left it)
             r.watch.collective(r.rank, "the start barrier", lambda: dist.barrier(async_op=True), cfg.timeout_s)
@@ -97,19 +105,19 @@ def train(r: Rank, reporting: Reporting, run_dir: Optional[Path]) -> Optional[di
                     r.meter.begin()
                     metering = True
                 if faults.crashes_at(step):
-                    held.hand_over()  # the last step's report is sent before the crash, as it was made
+                    held.hand_over()  # the last step's report is sent before the crash, as it was made (checked)
                 faults.before_step(step)
-                report = train_step(r, step, s, batches, held)
+                report, last_norm = train_step(r, step, s, batches, held, last_norm)
                 eval_wall = 0.0
                 if evaluates_after(step, s):
                     w0 = time.perf_counter()
                     with r.clock.paused():
                         report["val_loss"] = evaluate(r, step)
                     eval_wall = time.perf_counter() - w0
-                held.hold(step, report, eval_wall)
-                if s.checkpoint_every and (step + 1) % s.checkpoint_every == 0:
+                held.hold(step, report, eval_wall, checked=last_norm is None)
+                if checkpoints_after(step, s):
                     with r.clock.paused():
-                        held.hand_over()
+                        held.hand_over()  # every one checked: this step's and the last one's
                         reporting.drain()
                         save_rank(r, reporting, ckpt_root, step)
                 r.meter.poll()
@@ -124,8 +132,8 @@ def train(r: Rank, reporting: Reporting, run_dir: Optional[Path]) -> Optional[di
         ignore_stop_signals()  # record the failure whole (a stop signal now would cut it short)
         e = as_stop(caught)  # the launcher is gone: a stop, whatever this rank noticed first
         try:
-            try:
-                held.hand_over()  # the steps done before the failure are recorded
+            try:  # the steps done before the failure are recorded; a diverged one is not
+                held.hand_over(unchecked=not isinstance(e, Diverged))
             except Exception:  # noqa: BLE001 -- the reporting itself failed: the failure below is the one to record
                 pass
             reporting.fail(e)
@@ -195,8 +203,11 @@ class NextBatch:
 
 
 class HeldReport:
-    """A step's report, handed to the reporting at the next step's first wait (an executor chore, the last of
-    the step's) rather than at once -- at the latest before a checkpoint, at the end, or when the run fails.
+    """Step reports, each handed to the reporting at the first wait after its step's divergence check passed
+    (an executor chore, the last of the step's) rather than at once: the next step's first wait, or the one
+    after when the check comes a step later (:func:`checks_later`). In step order, at the latest before a
+    checkpoint or at the end; when the run fails or crashes, the reports whose check will never come are
+    handed over too, unless their loss is not finite.
 
     On rank 0 the reporting's collector thread takes it from there: it receives the other ranks' reports
     and writes metrics, the timeline and TensorBoard (~1 ms of CPU a step on scripts/bench_overhead.py's
@@ -206,28 +217,60 @@ class HeldReport:
 
     def __init__(self, reporting: Reporting):
         self.reporting = reporting
-        self._held: Optional[tuple[int, dict, float]] = None
+        self._held: list[list] = []  # [step, report, eval wall s, checked], oldest first
 
-    def hold(self, step: int, report: dict, eval_wall_s: float) -> None:
-        self.hand_over()
-        self._held = (step, report, eval_wall_s)
+    def hold(self, step: int, report: dict, eval_wall_s: float, checked: bool) -> None:
+        self._held.append([step, report, eval_wall_s, checked])
+        if len(self._held) > 2:  # steps without a wait: the older ones go now
+            self.hand_over()
+
+    def checked(self, step: int) -> None:
+        """Step ``step``'s divergence check passed."""
+        for held in self._held:
+            if held[0] == step:
+                held[3] = True
 
     def when_waiting(self, r: Rank) -> None:
-        if self._held is not None:
+        if self._held:
             r.executor.chore(self.hand_over)
 
-    def hand_over(self) -> None:
-        if self._held is not None:
-            held, self._held = self._held, None
-            self.reporting.submit(*held)
+    def hand_over(self, unchecked: bool = False) -> None:
+        """Hand over the held reports, oldest first, up to the first still to be checked (``unchecked``: those
+        too -- the run failed or crashes, their check will never come -- up to the first whose loss is not
+        finite, which no file may hold)."""
+        while self._held:
+            step, report, eval_wall_s, checked = self._held[0]
+            if not checked and not (unchecked and math.isfinite(report["loss_sum"])):
+                return
+            del self._held[0]
+            self.reporting.submit(step, report, eval_wall_s)
 
 
 def evaluates_after(step: int, s: StepSettings) -> bool:
     return step == s.steps - 1 or bool(s.eval_interval and (step + 1) % s.eval_interval == 0)
 
 
-def train_step(r: Rank, step: int, s: StepSettings, batches: NextBatch, held: HeldReport) -> dict:
-    """One optimizer step on this rank; returns its report for rank 0 (``held``: the last step's)."""
+def checkpoints_after(step: int, s: StepSettings) -> bool:
+    return bool(s.checkpoint_every and (step + 1) % s.checkpoint_every == 0)
+
+
+def checks_later(r: Rank, step: int, s: StepSettings) -> bool:
+    """Whether step ``step``'s gradient norm is computed, all-reduced and checked during the next step: only
+    when nothing but the next step reads the weights it leaves (no clip needs the norm first, no evaluation,
+    checkpoint or replica synchronisation follows, it is not the last step) and no rank crashes next
+    (``faults.crash_rank``: its last report goes before it crashes, checked, as in a run without faults --
+    unchecked, rank 0 could not record it before that rank's end, which waits until it is recorded)."""
+    return (s.grad_clip == 0 and r.layout.replicas == 1 and not evaluates_after(step, s)
+            and not checkpoints_after(step, s) and step + 1 != s.crash_step)
+
+
+def train_step(r: Rank, step: int, s: StepSettings, batches: NextBatch, held: HeldReport,
+               last_norm: Optional["GlobalGradNorm"]) -> tuple[dict, Optional["GlobalGradNorm"]]:
+    """One optimizer step on this rank; returns its report for rank 0, and its gradient norm if it is to be
+    checked during the next step (``last_norm``: the last step's, if so; ``held``: the reports not yet
+    handed over)."""
+    if last_norm is not None:  # first at the first wait: before zero_grad frees the gradients it reads
+        r.executor.chore(last_norm.start)
     batch = batches.take(step)
     if not evaluates_after(step, s):  # the next run is the next step's: its receives go out at a wait of this one
         r.executor.expect_ahead(r.plan.schedule, PHASE_TRAIN, step + 1, batch.x.shape)
@@ -236,8 +279,12 @@ def train_step(r: Rank, step: int, s: StepSettings, batches: NextBatch, held: He
     every = s.error_every
     res = r.executor.run(r.plan.schedule, PHASE_TRAIN, step, batch.x, batch.y, batch.ids,
                          measure_error=bool(every) and step % every == 0)
+    if last_norm is not None:  # long done: the check costs a few calls, not the norm's ~0.4 ms
+        last_norm.value()
+        held.checked(step - 1)
     r.sync.after_backward(step)
-    norm = GlobalGradNorm(r, step, res.loss_sum if res.n_loss else 0.0, s)
+    later = checks_later(r, step, s)
+    norm = GlobalGradNorm(r, step, res.loss_sum if res.n_loss else 0.0, s, start=not later)
     if s.grad_clip > 0:  # the clip needs the norm before the step
         clip_gradients(r, norm.value(), s.grad_clip)
     _, t0, t1 = r.clock.compute(r.optimizer.step, r.optimizer_seconds)
@@ -245,8 +292,9 @@ def train_step(r: Rank, step: int, s: StepSettings, batches: NextBatch, held: He
     # Without a clip the all-reduce runs during the optimizer step: nothing waits for it (the first
     # rank to finish its backward would otherwise wait for the last before stepping). A divergence
     # still stops the run at this step, before the weights are used again (replica sync, evaluation,
-    # checkpoint, the next step).
-    norm.value()
+    # checkpoint, the next step) -- or, checked later, before they are evaluated, saved or stepped on.
+    if not later:
+        norm.value()
     r.sync.after_optimizer(step)
     sync_events, sync_sent = r.group.take_events()
     res.events.extend(sync_events)
@@ -260,7 +308,7 @@ def train_step(r: Rank, step: int, s: StepSettings, batches: NextBatch, held: He
         "loss_sum": res.loss_sum, "n_loss": res.n_loss,
         "events": res.events,  # named tuples: rows in the report (lowbw.metrics.timeline.event_dict)
         "codecs": {k: v.__dict__ for k, v in res.codecs.items()},
-    }
+    }, norm if later else None
 
 
 def _gradients(r: Rank) -> list[torch.Tensor]:
@@ -269,14 +317,24 @@ def _gradients(r: Rank) -> list[torch.Tensor]:
 
 class GlobalGradNorm:
     """The L2 norm of every stage's gradients of this rank's replica: one all-reduce of a vector with a
-    slot per replica, started on construction; :meth:`value` waits for it and raises Diverged when the
-    norm or the loss is not finite on any rank of any replica."""
+    slot per replica, started on construction (or by :meth:`start`, ``start=False``); :meth:`value` waits for
+    it and raises Diverged when the norm or the loss is not finite on any rank of any replica."""
 
-    def __init__(self, r: Rank, step: int, loss_sum: float, s: StepSettings):
-        self.r, self.step, self.s = r, step, s
+    def __init__(self, r: Rank, step: int, loss_sum: float, s: StepSettings, start: bool = True):
+        self.r, self.step, self.s, self.loss_sum = r, step, s, loss_sum
+        self.work: Any = None
+        self._norm: Optional[float] = None
+        if start:
+            self.start()
+
+    def start(self) -> None:
+        """Sum this rank's squares and start the all-reduce, if not yet done."""
+        if self.work is not None:
+            return
+        r, loss_sum = self.r, self.loss_sum
         grads = _gradients(r)
-        # Rank 0 computes this on the critical path, between its last backward and its optimizer step, with the
-        # caches cold: a few torch calls (each 25-60 us there, scripts/bench_cold_calls.py), no more.
+        # Started at once, rank 0 computes this on the critical path, between its last backward and its optimizer
+        # step, with the caches cold: a few torch calls (each 25-60 us there, scripts/bench_cold_calls.py).
         if not math.isfinite(loss_sum) or not grads:
             mine = torch.tensor(0.0 if math.isfinite(loss_sum) else math.inf, dtype=torch.float64)
         else:  # per-tensor norms in one call, as torch.nn.utils.clip_grad_norm_ computes them; squares summed in double
@@ -287,9 +345,8 @@ class GlobalGradNorm:
         else:
             self.sq = torch.zeros(r.layout.replicas, dtype=torch.float64)
             self.sq[r.replica] = mine
-        self.what = f"the gradient-norm all-reduce of step {step}"
+        self.what = f"the gradient-norm all-reduce of step {self.step}"
         self.work = r.watch.start_collective(r.rank, self.what, lambda: dist.all_reduce(self.sq, async_op=True))
-        self._norm: Optional[float] = None
 
     def value(self) -> float:
         if self._norm is None:
