@@ -137,8 +137,12 @@ class RecordOnRankZero(Reporting):
     def fail(self, error: BaseException) -> None:
         """Record the run as interrupted, diverged or failed, with the figures of every step recorded."""
         interrupted = isinstance(error, Interrupted)
-        # let the collector finish the step it is writing, if it can (peers that stop send no more)
-        self.collector.close(timeout_s=0.5 if interrupted else 1.0)
+        # Let the collector finish the step it is writing, if it can (peers that stop send no more). A divergence
+        # stops every rank at the same point, each handing over its checked reports first -- a step's, when its
+        # check came a step later (lowbw.rank.loop.HeldReport), only now: those are waited for, as long as a
+        # silent peer is.
+        self.collector.close(timeout_s=0.5 if interrupted else self.cfg.timeout_s if isinstance(error, Diverged)
+                             else 1.0)
         if interrupted:  # stop at once: the figures, not the pictures
             summary = self.recorder.finish("interrupted", describe(error, self.rank), pictures=False)
         elif isinstance(error, Diverged):
