@@ -105,3 +105,24 @@ def test_reports_whose_check_never_comes_are_handed_over_when_the_run_fails_or_c
     assert reporting.steps == [4]
     held.hand_over(unchecked=True)  # a peer failed during step 6, before step 5's check
     assert reporting.steps == [4, 5]
+
+
+def test_the_norm_is_checked_a_step_later_only_where_nothing_but_the_next_step_reads_the_weights():
+    from lowbw.rank.loop import StepSettings, checks_later
+
+    def settings(**kw):
+        base = dict(steps=10, eval_interval=0, checkpoint_every=0, batch_size=2, error_every=0, grad_clip=0.0,
+                    timeout_s=60.0, lr=1e-3, crash_step=-1)
+        return StepSettings(**{**base, **kw})
+
+    one, two = SimpleNamespace(layout=SimpleNamespace(replicas=1)), SimpleNamespace(layout=SimpleNamespace(replicas=2))
+    s = settings()
+    assert [checks_later(one, step, s) for step in range(10)] == [True] * 9 + [False]  # the last step evaluates
+    assert not any(checks_later(one, step, settings(grad_clip=1.0)) for step in range(10))  # the clip needs it first
+    assert not any(checks_later(two, step, s) for step in range(10))  # replicas synchronise the weights
+    evals = settings(eval_interval=4)
+    assert [step for step in range(10) if not checks_later(one, step, evals)] == [3, 7, 9]
+    ckpt = settings(checkpoint_every=5)
+    assert [step for step in range(10) if not checks_later(one, step, ckpt)] == [4, 9]
+    crash = settings(crash_step=6)  # the step before a crash is checked before its report goes
+    assert [step for step in range(10) if not checks_later(one, step, crash)] == [5, 9]
