@@ -21,11 +21,12 @@ status ``diverged``); ``train.grad_clip > 0`` scales every gradient by ``clip / 
 the norm exceeds it, as ``torch.nn.utils.clip_grad_norm_`` does in one process. The all-reduce is
 control traffic: neither emulated nor charged to the run clock. Without a clip nothing needs the norm
 before the optimizer step, so the all-reduce runs during it -- or, on a step after which nothing reads
-the weights but the next step (no evaluation, no checkpoint, not the last step, one replica), the norm
-is computed and its all-reduce started at the next step's first wait and checked at that step's end
-(:func:`checks_later`): computing it took ~0.4 ms of rank 0's critical path at every step's end. A
-divergence then stops the run one step later, still at the step it happened and before its weights
-are evaluated, saved or stepped on again, and the step's report is held until its check passed.
+the weights but the next step (no evaluation, no checkpoint, not the last step, one replica, no injected
+crash next), the norm is computed and its all-reduce started at the next step's first wait and checked
+at that step's end (:func:`checks_later`): computing it took ~0.4 ms of rank 0's critical path at every
+step's end. A divergence then stops the run one step later, still at the step it happened and before
+its weights are evaluated, saved or stepped on again, and the step's report is held until its check
+passed.
 
 Evaluation runs a forward-only schedule with the clock paused and emulation off. Checkpoints are
 written with the clock paused too.
@@ -73,7 +74,6 @@ class StepSettings:
     lr: float
     crash_step: int  # the step at which faults.crash_rank exits; -1: none
 
-
     @classmethod
     def of(cls, cfg: Any) -> "StepSettings":
         t = cfg.train
@@ -107,7 +107,7 @@ def train(r: Rank, reporting: Reporting, run_dir: Optional[Path]) -> Optional[di
                 if faults.crashes_at(step):
                     held.hand_over()  # the last step's report is sent before the crash, as it was made (checked)
                 faults.before_step(step)
-                report, last_norm = train_step(r, step, s, batches, held, last_norm)
+                report, last_norm = train_step(r, step, s, batches, held, last_norm)  # this step's, if checked later
                 eval_wall = 0.0
                 if evaluates_after(step, s):
                     w0 = time.perf_counter()
