@@ -57,6 +57,32 @@ def settle(seconds: float = 0.5) -> None:
     time.sleep(seconds)  # several beats: everyone has read everyone
 
 
+class SlowStore(MemoryStore):
+    """A store whose reads take a while (a loaded machine, a remote store), and which says when one is in progress."""
+
+    def __init__(self):
+        super().__init__()
+        self.inside = threading.Event()
+
+    def get(self, key: str) -> bytes:
+        self.inside.set()
+        time.sleep(0.3)
+        return super().get(key)
+
+
+def test_closing_a_heartbeat_waits_until_its_thread_is_out_of_the_store():
+    # A daemon thread still inside a store call when the interpreter exits aborts the process: close() (the end
+    # of a completed run) waits for it; stop() (a failed rank, which leaves with os._exit) does not.
+    store = SlowStore()
+    store.set("lowbw/live/1", json.dumps({"beat": 1}))  # a peer's record: the heartbeat reads it every beat
+    beat = Heartbeat(store, 0, 2, TIMEOUT).start()
+    assert store.inside.wait(5.0)
+    beat.stop()
+    assert beat._thread.is_alive()  # still in the store
+    beat.close()
+    assert not beat._thread.is_alive()
+
+
 def test_beat_interval_and_staleness_scale_with_the_timeout():
     assert intervals(60.0) == (1.0, 10.0)
     assert intervals(6.0) == (0.3, 2.0)

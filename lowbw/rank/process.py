@@ -154,7 +154,7 @@ def run_rank(cfg_dict: dict, plan: Plan, rank: int, world: int, run_dir: Optiona
             watch = Heartbeat(store, rank, world, cfg.timeout_s).start()
             summary = train_rank(cfg, plan, rank, world, Path(run_dir) if run_dir else None, local_rank, meta,
                                  watch)
-            watch.stop()
+            watch.close()
             if dist.is_initialized():
                 dist.destroy_process_group()
             return summary
