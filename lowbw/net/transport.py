@@ -228,9 +228,11 @@ class Transport:
             _, dst, handle, _ = self._sends.popleft()
             self._wait(handle, dst, None)
 
-    def flush(self) -> None:
-        """Wait until every message sent so far has left this process."""
-        for q in (self._sends, self._ctrl_sends):
+    def flush(self, control_only: bool = False) -> None:
+        """Wait until every message sent so far (``control_only``: every report) has left this process: a gloo
+        send moves its bytes only once the receiver has posted its receive, so a process that exits first
+        loses it."""
+        for q in (self._ctrl_sends,) if control_only else (self._sends, self._ctrl_sends):
             while q:
                 _, dst, handle, _ = q.popleft()
                 self._wait(handle, dst, None)

@@ -81,6 +81,13 @@ class SendToRankZero(Reporting):
     def finish(self, measurement: Optional[dict]) -> None:
         self.transport.send_json(0, (CTRL_DONE, 0, self.rank, 0), {"measurement": measurement})
 
+    def fail(self, error: BaseException) -> None:
+        # A divergence stops every rank at the same point, and rank 0 waits for the reports each hands over as it
+        # stops (lowbw.rank.loop.HeldReport): they must be delivered before this process exits, since a gloo send
+        # moves its bytes only once rank 0 has posted the receive.
+        if isinstance(error, Diverged):
+            self.transport.flush(control_only=True)
+
 
 class RecordOnRankZero(Reporting):
     def __init__(self, transport: Transport, world: int, cfg: Any, run_dir: Path, meta: dict,
