@@ -22,8 +22,12 @@ Step time is defined the same way for both: step k ends when the last rank has f
 left out. Prints the config, then per schedule: the mean step time of each (ms), the ratio
 lowbw / torch (goal <= 0.95), lowbw's ideal step time -- the run's own measured per-action compute
 durations and optimizer times replayed through lowbw.pipeline.player.play with free links, step
-by step -- and lowbw's efficiency = ideal / measured (goal >= 0.95); then where lowbw's time goes
-per rank (compute, optimizer, codec copies, receive waits, the rest = bookkeeping between actions)
+by step -- and lowbw's efficiency = ideal / measured (goal >= 0.95); then each executor by that same
+measure: torch's ideal step replays its own per-action compute (its stage's forward_one_chunk with its
+schedule's loss, backward_one_chunk: private methods of torch 2.13, timed, left out where missing) and
+optimizer seconds through the same schedule, which splits the ratio into how fast each run's compute
+went (the same work: it moves with the machine between runs) and what each executor adds to it;
+then where lowbw's time goes per rank (compute, optimizer, codec copies, receive waits, the rest = bookkeeping between actions)
 beside torch's own forward and backward time per rank (its stage methods, timed), and the losses of
 both (the two compute the same thing, so the losses agree to float precision).
 With --rounds > 1 the runs alternate lowbw/torch and the medians over rounds are printed. --no-torch runs
@@ -84,18 +88,18 @@ def _torch_rank(rank: int, world: int, port: int, model: dict, schedule: str, st
         mine = list(range(rank, n_stages, world))  # stage s on rank s % world, as lowbw places chunks
         modules = [GPTStage(cfg, *ranges[s], is_first=s == 0, is_last=s == n_stages - 1, seed=seed) for s in mine]
         stages = [PipelineStage(m, s, n_stages, torch.device("cpu")) for m, s in zip(modules, mine)]
-        busy = _time_torch_compute(type(stages[0]))
         if schedule == "interleaved_1f1b":
             sched = ScheduleInterleaved1F1B(stages, microbatches, loss_fn=GPTStage.loss)
         else:  # scale_grads: grads of the mean loss
             sched = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[schedule](stages[0], microbatches, loss_fn=GPTStage.loss)
+        took = _time_torch_compute(type(stages[0]), type(sched))
         params = [q for m in modules for q in m.parameters()]
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)  # lowbw's defaults
         holds_last = n_stages - 1 in mine
         corpus = Corpus(None, cfg.block_size, 0.1, seed)
         dist.barrier()
         t0 = time.perf_counter()  # CLOCK_MONOTONIC: comparable across the processes of this machine
-        ends, losses, computes = [], [], []
+        ends, losses, computes = [], [], []  # computes: per step, ({action label: seconds}, optimizer seconds)
         for step in range(steps):
             b = corpus.train_batch(step, batch)
             opt.zero_grad(set_to_none=True)
@@ -106,11 +110,12 @@ def _torch_rank(rank: int, world: int, port: int, model: dict, schedule: str, st
                 losses.append(float(torch.stack(mb_losses).detach().mean()))
             else:
                 sched.step(*args)
+            t_opt = time.perf_counter()
             opt.step()
             ends.append(time.perf_counter())
-            computes.append(busy[0] if busy is not None else math.nan)
-            if busy is not None:
-                busy[0] = 0.0
+            computes.append((dict(took) if took is not None else None, ends[-1] - t_opt))
+            if took is not None:
+                took.clear()
         q.put((rank, t0, ends, losses, computes))
         dist.barrier()
         dist.destroy_process_group()
@@ -119,31 +124,50 @@ def _torch_rank(rank: int, world: int, port: int, model: dict, schedule: str, st
         raise
 
 
-def _time_torch_compute(stage_class) -> Optional[list[float]]:
-    """Wrap torch's stage-level forward and backward (private methods of torch 2.13's pipelining stage) to sum
-    their wall seconds into the first item of the returned list, which the caller reads and resets each step:
-    torch's F/B column (lowbw's timeline gives its own). None, and nothing timed, where torch has not both."""
-    names = ("forward_one_chunk", "backward_one_chunk")
-    if not all(hasattr(stage_class, n) for n in names):
+def _time_torch_compute(stage_class, schedule_class) -> Optional[dict[str, float]]:
+    """Wrap torch's stage-level forward and backward and its schedule's loss (private methods of torch 2.13's
+    pipelining) to time each call on the wall clock: the returned dict maps lowbw's label of the action --
+    "<stage>F<microbatch>" (its loss included, as lowbw's last-stage forward includes it) or
+    "<stage>B<microbatch>" -- to its seconds; the caller reads and clears it each step. torch's F/B column and
+    its ideal step come from it. None, and nothing timed, where torch lacks any of the three."""
+    names = ((stage_class, "forward_one_chunk", "F"), (stage_class, "backward_one_chunk", "B"),
+             (schedule_class, "_maybe_compute_loss", "F"))
+    if not all(hasattr(cls, n) for cls, n, _ in names):
         return None
-    busy = [0.0]
-    for name in names:
-        inner = getattr(stage_class, name)
+    took: dict[str, float] = {}
 
-        def timed(self, *a, __inner=inner, **k):
-            t = time.perf_counter()
-            try:
-                return __inner(self, *a, **k)
-            finally:
-                busy[0] += time.perf_counter() - t
+    def label(kind: str, stage, args: tuple, kwargs: dict, mb_name: str) -> str:
+        return f"{stage.stage_index}{kind}{args[0] if args else kwargs[mb_name]}"
 
-        setattr(stage_class, name, timed)
-    return busy
+    for cls, name, kind in names:
+        inner = getattr(cls, name)
+        if name == "_maybe_compute_loss":  # (self, stage, output, target_mbs, mb_index, ...)
+            def timed(self, stage, output, target_mbs, mb_index, *a, __inner=inner, **k):
+                t = time.perf_counter()
+                try:
+                    return __inner(self, stage, output, target_mbs, mb_index, *a, **k)
+                finally:
+                    key = f"{stage.stage_index}F{mb_index}"
+                    took[key] = took.get(key, 0.0) + time.perf_counter() - t
+        else:  # (self, <fwd|bwd>_chunk_id, ...)
+            def timed(self, *a, __inner=inner, __kind=kind, __mb="fwd_chunk_id" if kind == "F" else "bwd_chunk_id",
+                      **k):
+                t = time.perf_counter()
+                try:
+                    return __inner(self, *a, **k)
+                finally:
+                    key = label(__kind, self, a, k, __mb)
+                    took[key] = took.get(key, 0.0) + time.perf_counter() - t
+
+        setattr(cls, name, timed)
+    return took
 
 
-def run_torch(schedule: str, args) -> tuple[list[float], list[float], dict[int, float]]:
-    """Per-step times (s), last-stage losses and, per rank, the mean seconds a step of forward and backward
-    (after the warm-up) of torch.distributed.pipelining on 2 ranks."""
+def run_torch(schedule: str, args) -> tuple[list[float], list[float], dict[int, float], list[dict]]:
+    """torch.distributed.pipelining on 2 ranks: per-step times (s), last-stage losses, per rank the mean seconds
+    a step of forward and backward (after the warm-up), and its compute as timeline events -- each F/B action's
+    and each optimizer step's seconds, as lowbw's timeline.jsonl holds them (for its ideal step; empty where
+    torch's methods could not be timed)."""
     from lowbw.launch import free_port
 
     ctx = mp.get_context("spawn")
@@ -170,8 +194,20 @@ def run_torch(schedule: str, args) -> tuple[list[float], list[float], dict[int, 
                 p.join()
     t0 = max(results[r][0] for r in results)
     losses = next(results[r][2] for r in sorted(results) if results[r][2])  # the rank holding the last stage
-    compute = {r: mean_after(results[r][3], args.warmup) for r in sorted(results)}
-    return step_ends_to_times([results[r][1] for r in sorted(results)], t0), losses, compute
+    compute, events = {}, []
+    for r in sorted(results):
+        per_step = results[r][3]
+        compute[r] = mean_after([sum(took.values()) if took is not None else math.nan for took, _ in per_step],
+                                args.warmup)
+        for step, (took, opt_s) in enumerate(per_step):
+            if took is None:
+                events = []
+                break
+            events += [{"rank": r, "step": step, "kind": "forward" if "F" in label else "backward",
+                        "label": label, "start": 0.0, "end": sec} for label, sec in took.items()]
+            events.append({"rank": r, "step": step, "kind": "optimizer", "label": "optimizer", "start": 0.0,
+                           "end": opt_s})
+    return step_ends_to_times([results[r][1] for r in sorted(results)], t0), losses, compute, events
 
 
 # ---- lowbw side --------------------------------------------------------------------------------
@@ -203,7 +239,22 @@ def run_lowbw_once(schedule: str, args, run_dir: Path) -> dict:
         "losses": [r["loss"] for r in rows],
         "summary": summary,
         "run_dir": str(run_dir),
+        "cfg": cfg,
     }
+
+
+def torch_ideal(cfg, events: list[dict], steps: int, warmup: int) -> float:
+    """torch's ideal step (mean over the measured steps, seconds): its own per-action compute and optimizer
+    seconds replayed through the same schedule (``cfg``'s: torch's 1F1B, GPipe and interleaved orders are
+    lowbw's, tests/test_schedules.py) with free links -- lowbw's ideal, for torch's run. NaN when its methods
+    could not be timed."""
+    if not events:
+        return math.nan
+    try:
+        ideal = ideal_step_times(cfg, events)
+    except KeyError:  # an action torch did not run: not the same schedule after all
+        return math.nan
+    return statistics.fmean(ideal[s] for s in range(warmup, steps))
 
 
 def main() -> None:
@@ -249,12 +300,13 @@ def main() -> None:
         lows, tors = [], []
         for i in range(args.rounds):
             lows.append(run_lowbw_once(sched, args, out / f"{sched}-{i}"))
-            times, tl, tc = (run_torch(sched, args) if not args.no_torch
-                             else ([math.nan] * args.steps, [math.nan], {0: math.nan, 1: math.nan}))
-            tors.append({"step_s": mean_after(times, args.warmup), "losses": tl, "compute": tc})
+            times, tl, tc, te = (run_torch(sched, args) if not args.no_torch
+                                 else ([math.nan] * args.steps, [math.nan], {0: math.nan, 1: math.nan}, []))
+            tors.append({"step_s": mean_after(times, args.warmup), "losses": tl, "compute": tc,
+                         "ideal_s": torch_ideal(lows[-1]["cfg"], te, args.steps, args.warmup)})
             print(f"  [{sched} round {i}] lowbw {lows[-1]['step_s'] * 1e3:.1f} ms/step (eff "
-                  f"{lows[-1]['ideal_s'] / lows[-1]['step_s']:.3f}), torch {tors[-1]['step_s'] * 1e3:.1f} ms/step; "
-                  f"{machine_load()}", flush=True)
+                  f"{lows[-1]['ideal_s'] / lows[-1]['step_s']:.3f}), torch {tors[-1]['step_s'] * 1e3:.1f} ms/step "
+                  f"(eff {tors[-1]['ideal_s'] / tors[-1]['step_s']:.3f}); {machine_load()}", flush=True)
         results[sched] = (lows, tors)
 
     print()
@@ -273,6 +325,22 @@ def main() -> None:
         spread = (f"; {min(ratios):.3f}-{max(ratios):.3f}, {min(effs):.3f}-{max(effs):.3f}" if len(lows) > 1 else "")
         print(f"{sched:<17}{lo * 1e3:>10.1f}{to * 1e3:>10.1f}{lo / to:>13.3f}{ideal * 1e3:>10.1f}{eff:>12.3f}  {met}{spread}")
     print("  (means over the measured steps, wall clock; medians over rounds, and their range; efficiency = ideal / lowbw)")
+
+    if not args.no_torch:
+        print("\neach executor by the same measure -- its own measured compute replayed through the schedule with free "
+              "links (ideal),\nthe rest of its step its overhead; medians over rounds:")
+        print(f"  {'schedule':<17}{'lowbw ideal':>12}{'overhead':>10}{'eff':>7}{'torch ideal':>13}{'overhead':>10}"
+              f"{'eff':>7}{'ideal lowbw/torch':>19}")
+        for sched, (lows, tors) in results.items():
+            med = lambda f, rs: statistics.median(f(r) for r in rs)  # noqa: E731
+            li, lo_ = med(lambda r: r["ideal_s"], lows), med(lambda r: r["step_s"] - r["ideal_s"], lows)
+            ti, to_ = med(lambda r: r["ideal_s"], tors), med(lambda r: r["step_s"] - r["ideal_s"], tors)
+            print(f"  {sched:<17}{li * 1e3:>12.1f}{lo_ * 1e3:>10.1f}{med(lambda r: r['ideal_s'] / r['step_s'], lows):>7.3f}"
+                  f"{ti * 1e3:>13.1f}{to_ * 1e3:>10.1f}{med(lambda r: r['ideal_s'] / r['step_s'], tors):>7.3f}"
+                  f"{med(lambda i: lows[i]['ideal_s'] / tors[i]['ideal_s'], range(len(lows))):>19.3f}")
+        print("  (ms a step; lowbw / torch = (ideal lowbw / ideal torch) x (efficiency torch / efficiency lowbw): the\n"
+              "   first factor is how fast each run's compute went -- the same work, so it moves with the machine's\n"
+              "   speed between the runs --, the second how much of its step each executor adds)")
 
     print("\nwhere lowbw's time goes, ms per step per rank (last round), and torch's forward and backward:")
     print(f"  {'schedule':<17}{'rank':>5}{'span':>8}{'F/B':>8}{'optim':>8}{'codec':>8}{'recv':>8}{'rest':>8}"
