@@ -303,6 +303,8 @@ def main() -> None:
             times, tl, tc, te = (run_torch(sched, args) if not args.no_torch
                                  else ([math.nan] * args.steps, [math.nan], {0: math.nan, 1: math.nan}, []))
             tors.append({"step_s": mean_after(times, args.warmup), "losses": tl, "compute": tc,
+                         "optimizer": {r: mean_after([e["end"] for e in te if e["kind"] == "optimizer" and e["rank"] == r],
+                                                     args.warmup) if te else math.nan for r in (0, 1)},
                          "ideal_s": torch_ideal(lows[-1]["cfg"], te, args.steps, args.warmup)})
             print(f"  [{sched} round {i}] lowbw {lows[-1]['step_s'] * 1e3:.1f} ms/step (eff "
                   f"{lows[-1]['ideal_s'] / lows[-1]['step_s']:.3f}), torch {tors[-1]['step_s'] * 1e3:.1f} ms/step "
@@ -342,14 +344,15 @@ def main() -> None:
               "   first factor is how fast each run's compute went -- the same work, so it moves with the machine's\n"
               "   speed between the runs --, the second how much of its step each executor adds)")
 
-    print("\nwhere lowbw's time goes, ms per step per rank (last round), and torch's forward and backward:")
+    print("\nwhere lowbw's time goes, ms per step per rank (last round), and torch's forward and backward and "
+          "optimizer step:")
     print(f"  {'schedule':<17}{'rank':>5}{'span':>8}{'F/B':>8}{'optim':>8}{'codec':>8}{'recv':>8}{'rest':>8}"
-          f"{'torch F/B':>11}")
+          f"{'torch F/B':>11}{'optim':>8}")
     for sched, (lows, tors) in results.items():
         for r, b in lows[-1]["breakdown"].items():
             print(f"  {sched:<17}{r:>5}" + "".join(f"{b[k] * 1e3:>8.1f}" for k in
                                                    ("span", "compute", "optimizer", "codec", "recv_wait", "rest"))
-                  + f"{tors[-1]['compute'][r] * 1e3:>11.1f}")
+                  + f"{tors[-1]['compute'][r] * 1e3:>11.1f}{tors[-1]['optimizer'][r] * 1e3:>8.1f}")
     print("  (span = from the rank's previous optimizer end to this one; rest = span minus all recorded events:\n"
           "   Python between actions, rank 0's per-step metrics logging and the rank reports. F/B is wall time, so\n"
           "   it includes what other threads and processes took from a compute: the ideal step -- and the\n"
