@@ -28,6 +28,11 @@ from lowbw.net.clock import planned_durations
 from lowbw.regime import Regime
 
 
+#: :func:`describe`'s ``durations`` values whose compute is planned, not measured: codec work and the optimizer
+#: are charged 0 s under them (lowbw.net.clock.planned_durations)
+PLANNED = frozenset({"flops", "fixed", "regime"})
+
+
 def model_label(model: Any) -> str:
     """e.g. "tiny GPT (4 blocks, width 64, context 64)"."""
     return f"{model.name} GPT ({model.n_layer} blocks, width {model.n_embd}, context {model.block_size})"

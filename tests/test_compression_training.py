@@ -73,3 +73,17 @@ def test_bad_codec_settings_are_rejected_before_spawning(compose):
     ]:
         with pytest.raises(ConfigError, match=match):
             validate(compose(overrides))
+
+
+def test_codec_time_is_not_reported_as_zero_where_planned_durations_charge_it_nothing(compose, tmp_path):
+    from lowbw.metrics.recorder import format_summary
+
+    s = run(compose(["pipeline.stages=2", "net=ideal", "train.steps=2", "train.eval_batches=1", "progress=false",
+                     "compress/fwd=int8"]), tmp_path)  # the default clock: virtual, durations=flops
+    assert s["timing"]["durations"] == "flops"
+    c = s["compression"]["0.fwd"]
+    assert c["messages"] > 0 and c["ratio"] > 3 and c["encode_s"] is None and c["decode_s"] is None
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert all(r["compression"]["0.fwd"]["encode_s"] is None for r in rows)
+    text = format_summary(s)
+    assert "codec time not charged" in text and "encode 0.00 ms" not in text

@@ -26,6 +26,8 @@ LAUNCHER = ["hydra/launcher=lowbw_joblib"] if JOBLIB else []
 EMPTY_OK = {"measured_j_per_token", "error", "target_loss", "target_reached", "target_step", "target_tokens",
             "target_time_s", "target_wall_s", "target_energy_j", "target_time_interp_s", "target_energy_interp_j",
             "best_val_loss"}
+# Codec time on the clock: none under the sweep's planned durations (they charge codec work 0 s), so blank
+CODEC_TIME = {"fwd_encode_ms", "fwd_decode_ms", "bwd_encode_ms", "bwd_decode_ms"}
 
 
 def sweep(sweep_dir, launcher=LAUNCHER):
@@ -60,8 +62,9 @@ def test_sweep_with_a_failing_cell_completes_the_others_and_reports_every_column
     failed = [r for r in rows if r["status"] == "failed"]
     assert len(done) == 4 and len(failed) == 2
     for r in done:
-        missing = [k for k in KEYS if r[k] == "" and k not in EMPTY_OK]
+        missing = [k for k in KEYS if r[k] == "" and k not in EMPTY_OK | CODEC_TIME]
         assert not missing, (r["run"], missing)
+        assert all(r[k] == "" for k in CODEC_TIME), r  # not a cost of 0
         assert r["clock"] == "virtual" and r["network"] == "lan" and r["schedule"] == "1f1b"
         assert r["energy_source"] in ("modelled", "measured")
         assert float(r["tokens_per_s"]) > 0 and float(r["bytes_per_token"]) > 0
@@ -369,3 +372,10 @@ def test_malformed_metrics_lines_and_summaries_are_left_out_not_tracebacks(tmp_p
     rows = collect_runs(tmp_path)
     assert rows[0]["status"] == "diverged"
     assert "1 diverged" in (tmp_path / "report.md").read_text()
+
+
+def test_the_report_knows_which_clocks_charge_codec_work_nothing_without_importing_torch():
+    code = ("import sys, lowbw.report.collect as c; light = 'torch' not in sys.modules; "
+            "import lowbw.timing as t; print(light, c.PLANNED == t.PLANNED)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["True", "True"], out.stderr

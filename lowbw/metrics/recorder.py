@@ -33,6 +33,7 @@ from lowbw.metrics.tensorboard import TensorBoardLog
 from lowbw.metrics.timeline import event_dict
 from lowbw.metrics.target import Elapsed, time_to_target
 from lowbw.net.topology import link_key, parse_link_key
+from lowbw.timing import PLANNED
 
 __all__ = ["Recorder", "atomic_write_json", "format_summary", "STATUSES"]
 
@@ -51,6 +52,9 @@ class Recorder:
         self.target_loss = target_loss
         self.tokens_per_step, self.steps, self.warmup = tokens_per_step, steps, warmup_steps
         self.meta = meta
+        # Planned durations (clock.durations=flops|fixed, a regime) charge codec work 0 s: its time is not a
+        # measurement there, and is reported as None rather than as a cost of 0 (scripts/bench_codecs.py times it).
+        self._codec_timed = (meta.get("timing") or {}).get("durations") not in PLANNED
         run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = run_dir / "metrics.jsonl"
         self._metrics = LineLog(self.metrics_path)
@@ -148,7 +152,7 @@ class Recorder:
             tot = self.codec_totals.setdefault(key, {})
             for k, v in c.items():
                 tot[k] = tot.get(k, 0) + v
-        return {key: _codec_view(c) for key, c in step.items()}
+        return {key: _codec_view(c, self._codec_timed) for key, c in step.items()}
 
     def state_dict(self) -> dict:
         """Running totals a resumed run continues from (rows are re-read from metrics.jsonl)."""
@@ -250,7 +254,7 @@ class Recorder:
             "bytes_per_link": self.link_bytes,
             "train_loss": rows[-1]["loss"] if rows else None,
             "val_loss": self.val_loss,
-            "compression": {k: _codec_view(c) for k, c in self.codec_totals.items()},
+            "compression": {k: _codec_view(c, self._codec_timed) for k, c in self.codec_totals.items()},
             "loss_gap": self._loss_gap(),
             "target": None if self.target_loss is None else time_to_target(rows, self.target_loss),
             "energy": self.energy(),
@@ -316,7 +320,9 @@ def _tb_scalars(row: dict) -> dict[str, Optional[float]]:
     return out
 
 
-def _codec_view(c: dict) -> dict:
+def _codec_view(c: dict, timed: bool = True) -> dict:
+    """A boundary's codec statistics as recorded: ``encode_s``/``decode_s`` per message, None when not
+    ``timed`` (the clock charged codec work 0 s)."""
     n = max(1, c.get("messages", 0))
     if not c.get("measured"):
         rel_error = None
@@ -328,8 +334,8 @@ def _codec_view(c: dict) -> dict:
         "messages": int(c.get("messages", 0)),
         "ratio": c["raw_bytes"] / c["wire_bytes"] if c.get("wire_bytes") else None,
         "rel_error": rel_error,
-        "encode_s": c.get("encode_s", 0.0) / n,
-        "decode_s": c.get("decode_s", 0.0) / n,
+        "encode_s": c.get("encode_s", 0.0) / n if timed else None,
+        "decode_s": c.get("decode_s", 0.0) / n if timed else None,
     }
 
 
@@ -383,8 +389,9 @@ def format_summary(s: dict) -> str:
     compressed = (s.get("compress_fwd"), s.get("compress_bwd")) != ("none", "none")
     for key, c in sorted((s.get("compression") or {}).items()) if compressed else []:
         rel = "n/a" if c["rel_error"] is None else f"{c['rel_error']:.2e}"
-        lines.append(f"  boundary {key:<7} ratio {num(c['ratio'], '.2f')}x, rel. error {rel}, "
-                     f"encode {1e3 * c['encode_s']:.2f} ms, decode {1e3 * c['decode_s']:.2f} ms per message")
+        times = ("codec time not charged (planned durations charge it 0 s)" if c.get("encode_s") is None else
+                 f"encode {1e3 * c['encode_s']:.2f} ms, decode {1e3 * c['decode_s']:.2f} ms per message")
+        lines.append(f"  boundary {key:<7} ratio {num(c['ratio'], '.2f')}x, rel. error {rel}, {times}")
     if s.get("loss_gap") is not None:
         lines.append(f"  loss gap     {s['loss_gap']:+.4f} validation loss vs baseline {s.get('baseline_run')}")
     e = s.get("energy")

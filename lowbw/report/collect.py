@@ -18,6 +18,9 @@ from typing import Any, Optional
 
 from lowbw.metrics.files import read_json_lines
 
+# lowbw.timing.PLANNED, which would pull torch into the report (tests/test_report.py checks they agree)
+PLANNED = frozenset({"flops", "fixed", "regime"})
+
 # (key, markdown heading, format) -- report.csv has the keys as its header, in this order.
 COLUMNS: list[tuple[str, str, str]] = [
     ("run", "run", "s"),
@@ -289,8 +292,11 @@ def load_run(run_dir: Path, root: Path) -> dict:
     row.update(_target_columns(summary.get("target")))
     timing = summary.get("timing")
     row["timing"] = timing.get("timing") if isinstance(timing, dict) else None
-    row.update(_codec_stats(summary.get("compression"), "fwd"))
-    row.update(_codec_stats(summary.get("compression"), "bwd"))
+    planned = isinstance(timing, dict) and timing.get("durations") in PLANNED
+    for direction in ("fwd", "bwd"):
+        row.update(_codec_stats(summary.get("compression"), direction))
+        if planned:  # codec work charged 0 s: no time to report (run folders written before it said so hold 0)
+            row[f"{direction}_encode_ms"] = row[f"{direction}_decode_ms"] = None
     if isinstance(summary.get("loss_gap"), (int, float)):  # computed by the run itself (compress.baseline_run)
         row["val_loss_gap"] = float(summary["loss_gap"])
     # private: used by the gap pairing and the plots, not written to the table
