@@ -379,3 +379,12 @@ def test_the_report_knows_which_clocks_charge_codec_work_nothing_without_importi
             "import lowbw.timing as t; print(light, c.PLANNED == t.PLANNED)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.split() == ["True", "True"], out.stderr
+
+
+def test_a_search_without_the_optuna_sweeper_installed_says_what_to_install(tmp_path):
+    if importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") is not None:
+        pytest.skip("the Optuna sweeper is installed here")
+    out = subprocess.run([sys.executable, "-m", "lowbw.report.search", "+experiment=codec_search"],
+                         capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert out.returncode == 2 and "pip install hydra-optuna-sweeper" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr and not any(tmp_path.iterdir())  # nothing ran

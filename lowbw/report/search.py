@@ -101,5 +101,23 @@ def main(cfg: DictConfig) -> float:
     return value
 
 
-if __name__ == "__main__":
+def needs_missing_sweeper(argv: list[str]) -> bool:
+    """Whether the command line asks for Hydra's Optuna sweeper (``+experiment=codec_search`` or
+    ``hydra/sweeper=optuna``) and it is not installed: Hydra would only say it "could not find
+    'hydra/sweeper/optuna'"."""
+    import importlib.util
+
+    wants = any(a.endswith(("experiment=codec_search", "hydra/sweeper=optuna")) for a in argv)
+    return wants and importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") is None
+
+
+def cli() -> None:
+    if needs_missing_sweeper(sys.argv[1:]):
+        print("lowbw search: this search runs under Hydra's Optuna sweeper, which is not installed: "
+              "pip install hydra-optuna-sweeper", file=sys.stderr)
+        sys.exit(2)
     main()
+
+
+if __name__ == "__main__":
+    cli()
