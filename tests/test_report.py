@@ -89,6 +89,7 @@ def test_sweep_with_a_failing_cell_completes_the_others_and_reports_every_column
         assert png.with_suffix(".pdf").read_bytes()[:5] == b"%PDF-", name  # the vector copy for a paper
     md = (d / "report.md").read_text()
     assert "4 completed, 2 failed" in md and "uplink_mbps" in md
+    assert "Encode and decode times are blank for runs whose clock charges codec work 0 s" in md
     assert all(f"]({name})" in md for name in PLOTS.values())
 
 

@@ -137,6 +137,10 @@ def write_report(root: Path, out: Optional[Path] = None, plots: bool = True) -> 
     md += _target_section(rows, clocks)
     if any(r.get(k) is not None for r in rows for k in CODEC[2:]):
         md += ["## Compression (mean over pipeline boundaries)", ""] + _md_table(rows, CODEC, {}) + [""]
+        if any(r.get("fwd_ratio") is not None and r.get("fwd_encode_ms") is None for r in rows):
+            md += ["Encode and decode times are blank for runs whose clock charges codec work 0 s (planned "
+                   "durations: `clock.durations=flops` or `fixed`, a regime); `scripts/bench_codecs.py` times the "
+                   "codecs on this machine.", ""]
     failed = [r for r in rows if r["status"] != "completed"]
     if failed:
         md += ["## Runs that did not complete", ""]
