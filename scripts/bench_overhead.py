@@ -27,8 +27,9 @@ measure: torch's ideal step replays its own per-action compute (its stage's forw
 schedule's loss, backward_one_chunk: private methods of torch 2.13, timed, left out where missing) and
 optimizer seconds through the same schedule, which splits the ratio into how fast each run's compute
 went (the same work: it moves with the machine between runs) and what each executor adds to it;
-then where lowbw's time goes per rank (compute, optimizer, codec copies, receive waits, the rest = bookkeeping between actions)
-beside torch's own forward and backward time per rank (its stage methods, timed), and the losses of
+then where lowbw's time goes per rank (compute, optimizer, codec copies, receive waits, the rest =
+bookkeeping between actions) beside torch's own forward and backward time and optimizer step per rank
+(its stage methods and optimizer, timed), and the losses of
 both (the two compute the same thing, so the losses agree to float precision).
 With --rounds > 1 the runs alternate lowbw/torch and the medians over rounds are printed. --no-torch runs
 lowbw alone (its efficiency needs no torch run): to compare two versions of lowbw, run it on each in turn.
@@ -194,15 +195,12 @@ def run_torch(schedule: str, args) -> tuple[list[float], list[float], dict[int, 
                 p.join()
     t0 = max(results[r][0] for r in results)
     losses = next(results[r][2] for r in sorted(results) if results[r][2])  # the rank holding the last stage
+    timed = all(took is not None for r in results for took, _ in results[r][3])
     compute, events = {}, []
     for r in sorted(results):
         per_step = results[r][3]
-        compute[r] = mean_after([sum(took.values()) if took is not None else math.nan for took, _ in per_step],
-                                args.warmup)
-        for step, (took, opt_s) in enumerate(per_step):
-            if took is None:
-                events = []
-                break
+        compute[r] = mean_after([sum(took.values()) if timed else math.nan for took, _ in per_step], args.warmup)
+        for step, (took, opt_s) in enumerate(per_step if timed else []):
             events += [{"rank": r, "step": step, "kind": "forward" if "F" in label else "backward",
                         "label": label, "start": 0.0, "end": sec} for label, sec in took.items()]
             events.append({"rank": r, "step": step, "kind": "optimizer", "label": "optimizer", "start": 0.0,
@@ -334,12 +332,13 @@ def main() -> None:
         print(f"  {'schedule':<17}{'lowbw ideal':>12}{'overhead':>10}{'eff':>7}{'torch ideal':>13}{'overhead':>10}"
               f"{'eff':>7}{'ideal lowbw/torch':>19}")
         for sched, (lows, tors) in results.items():
-            med = lambda f, rs: statistics.median(f(r) for r in rs)  # noqa: E731
-            li, lo_ = med(lambda r: r["ideal_s"], lows), med(lambda r: r["step_s"] - r["ideal_s"], lows)
-            ti, to_ = med(lambda r: r["ideal_s"], tors), med(lambda r: r["step_s"] - r["ideal_s"], tors)
-            print(f"  {sched:<17}{li * 1e3:>12.1f}{lo_ * 1e3:>10.1f}{med(lambda r: r['ideal_s'] / r['step_s'], lows):>7.3f}"
-                  f"{ti * 1e3:>13.1f}{to_ * 1e3:>10.1f}{med(lambda r: r['ideal_s'] / r['step_s'], tors):>7.3f}"
-                  f"{med(lambda i: lows[i]['ideal_s'] / tors[i]['ideal_s'], range(len(lows))):>19.3f}")
+            row = ""
+            for runs in (lows, tors):  # ideal, overhead, efficiency: medians over rounds
+                row += (f"{statistics.median(r['ideal_s'] for r in runs) * 1e3:>{12 if runs is lows else 13}.1f}"
+                        f"{statistics.median(r['step_s'] - r['ideal_s'] for r in runs) * 1e3:>10.1f}"
+                        f"{statistics.median(r['ideal_s'] / r['step_s'] for r in runs):>7.3f}")
+            speed = statistics.median(lo["ideal_s"] / to["ideal_s"] for lo, to in zip(lows, tors))
+            print(f"  {sched:<17}{row}{speed:>19.3f}")
         print("  (ms a step; lowbw / torch = (ideal lowbw / ideal torch) x (efficiency torch / efficiency lowbw): the\n"
               "   first factor is how fast each run's compute went -- the same work, so it moves with the machine's\n"
               "   speed between the runs --, the second how much of its step each executor adds)")

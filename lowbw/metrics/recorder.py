@@ -320,7 +320,7 @@ def _tb_scalars(row: dict) -> dict[str, Optional[float]]:
     return out
 
 
-def _codec_view(c: dict, timed: bool = True) -> dict:
+def _codec_view(c: dict, timed: bool) -> dict:
     """A boundary's codec statistics as recorded: ``encode_s``/``decode_s`` per message, None when not
     ``timed`` (the clock charged codec work 0 s)."""
     n = max(1, c.get("messages", 0))
