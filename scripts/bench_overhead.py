@@ -26,7 +26,8 @@ by step -- and lowbw's efficiency = ideal / measured (goal >= 0.95); then each e
 measure: torch's ideal step replays its own per-action compute (its stage's forward_one_chunk with its
 schedule's loss, backward_one_chunk: private methods of torch 2.13, timed, left out where missing) and
 optimizer seconds through the same schedule, which splits the ratio into how fast each run's compute
-went (the same work: it moves with the machine between runs) and what each executor adds to it;
+went (the same work: it moves with the machine between runs) and what each executor adds to it
+(torch's efficiency / lowbw's: the ratio at equal compute speed);
 then where lowbw's time goes per rank (compute, optimizer, codec copies, receive waits, the rest =
 bookkeeping between actions) beside torch's own forward and backward time and optimizer step per rank
 (its stage methods and optimizer, timed), and the losses of
@@ -330,7 +331,7 @@ def main() -> None:
         print("\neach executor by the same measure -- its own measured compute replayed through the schedule with free "
               "links (ideal),\nthe rest of its step its overhead; medians over rounds:")
         print(f"  {'schedule':<17}{'lowbw ideal':>12}{'overhead':>10}{'eff':>7}{'torch ideal':>13}{'overhead':>10}"
-              f"{'eff':>7}{'ideal lowbw/torch':>19}")
+              f"{'eff':>7}{'ideal lowbw/torch':>19}{'eff torch/lowbw':>17}")
         for sched, (lows, tors) in results.items():
             row = ""
             for runs in (lows, tors):  # ideal, overhead, efficiency: medians over rounds
@@ -338,10 +339,13 @@ def main() -> None:
                         f"{statistics.median(r['step_s'] - r['ideal_s'] for r in runs) * 1e3:>10.1f}"
                         f"{statistics.median(r['ideal_s'] / r['step_s'] for r in runs):>7.3f}")
             speed = statistics.median(lo["ideal_s"] / to["ideal_s"] for lo, to in zip(lows, tors))
-            print(f"  {sched:<17}{row}{speed:>19.3f}")
+            executors = statistics.median((to["ideal_s"] / to["step_s"]) / (lo["ideal_s"] / lo["step_s"])
+                                          for lo, to in zip(lows, tors))
+            print(f"  {sched:<17}{row}{speed:>19.3f}{executors:>17.3f}")
         print("  (ms a step; lowbw / torch = (ideal lowbw / ideal torch) x (efficiency torch / efficiency lowbw): the\n"
               "   first factor is how fast each run's compute went -- the same work, so it moves with the machine's\n"
-              "   speed between the runs --, the second how much of its step each executor adds)")
+              "   speed between the runs --, the second how much of its step each executor adds: the ratio the two\n"
+              "   would have at equal compute speed)")
 
     print("\nwhere lowbw's time goes, ms per step per rank (last round), and torch's forward and backward and "
           "optimizer step:")
