@@ -95,3 +95,35 @@ def test_time_and_joules_to_the_target_loss_are_hparams_columns():
     assert m == {"final/tokens_per_s": 10.0, "final/j_per_token": 0.5, "final/best_val_loss": 1.9,
                  "final/target_time_s": 6.5, "final/target_energy_j": 2.8, "final/target_tokens": 60.0}
     assert "final/target_time_s" not in final_metrics({"target": {"best_val_loss": 2.5, "first_crossing": None}})
+
+
+def test_a_failed_tensorboard_write_reaches_the_caller_without_a_thread_traceback(tmp_path, capfd, monkeypatch):
+    import errno
+    import threading
+
+    from lowbw.metrics.tensorboard import TensorBoardLog
+
+    monkeypatch.setattr(threading, "excepthook", threading.__excepthook__)  # Python's, as in a run (not pytest's)
+    log = TensorBoardLog(tmp_path, "run", {})
+    writer = log._w.file_writer.event_writer._async_writer  # tensorboard's: its record writer and writer thread
+
+    def disk_full(_record):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    writer._writer.write = disk_full
+    with pytest.raises(OSError, match="No space left on device"):
+        for step in range(1000):  # the writer thread fails on the first; a later call raises what it kept
+            log.scalars(step, {"train/loss": 1.0})
+        log._w.flush()
+    writer._worker.join(10)
+    assert not writer._worker.is_alive()
+    assert "Traceback" not in capfd.readouterr().err
+
+    def other():  # any other thread's exception is still printed
+        raise ValueError("not tensorboard's")
+
+    t = threading.Thread(target=other)
+    t.start()
+    t.join(10)
+    err = capfd.readouterr().err
+    assert "Traceback" in err and "not tensorboard's" in err
